@@ -1,0 +1,94 @@
+"""`python -m bench run | list | report | perf`.
+
+Bad input (unknown preset, key, model or dataset; bad values; unreadable data) prints one line naming the culprit and
+exits with code 2 before anything is written. A run whose cells all succeed exits 0; one with failed cells exits 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+EXIT_BAD_INPUT = 2
+
+
+def _console() -> Console:
+    # Off a terminal (CI, pipes) rich would wrap tables at 80 columns; the results table needs more.
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=180)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a sweep (default preset: MNIST-5k mlp width family)")
+    run.add_argument("args", nargs="*", metavar="[PRESET] [key=value ...]",
+                     help="a preset name or TOML file, then overrides such as width=[16,64] epochs=5")
+    run.add_argument("--out", default="results", help="results directory (default ./results)")
+    run.add_argument("--data-dir", default=None, help="folder with MNIST/CIFAR-10 files (default $BENCH_DATA)")
+    run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    run.add_argument("--plugin", action="append", default=[], help="import a module that registers models")
+    run.add_argument("--dry-run", action="store_true", help="list the cells and exit")
+    lst = sub.add_parser("list", help="models, datasets, presets and attacks")
+    lst.add_argument("--plugin", action="append", default=[], help="import a module that registers models")
+    rep = sub.add_parser("report", help="leaderboards and plots from a results directory")
+    rep.add_argument("--out", default="results", help="results directory (default ./results)")
+    perf = sub.add_parser("perf", help="attack-engine speed benchmark", add_help=False)
+    perf.add_argument("rest", nargs=argparse.REMAINDER)
+    return p
+
+
+def _load_models(plugins: list[str]) -> None:
+    import models
+    models.load_entry_points()
+    for name in plugins:
+        models.load_plugin(name)
+
+
+def _bad_input_types() -> tuple:
+    import datasets
+    import models
+    from bench.spec import SpecError
+    from bench.store import StoreBusy
+    from reports.rows import RowsError
+    return SpecError, datasets.DatasetError, models.ModelError, RowsError, StoreBusy
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["perf"]:
+        from bench.perf import main as perf_main
+        return perf_main(argv[1:])
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            from bench.run import run_command
+            return run_command(args, _console())
+        if args.command == "list":
+            from bench.listing import list_command
+            return list_command(args, _console())
+        if args.command == "report":
+            return report_command(args, _console())
+    except _bad_input_types() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted: finished cells are in the store; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def report_command(args, console: Console) -> int:
+    import reports
+    from reports.rows import read_rows
+    results = Path(args.out) / "results.jsonl"
+    if not results.exists():
+        print(f"error: {results}: no results file (run `python -m bench run --out {args.out}` first)",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    console.print(reports.console_table(read_rows(results)))
+    for path in reports.render(results, Path(args.out)):
+        console.print(f"wrote {path}")
+    return 0

@@ -1,0 +1,41 @@
+"""`python -m bench list`: models (family, inputs, parameter counts at default widths), datasets, presets, attacks."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+# Input shapes used to show parameter counts: the embedded default data and CIFAR-10.
+SHOW_SHAPES = {"mnist5k": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10)}
+
+
+def list_command(args, console: Console) -> int:
+    import attacks
+    import datasets
+    import models
+    from bench.cli import _load_models
+    from bench.spec import list_presets
+    _load_models(args.plugin)
+    table = Table(title="models")
+    for col in ("name", "family", "inputs", "datasets", "params at default widths"):
+        table.add_column(col)
+    for entry in models.list_models():
+        shown = [d for d in (getattr(entry, "datasets", None) or ("mnist5k",)) if d in SHOW_SHAPES] or ["mnist5k"]
+        in_shape, classes = SHOW_SHAPES[shown[0]]
+        counts = []
+        for w in entry.default_widths:
+            try:
+                counts.append(f"{w}:{models.count_params(models.get_model(entry.name, in_shape=in_shape, num_classes=classes, width=w)):,}")
+            except Exception as exc:  # a plugin entry that cannot build on this shape
+                counts.append(f"{w}:({type(exc).__name__})")
+        table.add_row(entry.name, entry.family, str(entry.inputs), ", ".join(getattr(entry, "datasets", ()) or ()),
+                      f"[{shown[0]}] " + " ".join(counts))
+    console.print(table)
+    for title, items in (("datasets", datasets.list_datasets()), ("presets", list_presets()),
+                         ("attacks", attacks.list_attacks())):
+        t = Table(title=title)
+        t.add_column("name")
+        t.add_column("description")
+        for name, desc in (items.items() if isinstance(items, dict) else ((a, "") for a in items)):
+            t.add_row(name, desc)
+        console.print(t)
+    return 0

@@ -1,0 +1,98 @@
+"""`python -m bench run`: validate the sweep, then run the missing cells with a live progress display."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from bench.spec import SpecError, build_spec, cell_id, expand
+
+
+def _split_args(items: list[str]) -> tuple[str, list[str]]:
+    preset, overrides = "default", []
+    for i, item in enumerate(items):
+        if "=" in item:
+            overrides.append(item)
+        elif i == 0:
+            preset = item
+        else:
+            raise SpecError(f"argument '{item}' is neither the preset (it must come first) nor key=value")
+    return preset, overrides
+
+
+def check_registries(cells: list[dict]) -> None:
+    """Unknown models and datasets are bad input: caught before any cell runs."""
+    import datasets
+    import models
+    known_data = datasets.list_datasets()
+    for cell in cells:
+        if cell["dataset"] not in known_data:
+            raise SpecError(f"key 'dataset': unknown dataset '{cell['dataset']}' (known: {', '.join(known_data)})")
+        models.get_entry(cell["model"])  # ModelError names the model and close matches
+
+
+def run_command(args, console: Console) -> int:
+    from bench.cli import _load_models
+    preset, overrides = _split_args(args.args)
+    spec = build_spec(preset, overrides)
+    _load_models(args.plugin)
+    cells = expand(spec)
+    check_registries(cells)
+    if args.dry_run:
+        for cell in cells:
+            console.print(f"{cell_id(cell)}  {cell['dataset']} n={cell['n_train'] or 'all'} {cell['model']} "
+                          f"w={cell['width']} {cell['recipe']} seed={cell['seed']} {cell['threat']} {cell['eps']}")
+        return 0
+    return run_cells(cells, Path(args.out), console, device=args.device, data_dir=args.data_dir)
+
+
+def run_cells(cells: list[dict], out_dir: Path, console: Console, *, device="auto", data_dir=None) -> int:
+    import reports
+    from bench.runner import run_cell
+    from bench.store import Store
+    with Store(out_dir) as store:
+        done = store.finished()
+        todo = [c for c in cells if cell_id(c) not in done]
+        console.print(f"{len(cells)} cells: {len(cells) - len(todo)} already in {store.path}, {len(todo)} to run")
+        log_dir = out_dir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        failed = 0
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[phase]}"))
+        start = time.perf_counter()
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("cells", total=len(todo), phase="")
+            for cell in todo:
+                cid = cell_id(cell)
+                label = f"{cell['model']} w={cell['width']} seed={cell['seed']} {cell['threat']}"
+
+                def phase(text, label=label):
+                    progress.update(task, phase=f"{label}: {text}")
+
+                with open(log_dir / f"{cid}.log", "a") as log_file:
+                    def log(line, log_file=log_file, phase=phase):
+                        # Attack logs go to the cell's log file whole; the display shows only the latest line.
+                        log_file.write(line.rstrip("\n") + "\n")
+                        phase(line.strip()[:60])
+
+                    row = run_cell(cell, out_dir=out_dir, device_name=device, data_dir=data_dir,
+                                   phase=phase, log=log)
+                    if row.get("traceback"):
+                        log_file.write(row["traceback"])
+                store.append(row)
+                if row["status"] != "ok":
+                    failed += 1
+                    progress.console.print(f"[red]cell {cid} ({label}) failed: {row['error']}")
+                progress.advance(task)
+            progress.update(task, phase="done")
+        wanted = {cell_id(c) for c in cells}
+        latest = {}
+        for row in store.rows():
+            if row.get("cell_id") in wanted:
+                latest[row["cell_id"]] = row
+        console.print(reports.console_table(list(latest.values()), title=f"results ({store.path})"))
+        console.print(f"{len(todo)} cells run in {time.perf_counter() - start:.1f} s; "
+                      f"{failed} failed; rows in {store.path}; `python -m bench report --out {out_dir}` for plots")
+    return 1 if failed else 0

@@ -1,0 +1,212 @@
+"""The runner: each cell not yet in the store goes data -> model -> train (or cached checkpoint) -> evaluate -> one row.
+
+Evaluation of a trained model is `evaluate_model`, shared by trained cells and by external checkpoint entries.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+import attacks
+import certify
+import datasets
+import models
+from bench import __version__
+from bench.device import resolve_device
+from bench.spec import cell_id, train_key
+from bench.store import Store
+from bench.train import TrainConfig, accuracy, train
+
+INVARIANT_TOL = 1e-9
+
+
+class InvariantError(AssertionError):
+    """A row broke cert <= robust <= pgd <= clean or lip_lower <= lip_upper: a bug, never a result."""
+
+
+def eps_key(eps: float) -> str:
+    return str(float(eps))
+
+
+class Timer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+_DATA_CACHE: dict[str, datasets.Split] = {}
+
+
+def load_data(cell: dict, data_dir: str | None) -> datasets.Split:
+    """One load per distinct data configuration within a process."""
+    key = json.dumps([cell["dataset"], cell["n_train"], cell["n_test"], cell["label_noise"], cell["seed"],
+                      cell["data_options"], data_dir], sort_keys=True)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = datasets.load_dataset(
+            cell["dataset"], n_train=cell["n_train"] or None, n_test=cell["n_test"] or None,
+            label_noise=cell["label_noise"], seed=cell["seed"], data_dir=data_dir, **cell["data_options"])
+    return _DATA_CACHE[key]
+
+
+def train_config(cell: dict) -> TrainConfig:
+    return TrainConfig(**{k: cell[k] for k in TrainConfig.__dataclass_fields__})
+
+
+def _train_or_load(model, data, cell, ckpt_dir: Path, device, phase) -> dict:
+    """Train, or reuse the checkpoint of an identical training configuration."""
+    key = train_key(cell)
+    ckpt, meta_path = ckpt_dir / f"{key}.pt", ckpt_dir / f"{key}.json"
+    if ckpt.exists() and meta_path.exists():
+        models.load_checkpoint(model, ckpt)
+        model.to(device).eval()
+        meta = json.loads(meta_path.read_text())
+        meta["cached"] = True
+        return meta
+    cfg = train_config(cell)
+    result = train(model, data.x_train, data.y_train, cfg, device,
+                   progress=lambda e, n, acc: phase(f"train epoch {e}/{n} acc {acc:.3f}"))
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    models.save_checkpoint(model, ckpt)
+    meta = {"train_key": key, "epochs_run": result.epochs_run, "train_acc": result.train_acc,
+            "train_seconds": result.seconds}
+    tmp = meta_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, meta_path)
+    meta["cached"] = False
+    return meta
+
+
+def _subset(x: torch.Tensor, k: int) -> torch.Tensor:
+    return x[:k] if k else x
+
+
+def evaluate_model(model: torch.nn.Module, data: datasets.Split, cell: dict, device, timer: Timer,
+                   phase=lambda s: None, log=None) -> dict:
+    """Clean accuracy, attacks over the eps sweep, Lipschitz bounds, certified accuracy and the law's quantities."""
+    model.to(device).eval()
+    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+    threat, eps = cell["threat"], cell["eps"]
+    with timer("clean"):
+        phase("clean accuracy")
+        clean_acc = accuracy(model, x_test, y_test)
+    with timer("attacks"):
+        phase(f"PGD {threat} over {len(eps)} eps")
+        ev = attacks.robust_eval(model, x_test, y_test, norm=threat, eps=eps, steps=cell["pgd_steps"],
+                                 restarts=cell["pgd_restarts"], step_size=cell["pgd_step_size"] or None,
+                                 autoattack=cell["autoattack"], aa_eps=cell["aa_eps"], seed=cell["seed"], log=log)
+    for name, secs in getattr(ev, "timings", {}).items():
+        timer.seconds[name] = secs
+    n = len(y_test)
+
+    def acc(mask) -> float:
+        return float(mask.float().sum().item()) / n
+
+    pgd_acc = {eps_key(e): acc(ev.pgd_robust[e]) for e in eps}
+    aa_acc = {eps_key(e): (acc(ev.aa_robust[e]) if e in ev.aa_robust else None) for e in eps}
+    robust_acc = {eps_key(e): acc(ev.robust[e]) for e in eps}
+    with timer("lipschitz"):
+        phase("Lipschitz bounds")
+        upper = certify.lipschitz_upper(model, tuple(data.meta.in_shape))
+        k = cell["lip_points"]
+        points = [_subset(data.x_train, k).to(device), _subset(x_test, k)]
+        pairs = []
+        for e in eps:
+            adv = ev.x_adv[e]
+            points.append(_subset(adv, k))
+            pairs.append((_subset(x_test, k), _subset(adv, k)))
+        lower = certify.lipschitz_lower(model, points, pairs)
+    with timer("certify"):
+        phase("certified accuracy")
+        cert = certify.certified_accuracy(model, x_test, y_test, upper, eps, threat)
+    cert_acc = {eps_key(e): float(cert[e]) for e in eps}
+    return {
+        "clean_acc": clean_acc, "pgd_acc": pgd_acc, "autoattack_acc": aa_acc, "robust_acc": robust_acc,
+        "cert_acc": cert_acc, "lip_upper": float(upper.value), "lip_lower": float(lower.value),
+        "lip_upper_method": upper.method, "lip_lower_method": lower.method,
+        "lip_upper_linf": getattr(upper, "linf", None),
+        "lip_gap": float(upper.value) / float(lower.value) if lower.value > 0 else None,
+        "aa_flags": list(ev.aa_flags), "aa_eps": list(cell["aa_eps"]),
+    }
+
+
+def check_invariants(row: dict) -> None:
+    """cert_acc <= robust_acc <= pgd_acc <= clean_acc per eps, and lip_lower <= lip_upper."""
+    for e in row["eps"]:
+        k = eps_key(e)
+        chain = [("cert", row["cert_acc"][k]), ("robust", row["robust_acc"][k]), ("pgd", row["pgd_acc"][k]),
+                 ("clean", row["clean_acc"])]
+        aa = row["autoattack_acc"].get(k)
+        if aa is not None and row["robust_acc"][k] > aa + INVARIANT_TOL:
+            raise InvariantError(f"eps {k}: robust_acc {row['robust_acc'][k]} > autoattack_acc {aa}")
+        for (lo_name, lo), (hi_name, hi) in zip(chain, chain[1:]):
+            if lo > hi + INVARIANT_TOL:
+                raise InvariantError(f"eps {k}: {lo_name}_acc {lo} > {hi_name}_acc {hi}")
+    if row["lip_lower"] > row["lip_upper"] * (1 + 1e-6):
+        raise InvariantError(f"lip_lower {row['lip_lower']} > lip_upper {row['lip_upper']}")
+
+
+def base_row(cell: dict) -> dict:
+    """The identifying part of a row; the measured keys start as null so a failed row has every contract key."""
+    return {
+        "cell_id": cell_id(cell), "bench_version": __version__, "status": "failed", "error": None,
+        "dataset": cell["dataset"], "n_train": None, "n_test": None, "d": None, "d_eff": None,
+        "label_noise": cell["label_noise"], "num_classes": None, "model": cell["model"], "family": None,
+        "width": cell["width"], "params": None, "recipe": cell["recipe"], "train_eps": cell["train_eps"],
+        "seed": cell["seed"], "device": None, "train_acc": None, "clean_acc": None, "threat": cell["threat"],
+        "eps": list(cell["eps"]), "pgd_acc": None, "autoattack_acc": None, "robust_acc": None, "cert_acc": None,
+        "lip_upper": None, "lip_lower": None, "ratio": None, "ratio_eff": None, "law_scale": None,
+        "aa_flags": [], "timings": {}, "cell": cell,
+    }
+
+
+def run_cell(cell: dict, *, out_dir: Path, device_name: str = "auto", data_dir: str | None = None,
+             phase=lambda s: None, log=None) -> dict:
+    """One cell -> one row. Failures become a `failed` row with the error; they never stop the sweep."""
+    row = base_row(cell)
+    timer = Timer()
+    start = time.perf_counter()
+    try:
+        device = resolve_device(device_name)
+        row["device"] = str(device)
+        with timer("data"):
+            phase("loading data")
+            data = load_data(cell, data_dir)
+        meta = data.meta
+        row.update(n_train=len(data.y_train), n_test=len(data.y_test), d=meta.d, d_eff=meta.d_eff,
+                   num_classes=meta.num_classes, n_noisy=getattr(meta, "n_noisy", None))
+        entry = models.get_entry(cell["model"])
+        torch.manual_seed(cell["seed"])
+        model = models.get_model(cell["model"], in_shape=tuple(meta.in_shape), num_classes=meta.num_classes,
+                                 width=cell["width"], **cell["model_options"])
+        params = models.count_params(model)
+        row.update(family=entry.family, params=params)
+        with timer("train"):
+            trained = _train_or_load(model, data, cell, Path(out_dir) / "checkpoints", device, phase)
+        row.update(train_acc=trained["train_acc"], epochs_run=trained["epochs_run"],
+                   checkpoint_cached=trained["cached"], train_key=trained["train_key"])
+        row.update(evaluate_model(model, data, cell, device, timer, phase, log))
+        row.update(certify.law_quantities(params, row["n_train"], meta.d, meta.d_eff,
+                                          num_classes=meta.num_classes))
+        check_invariants(row)
+        row["status"] = "ok"
+    except Exception as exc:  # a failed cell is recorded, not fatal
+        row["status"] = "failed"
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        row["traceback"] = traceback.format_exc(limit=8)
+    timer.seconds["total"] = time.perf_counter() - start
+    row["timings"] = {k: round(v, 4) for k, v in timer.seconds.items()}
+    return row
