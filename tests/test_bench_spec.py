@@ -1,0 +1,64 @@
+import pytest
+
+from bench.spec import SpecError, build_spec, cell_id, expand, list_presets, parse_override, train_key
+
+
+def test_default_preset_expands_to_width_family():
+    spec = build_spec()
+    cells = expand(spec)
+    assert [c["width"] for c in cells] == spec["width"]
+    assert all(c["dataset"] == "mnist5k" and c["threat"] == "Linf" for c in cells)
+    assert len({cell_id(c) for c in cells}) == len(cells)
+
+
+def test_overrides_parse_toml_values_and_bare_words():
+    assert parse_override("width=[1,2]") == ("width", [1, 2])
+    assert parse_override("dataset=digits") == ("dataset", "digits")
+    assert parse_override("lr=0.01") == ("lr", 0.01)
+    spec = build_spec("default", ["width=[3]", "data_options.d=12", "label_noise=0"])
+    assert spec["width"] == [3] and spec["data_options"] == {"d": 12}
+    assert spec["label_noise"] == 0.0 and isinstance(spec["label_noise"], float)
+
+
+def test_cell_id_changes_with_results_relevant_settings_only():
+    a = expand(build_spec("default", ["width=8"]))[0]
+    b = expand(build_spec("default", ["width=8", "pgd_steps=7"]))[0]
+    c = expand(build_spec("default", ["width=8", "description=other words"]))[0]
+    assert cell_id(a) != cell_id(b)
+    assert train_key(a) == train_key(b)  # evaluation settings share the trained weights
+    assert cell_id(a) == cell_id(c)
+
+
+def test_threat_axis_keeps_each_threats_own_eps():
+    cells = expand(build_spec("default", ["width=8", "threat=['Linf','L2']"]))
+    by_threat = {c["threat"]: c for c in cells}
+    assert by_threat["Linf"]["eps"] == [0.05, 0.1, 0.2, 0.3]
+    assert by_threat["L2"]["eps"] == [0.5, 1.0, 1.5, 2.0]
+    assert train_key(by_threat["Linf"]) == train_key(by_threat["L2"])
+
+
+def test_train_eps_axis_collapses_for_erm():
+    cells = expand(build_spec("default", ["width=8", "train_eps=[0.1,0.2]"]))
+    assert len(cells) == 1 and cells[0]["train_eps"] == 0.0
+    cells = expand(build_spec("default", ["width=8", "recipe=pgd-at", "train_eps=[0.1,0.2]"]))
+    assert sorted(c["train_eps"] for c in cells) == [0.1, 0.2]
+
+
+@pytest.mark.parametrize("override, culprit", [
+    ("widht=3", "widht"), ("width=0", "width"), ("width=-4", "width"), ("width=abc", "width"),
+    ("eps_Linf=[-0.1]", "eps_Linf"), ("eps_Linf=[1.5]", "eps_Linf"), ("threat=L3", "L3"),
+    ("label_noise=1.5", "label_noise"), ("autoattack=maybe", "autoattack"), ("aa_eps_Linf=[0.7]", "aa_eps_Linf"),
+    ("epochs=0", "epochs"), ("nonsense", "nonsense"),
+])
+def test_bad_values_name_the_culprit(override, culprit):
+    with pytest.raises(SpecError, match=culprit):
+        build_spec("default", [override])
+
+
+def test_presets_are_valid():
+    names = list_presets()
+    assert {"default", "madry", "law", "cifar10"} <= set(names)
+    for name in names:
+        assert expand(build_spec(name))
+    with pytest.raises(SpecError, match="unknown preset 'nope'"):
+        build_spec("nope")
