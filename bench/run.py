@@ -22,15 +22,21 @@ def _split_args(items: list[str]) -> tuple[str, list[str]]:
     return preset, overrides
 
 
-def check_registries(cells: list[dict]) -> None:
-    """Unknown models and datasets are bad input: caught before any cell runs."""
+def check_inputs(cells: list[dict], data_dir: str | None, load: bool = True) -> None:
+    """Unknown models, unknown datasets and unreadable data are bad input: caught before any cell runs.
+
+    Loading the data here costs nothing extra: the runner's in-process cache hands the same split to the cells.
+    """
     import datasets
     import models
+    from bench.runner import load_data
     known_data = datasets.list_datasets()
     for cell in cells:
         if cell["dataset"] not in known_data:
             raise SpecError(f"key 'dataset': unknown dataset '{cell['dataset']}' (known: {', '.join(known_data)})")
         models.get_entry(cell["model"])  # ModelError names the model and close matches
+    for cell in cells if load else ():
+        load_data(cell, data_dir)
 
 
 def run_command(args, console: Console) -> int:
@@ -39,7 +45,7 @@ def run_command(args, console: Console) -> int:
     spec = build_spec(preset, overrides)
     _load_models(args.plugin)
     cells = expand(spec)
-    check_registries(cells)
+    check_inputs(cells, args.data_dir, load=not args.dry_run)
     if args.dry_run:
         for cell in cells:
             console.print(f"{cell_id(cell)}  {cell['dataset']} n={cell['n_train'] or 'all'} {cell['model']} "
