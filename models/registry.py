@@ -154,8 +154,9 @@ def get_model(name: str, *, in_shape, num_classes: int, width: int, **kw) -> nn.
     where = f"model '{name}'"
     width = _check_width(width, where)
     shape = _check_in_shape(in_shape, where)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise ModelError(f"{where}: num_classes must be a positive integer, got {num_classes!r}")
+    num_classes = int(num_classes)
     if entry.inputs == "image" and len(shape) != 3:
         raise ModelError(f"{where} needs image input (C, H, W) but got in_shape {shape}; "
                          f"use a dataset with image shape or an 'any'-input model such as 'mlp'")
