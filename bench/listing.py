@@ -24,7 +24,7 @@ def list_command(args, console: Console) -> int:
         counts = []
         for w in entry.default_widths:
             try:
-                counts.append(f"{w}:{models.count_params(models.get_model(entry.name, in_shape=in_shape, num_classes=classes, width=w)):,}")
+                counts.append(f"{w}:{models.param_count(entry.name, in_shape=in_shape, num_classes=classes, width=w):,}")
             except Exception as exc:  # a plugin entry that cannot build on this shape
                 counts.append(f"{w}:({type(exc).__name__})")
         table.add_row(entry.name, entry.family, str(entry.inputs), ", ".join(getattr(entry, "datasets", ()) or ()),

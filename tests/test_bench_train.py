@@ -18,16 +18,15 @@ def _trained(cfg):
 
 
 def test_erm_is_deterministic_and_learns():
-    cfg = TrainConfig(epochs=3, seed=3)
+    cfg = TrainConfig(epochs=8, seed=3)
     a, ra, data = _trained(cfg)
     b, rb, _ = _trained(cfg)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
     assert ra.train_acc == rb.train_acc
     assert accuracy(a, data.x_test, data.y_test) > 0.6
-    c, _, _ = _trained(TrainConfig(epochs=3, seed=4))
-    assert not torch.equal(a[-1].weight if isinstance(a, torch.nn.Sequential) else next(a.parameters()),
-                           c[-1].weight if isinstance(c, torch.nn.Sequential) else next(c.parameters()))
+    c, _, _ = _trained(TrainConfig(epochs=8, seed=4))
+    assert not torch.equal(next(a.parameters()), next(c.parameters()))  # another seed, other weights
 
 
 def test_erm_stops_at_target_train_accuracy():
