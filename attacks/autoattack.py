@@ -1,0 +1,230 @@
+"""AutoAttack adapter around ``pyautoattack`` (the original implementation by Croce & Hein, PyPI 0.2.0).
+
+* standard: APGD-CE, APGD-T, FAB-T, Square (5000 queries), 100 iterations; targets capped at num_classes - 1.
+* plus: APGD-CE, APGD-DLR, FAB, Square, APGD-T, FAB-T with restarts, as in the original.
+* a list of attack names runs the original attacks with the standard settings in that order ("custom").
+
+Vector inputs (N, d) are shown to pyautoattack as square images (N, 1, s, s) through a wrapper (Square needs an
+image); pixels beyond d are padding the model never sees. pyautoattack's gradient-masking checks become flags;
+its log lines go to the ``log`` callable instead of the terminal. The global torch RNG is left untouched.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .pgd import AttackError, check_norm, predict
+
+AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+
+# pyautoattack warning text -> our flag name
+FLAG_PATTERNS = (
+    ("randomized", re.compile(r"randomized defense")),
+    ("softmax_output", re.compile(r"output is a probability distribution")),
+    ("zero_gradients", re.compile(r"points with zero gradient")),
+    ("square_beats_whitebox", re.compile(r"Square Attack has decreased")),
+    ("dynamic", re.compile(r"dynamic defense")),
+    ("n_classes", re.compile(r"target classes|not possible to use")),
+)
+FLAG_DOC = {
+    "randomized": "outputs change between identical forward passes (randomized defense)",
+    "softmax_output": "the model seems to output probabilities instead of logits",
+    "zero_gradients": "some points have an exactly zero input gradient (gradient masking?)",
+    "square_beats_whitebox": "black-box Square broke points the white-box attacks could not",
+    "dynamic": "the forward pass calls backward/grad (dynamic defense)",
+    "n_classes": "too few classes for the DLR / targeted losses",
+}
+
+_BATCH_LINE = re.compile(r"^(?P<attack>[a-z\-]+) - \d+/\d+ - (?P<k>\d+) out of (?P<m>\d+) successfully perturbed")
+
+
+@dataclass
+class AAResult:
+    """robust: Bool (N,) (False where clean-misclassified or broken); x_adv like x; flags: sorted unique flag
+    names; info: version, attacks, eps, norm, seconds, broken_by {attack: count}, n_attacked, warnings, ..."""
+
+    robust: torch.Tensor
+    x_adv: torch.Tensor
+    flags: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+
+class _ImageView(torch.nn.Module):
+    """Shows a vector model (N, d) to AutoAttack as images (N, 1, s, s); coordinates >= d are ignored padding."""
+
+    def __init__(self, model: torch.nn.Module, d: int, in_shape: tuple):
+        super().__init__()
+        self.model = model
+        self.d = d
+        self.in_shape = tuple(in_shape)
+
+    def forward(self, z):
+        return self.model(z.reshape(z.shape[0], -1)[:, : self.d].reshape(z.shape[0], *self.in_shape))
+
+
+def image_shape_for(in_shape: Sequence[int]) -> tuple | None:
+    """None when ``in_shape`` is already (C, H, W) with H == W; else the (1, s, s) view used for AutoAttack."""
+    in_shape = tuple(in_shape)
+    if len(in_shape) == 3 and in_shape[1] == in_shape[2]:
+        return None
+    d = math.prod(in_shape)
+    s = max(2, math.isqrt(d - 1) + 1) if d > 1 else 2
+    return (1, s, s)
+
+
+class _Capture(logging.Handler):
+    def __init__(self, sink: Callable[[str], None] | None):
+        super().__init__(level=logging.DEBUG)
+        self.sink = sink
+        self.warnings: list[str] = []
+        self.broken_by: dict[str, int] = {}
+        self.lines = 0
+
+    def emit(self, record):  # noqa: D401
+        try:
+            msg = record.getMessage()
+        except Exception:  # pragma: no cover
+            return
+        self.lines += 1
+        if record.levelno >= logging.WARNING:
+            self.warnings.append(msg)
+        m = _BATCH_LINE.match(msg)
+        if m:
+            a = m.group("attack")
+            self.broken_by[a] = self.broken_by.get(a, 0) + int(m.group("k"))
+        if self.sink is not None:
+            try:
+                self.sink(("warning: " if record.levelno >= logging.WARNING else "") + msg)
+            except Exception:  # pragma: no cover - a broken sink never stops the attack
+                pass
+
+
+@contextlib.contextmanager
+def _frozen(model: torch.nn.Module):
+    """Parameters temporarily not requiring grad: attacks need input gradients only (FAB calls .backward())."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, r in flags:
+            p.requires_grad_(r)
+
+
+def flags_from_warnings(warnings: Sequence[str]) -> list[str]:
+    out = set()
+    for w in warnings:
+        for name, pat in FLAG_PATTERNS:
+            if pat.search(w):
+                out.add(name)
+    return sorted(out)
+
+
+def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str,
+                   version: str | Sequence[str] = "standard", seed: int = 0, batch_size: int = 1000,
+                   log: Callable[[str], None] | None = None, n_total: int | None = None,
+                   num_classes: int | None = None) -> AAResult:
+    """Run the original AutoAttack (pyautoattack) on (x, y) at ``eps``.
+
+    version: "standard", "plus", or a list of attack names from AA_ATTACKS (run with standard settings).
+    n_total: size of the full evaluation set when (x, y) is a subset (used for the Square check threshold:
+    Square breaking more than 0.2% of the full set beyond the white-box attacks raises ``square_beats_whitebox``).
+    """
+    check_norm(norm)
+    try:
+        from pyautoattack import AutoAttack
+        from pyautoattack import checks as aa_checks
+    except ImportError as exc:  # pragma: no cover - dependency declared in pyproject
+        raise AttackError("pyautoattack is not installed (pip install pyautoattack)") from exc
+    if isinstance(version, str):
+        if version not in ("standard", "plus"):
+            raise AttackError(f"autoattack version must be 'standard', 'plus' or a list of {AA_ATTACKS}, "
+                              f"got {version!r}")
+        attacks = None
+        vname = version
+    else:
+        attacks = list(version)
+        bad = [a for a in attacks if a not in AA_ATTACKS]
+        if bad or not attacks:
+            raise AttackError(f"unknown AutoAttack attack(s) {bad}; choose from {AA_ATTACKS}")
+        vname = "custom"
+    t0 = time.perf_counter()
+    N = x.shape[0]
+    n_total = N if n_total is None else int(n_total)
+    dev = x.device
+    y = y.to(dev)
+    in_shape = tuple(x.shape[1:])
+    view = image_shape_for(in_shape)
+    if view is None:
+        net, xi = model, x.detach()
+    else:
+        d = math.prod(in_shape)
+        net = _ImageView(model, d, in_shape)
+        xf = x.detach().reshape(N, -1)
+        pad = view[1] * view[2] - d
+        xi = torch.cat([xf, xf.new_zeros(N, pad)], 1) if pad else xf
+        xi = xi.reshape(N, *view)
+    info = {"version": vname, "eps": float(eps), "norm": norm, "seed": int(seed), "n_attacked": N,
+            "image_view": list(view) if view else None}
+    if N == 0:
+        info.update(attacks=attacks or [], seconds=0.0, broken_by={}, warnings=[])
+        return AAResult(torch.zeros(0, dtype=torch.bool, device=dev), x.detach().clone(), [], info)
+    with torch.no_grad():
+        z = net(xi[:1])
+    C = int(num_classes or z.shape[1])
+
+    logger = logging.getLogger("auto-attack")
+    cap = _Capture(log)
+    old_level, old_prop = logger.level, logger.propagate
+    logger.addHandler(cap)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    was_training = model.training
+    model.eval()
+    devices = [dev] if dev.type == "cuda" else []
+    try:
+        for k in aa_checks.funcs:  # pyautoattack never resets its global call counters
+            aa_checks.funcs[k] = 0
+        with torch.random.fork_rng(devices=devices), _frozen(model):
+            aa = AutoAttack(net, norm=norm, eps=float(eps), version=vname if attacks is None else "custom",
+                            device=dev, seed=int(seed), attacks=attacks)
+            ntc = max(1, min(9, C - 1))
+            aa.apgd_targeted.n_target_classes = ntc
+            aa.fab.n_target_classes = ntc
+            if attacks is not None:  # custom list: standard settings of each attack
+                aa.apgd.n_restarts = 1
+                aa.fab.n_restarts = 1
+                aa.apgd_targeted.n_restarts = 1
+                aa.square.n_queries = 5000
+            info["attacks"] = list(aa.attacks_to_run)
+            info["n_target_classes"] = ntc
+            x_adv_i, _ = aa.run_standard_evaluation(xi, y, batch_size=int(batch_size))
+    finally:
+        logger.removeHandler(cap)
+        logger.setLevel(old_level)
+        logger.propagate = old_prop
+        model.train(was_training)
+    with torch.no_grad():
+        pred = predict(net, x_adv_i, batch_size)
+    robust = pred == y
+    if view is None:
+        x_adv = x_adv_i.detach()
+    else:
+        x_adv = x_adv_i.reshape(N, -1)[:, : math.prod(in_shape)].reshape(N, *in_shape).detach()
+    # Square check against the full evaluation set (pyautoattack's own threshold is relative to the subset)
+    warnings = [w for w in cap.warnings if "Square Attack has decreased" not in w]
+    sq = cap.broken_by.get("square", 0)
+    if "square" in info["attacks"] and len(info["attacks"]) > 1 and sq > 0.002 * n_total:
+        warnings.append(f"Square Attack has decreased the robust accuracy of {sq / n_total:.2%}")
+    flags = flags_from_warnings(warnings)
+    info.update(seconds=time.perf_counter() - t0, broken_by=dict(cap.broken_by), warnings=warnings,
+                log_lines=cap.lines, n_total=n_total)
+    return AAResult(robust=robust, x_adv=x_adv, flags=flags, info=info)

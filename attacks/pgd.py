@@ -1,0 +1,459 @@
+"""Batched PGD (Linf / L2) on [0,1] inputs.
+
+Two entry points:
+
+* :func:`pgd_perturb` -- plain fixed-step PGD (no early exit), used by adversarial training.
+* :func:`pgd_sweep`   -- the evaluation engine: an ascending eps sweep with restarts, per-point early exit
+  (a point is broken as soon as one iterate is misclassified; that iterate is kept), monotone sweep (a point
+  broken at eps_k is broken at every larger eps and is not attacked again), ``max_batch`` and automatic
+  back-off on out-of-memory.
+
+Every returned example satisfies ``|x_adv - x| <= eps`` (Linf) exactly when computed in the input's dtype
+(the box bounds are rounded inwards once at set-up) and lies in [0, 1].
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+NORMS = ("Linf", "L2")
+LOSSES = ("ce", "margin", "dlr")
+
+# radius shrink for L2 projection so that rounding never pushes a norm above eps
+_L2_SHRINK = 1.0 - 2.0 ** -20
+
+
+class AttackError(ValueError):
+    """Bad attack argument (one clear line)."""
+
+
+@dataclass
+class PGDResult:
+    """Result of :func:`pgd_sweep`.
+
+    robust: BoolTensor (E, N), True where the point survived every restart at that eps (False where the clean
+            point is misclassified). Rows follow the order of the ``eps`` argument.
+    x_adv:  Tensor (E, N, ...) adversarial examples (the breaking iterate for broken points, the last iterate
+            for robust points, the clean input for clean-misclassified points).
+    info:   dict with eps (as given), norm, steps, step_size per eps, restarts, loss, clean (Bool N),
+            broken_step (E, N) int (gradient steps used in the breaking run, -1 if never broken there),
+            grad_row_steps / fwd_rows (work counters), max_batch, oom_backoffs, seconds, schedule.
+    """
+
+    robust: torch.Tensor
+    x_adv: torch.Tensor
+    info: dict = field(default_factory=dict)
+
+    def accuracy(self) -> dict:
+        eps = self.info.get("eps", list(range(self.robust.shape[0])))
+        return {float(e): float(self.robust[i].float().mean()) for i, e in enumerate(eps)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+
+def check_norm(norm: str) -> str:
+    if norm not in NORMS:
+        raise AttackError(f"norm must be one of {NORMS}, got {norm!r}")
+    return norm
+
+
+def check_loss(loss: str) -> str:
+    if loss not in LOSSES:
+        raise AttackError(f"loss must be one of {LOSSES}, got {loss!r}")
+    return loss
+
+
+def default_step_size(eps: float, steps: int, norm: str = "Linf") -> float:
+    """Madry's rule: 2.5 * eps / steps (reaches the boundary from any start with room to move)."""
+    return 2.5 * float(eps) / max(int(steps), 1)
+
+
+def _round_down(value: float, dtype: torch.dtype) -> torch.Tensor:
+    """Largest number representable in ``dtype`` that is <= value (as a 0-d tensor)."""
+    t = torch.tensor(value, dtype=dtype)
+    if float(t) > value:
+        t = torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype))
+    return t
+
+
+def box_bounds(x0: torch.Tensor, eps: float, norm: str):
+    """Per-coordinate [lo, hi] so that any x in it satisfies fl(x - x0) in [-eps, eps] and x in [0, 1].
+
+    For Linf the bounds are nudged inwards until the float subtraction stays within eps; for L2 the box is [0,1].
+    """
+    if norm == "L2":
+        return torch.zeros_like(x0), torch.ones_like(x0)
+    e = _round_down(eps, x0.dtype).to(x0.device)
+    lo = torch.clamp(x0 - e, min=0.0)
+    hi = torch.clamp(x0 + e, max=1.0)
+    for _ in range(4):
+        bad = (x0 - lo) > e
+        if not bool(bad.any()):
+            break
+        lo = torch.where(bad, torch.nextafter(lo, x0), lo)
+    for _ in range(4):
+        bad = (hi - x0) > e
+        if not bool(bad.any()):
+            break
+        hi = torch.where(bad, torch.nextafter(hi, x0), hi)
+    return lo, hi
+
+
+def _other_max(z: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """max_{j != cls} z_j."""
+    return z.scatter(1, cls[:, None], float("-inf")).amax(1)
+
+
+def attack_loss(z: torch.Tensor, y: torch.Tensor, loss: str, target: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row objective to *maximise*.
+
+    ce:     CE(z, y) untargeted, -CE(z, t) targeted.
+    margin: CW margin max_{j!=y} z_j - z_y untargeted, z_t - max_{j!=t} z_j targeted.
+    dlr:    Croce & Hein's DLR loss (untargeted and targeted forms; needs >= 3 / >= 4 classes).
+    """
+    if loss == "ce":
+        if target is None:
+            return F.cross_entropy(z, y, reduction="none")
+        return -F.cross_entropy(z, target, reduction="none")
+    zy = z.gather(1, y[:, None])[:, 0]
+    if loss == "margin":
+        if target is None:
+            return _other_max(z, y) - zy
+        zt = z.gather(1, target[:, None])[:, 0]
+        return zt - _other_max(z, target)
+    if loss == "dlr":
+        zs, _ = z.sort(1, descending=True)
+        if target is None:
+            denom = zs[:, 0] - zs[:, min(2, z.shape[1] - 1)] + 1e-12
+            return (_other_max(z, y) - zy) / denom
+        zt = z.gather(1, target[:, None])[:, 0]
+        k3, k4 = min(2, z.shape[1] - 1), min(3, z.shape[1] - 1)
+        denom = zs[:, 0] - 0.5 * (zs[:, k3] + zs[:, k4]) + 1e-12
+        return (zt - zy) / denom
+    raise AttackError(f"loss must be one of {LOSSES}, got {loss!r}")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for device out-of-memory errors (CUDA OutOfMemoryError, CPU allocator failures)."""
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    if isinstance(exc, RuntimeError):
+        msg = str(exc).lower()
+        return ("out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg
+                or "failed to allocate" in msg)
+    return False
+
+
+def _rand_start(x0, lo, hi, eps, norm, gen):
+    """Random start inside the ball (Linf: uniform; L2: uniform direction, radius U(0,1)*eps), clipped to box."""
+    if norm == "Linf":
+        u = torch.rand(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+        x = x0 + (2.0 * u - 1.0) * eps
+        return torch.clamp(x, lo, hi)
+    g = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+    r = torch.rand((x0.shape[0], 1), generator=gen, device=x0.device, dtype=x0.dtype)
+    g = g * (r * eps / g.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    return _project_l2(x0, x0 + g, eps)
+
+
+def _project_l2(x0, x, eps):
+    d = x - x0
+    n = d.norm(dim=1, keepdim=True)
+    factor = torch.clamp((eps * _L2_SHRINK) / n.clamp_min(1e-30), max=1.0)
+    return torch.clamp(x0 + d * factor, 0.0, 1.0)
+
+
+def _step(x, g, x0, lo, hi, alpha, eps, norm):
+    """One projected ascent step (x, g are flat (A, d)); returns new detached x."""
+    if norm == "Linf":
+        x = x.detach().add_(g.sign_(), alpha=alpha)
+        return torch.clamp(x, lo, hi, out=x)
+    gn = g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    x = x.detach() + g * (alpha / gn)
+    return _project_l2(x0, x, eps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plain PGD for adversarial training
+
+def pgd_perturb(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str = "Linf",
+                steps: int, step_size: float | None = None, random_start: bool = True, loss: str = "ce",
+                generator: torch.Generator | None = None, targeted: bool = False,
+                target: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain fixed-step PGD (Madry): ``steps`` projected signed-gradient (Linf) or normalised-gradient (L2) ascent
+    steps from a random start, no early exit. Returns the last iterate (same shape as x, detached), inside the eps
+    ball and [0,1]. The model's train/eval mode is left as it is; parameter gradients are not touched."""
+    check_norm(norm)
+    check_loss(loss)
+    if steps < 0:
+        raise AttackError(f"steps must be >= 0, got {steps}")
+    eps = float(eps)
+    shape = x.shape
+    x0 = x.detach().reshape(x.shape[0], -1)
+    if eps <= 0 or x0.shape[0] == 0:
+        return x.detach().clone()
+    alpha = default_step_size(eps, steps, norm) if step_size is None else float(step_size)
+    lo, hi = box_bounds(x0, eps, norm)
+    tgt = target if targeted else None
+    if targeted and tgt is None:
+        raise AttackError("targeted pgd_perturb needs target labels")
+    if random_start:
+        xa = _rand_start(x0, lo, hi, eps, norm, generator)
+    else:
+        xa = x0.clone()
+    for _ in range(int(steps)):
+        xa.requires_grad_(True)
+        with torch.enable_grad():
+            z = model(xa.view(shape))
+            obj = attack_loss(z, y, loss, tgt).sum()
+            (g,) = torch.autograd.grad(obj, xa)
+        xa = _step(xa, g, x0, lo, hi, alpha, eps, norm)
+    return xa.detach().view(shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the sweep engine
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, x: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+    """Argmax predictions in batches of at most ``batch`` rows."""
+    n = x.shape[0]
+    b = n if not batch else max(1, int(batch))
+    out = []
+    for s in range(0, n, b):
+        out.append(model(x[s:s + b]).argmax(1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=x.device)
+
+
+def _auto_max_batch(model, x, n) -> int:
+    """Rows per pass: all points unless an estimate of activation memory says otherwise."""
+    budget = 2 * 2 ** 30 if x.device.type == "cpu" else None
+    if budget is None:
+        try:
+            free, _ = torch.cuda.mem_get_info(x.device)
+            budget = int(free * 0.5)
+        except Exception:  # pragma: no cover - device without query
+            budget = 2 * 2 ** 30
+    sizes = []
+
+    def hook(_m, _i, out):
+        if isinstance(out, torch.Tensor):
+            sizes.append(out.numel())
+
+    hs = [m.register_forward_hook(hook) for m in model.modules() if len(list(m.children())) == 0]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in hs:
+            h.remove()
+    per_row = (sum(sizes) * 3 + x[:1].numel() * 12) * x.element_size()
+    return int(max(1, min(n, budget // max(per_row, 1))))
+
+
+def _run_pgd_group(model, shape, x0, y, tgt, lo, hi, eps, alpha, norm, steps, loss, random_start, gen, counters):
+    """One PGD run with per-row early exit over rows (A, d).
+
+    Returns (broken (A,) bool, x_final (A, d), step_of_break (A,) long)."""
+    A = x0.shape[0]
+    dev = x0.device
+    broken = torch.zeros(A, dtype=torch.bool, device=dev)
+    x_out = torch.empty_like(x0)
+    brk_step = torch.full((A,), -1, dtype=torch.long, device=dev)
+    pos = torch.arange(A, device=dev)
+    xa = _rand_start(x0, lo, hi, eps, norm, gen) if random_start else x0.clone()
+    x0a, ya, loa, hia = x0, y, lo, hi
+    ta = tgt
+    for t in range(steps + 1):
+        last = t == steps
+        if last:
+            with torch.no_grad():
+                z = model(xa.view(-1, *shape))
+            counters["fwd_rows"] += xa.shape[0]
+        else:
+            xa.requires_grad_(True)
+            with torch.enable_grad():
+                z = model(xa.view(-1, *shape))
+        hit = z.detach().argmax(1) != ya
+        if bool(hit.any()):
+            hp = pos[hit]
+            broken[hp] = True
+            x_out[hp] = xa.detach()[hit]
+            brk_step[hp] = t
+            keep = ~hit
+            if not bool(keep.any()):
+                return broken, x_out, brk_step
+        else:
+            keep = None
+        if last:
+            break
+        with torch.enable_grad():
+            zk = z if keep is None else z[keep]
+            obj = attack_loss(zk, ya if keep is None else ya[keep], loss,
+                              None if ta is None else (ta if keep is None else ta[keep])).sum()
+            (g,) = torch.autograd.grad(obj, xa)
+        counters["grad_rows"] += xa.shape[0]
+        xa = xa.detach()
+        if keep is not None:
+            xa, g = xa[keep], g[keep]
+            pos, x0a, ya, loa, hia = pos[keep], x0a[keep], ya[keep], loa[keep], hia[keep]
+            if ta is not None:
+                ta = ta[keep]
+        xa = _step(xa, g, x0a, loa, hia, alpha, eps, norm)
+    x_out[pos] = xa.detach()
+    return broken, x_out, brk_step
+
+
+def _targets_for_restart(z_clean: torch.Tensor, y: torch.Tensor, r: int) -> torch.Tensor:
+    """Target for restart r: the (r mod (C-1))-th most likely wrong class at the clean point."""
+    C = z_clean.shape[1]
+    zz = z_clean.scatter(1, y[:, None], float("-inf"))
+    order = zz.argsort(1, descending=True)[:, : C - 1]
+    return order[:, r % (C - 1)]
+
+
+def _sweep_chunk(model, shape, x0, y, eps_sorted, alphas, norm, steps, restarts, loss, random_start, targeted,
+                 target, gen, counters):
+    """Ascending sweep on one chunk of clean-correct rows. Returns (robust (E,A), x_adv (E,A,d), brk (E,A))."""
+    E, A = len(eps_sorted), x0.shape[0]
+    dev = x0.device
+    robust = torch.ones(E, A, dtype=torch.bool, device=dev)
+    x_adv = x0.unsqueeze(0).repeat(E, 1, 1)
+    brk = torch.full((E, A), -1, dtype=torch.long, device=dev)
+    z_clean = None
+    if targeted and target is None:
+        with torch.no_grad():
+            z_clean = model(x0.view(-1, *shape))
+        counters["fwd_rows"] += A
+    active = torch.arange(A, device=dev)
+    for k, e in enumerate(eps_sorted):
+        if active.numel() == 0:
+            break
+        if e <= 0:
+            continue
+        lo, hi = box_bounds(x0[active], e, norm)
+        for r in range(restarts):
+            if active.numel() == 0:
+                break
+            if targeted:
+                tg = target[active] if target is not None else _targets_for_restart(z_clean[active], y[active], r)
+            else:
+                tg = None
+            b, xo, st = _run_pgd_group(model, shape, x0[active], y[active], tg, lo, hi, e, alphas[k], norm, steps,
+                                       loss, random_start, gen, counters)
+            if bool(b.any()):
+                ib = active[b]
+                robust[k:, ib] = False
+                x_adv[k:, ib] = xo[b].unsqueeze(0)
+                brk[k, ib] = st[b]
+            nb = ~b
+            if r == restarts - 1 or not bool(nb.any()):
+                x_adv[k, active[nb]] = xo[nb]
+            active, lo, hi = active[nb], lo[nb], hi[nb]
+    return robust, x_adv, brk
+
+
+def pgd_sweep(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float], *,
+              norm: str = "Linf", steps: int = 100, step_size: float | Sequence[float] | None = None,
+              restarts: int = 1, loss: str = "ce", random_start: bool = True, targeted: bool = False,
+              target: torch.Tensor | None = None, seed: int = 0, max_batch: int | None = None,
+              log: Callable[[str], None] | None = None) -> PGDResult:
+    """PGD over an eps sweep with restarts and per-point early exit.
+
+    eps may be a float or a list; it is processed in ascending order (results follow the given order). A point
+    broken at eps_k counts as broken (with the same example) at every larger eps and is not attacked again.
+    step_size: None (2.5*eps/steps per eps), a float for all eps, or one per eps.
+    targeted: if True, restart r aims at ``target`` (N,) or, when target is None, at the (r mod (C-1))-th most
+    likely wrong class of the clean input; a point still counts as broken as soon as it is misclassified.
+    max_batch bounds the rows per forward pass (None: all points unless memory estimates say otherwise); on
+    out-of-memory the batch is halved and the chunk retried (info["oom_backoffs"]).
+    """
+    check_norm(norm)
+    check_loss(loss)
+    if int(steps) < 0 or int(restarts) < 1:
+        raise AttackError(f"need steps >= 0 and restarts >= 1, got steps={steps}, restarts={restarts}")
+    eps_list = [float(eps)] if isinstance(eps, (int, float)) else [float(e) for e in eps]
+    if not eps_list:
+        raise AttackError("eps list is empty")
+    if any(e < 0 or not math.isfinite(e) for e in eps_list):
+        raise AttackError(f"eps must be finite and >= 0, got {eps_list}")
+    if step_size is None:
+        steps_list = [default_step_size(e, steps, norm) for e in eps_list]
+    elif isinstance(step_size, (int, float)):
+        steps_list = [float(step_size)] * len(eps_list)
+    else:
+        steps_list = [float(s) for s in step_size]
+        if len(steps_list) != len(eps_list):
+            raise AttackError("step_size list must have one entry per eps")
+    if x.shape[0] != y.shape[0]:
+        raise AttackError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
+    if max_batch is not None and int(max_batch) < 1:
+        raise AttackError(f"max_batch must be >= 1, got {max_batch}")
+    t_start = time.perf_counter()
+    N = x.shape[0]
+    shape = tuple(x.shape[1:])
+    dev = x.device
+    x_flat = x.detach().reshape(N, -1)
+    y = y.to(dev)
+    order = sorted(range(len(eps_list)), key=lambda i: eps_list[i])
+    eps_sorted = [eps_list[i] for i in order]
+    alphas = [steps_list[i] for i in order]
+    E = len(eps_list)
+    counters = {"grad_rows": 0, "fwd_rows": 0}
+    mb = int(max_batch) if max_batch else _auto_max_batch(model, x, N)
+    oom = 0
+
+    # clean predictions (with back-off)
+    while True:
+        try:
+            pred = predict(model, x, mb)
+            break
+        except Exception as exc:  # noqa: BLE001
+            if not is_oom(exc) or mb <= 1:
+                raise
+            mb, oom = max(1, mb // 2), oom + 1
+    counters["fwd_rows"] += N
+    clean = pred == y
+    robust_s = torch.zeros(E, N, dtype=torch.bool, device=dev)
+    x_adv_s = x_flat.unsqueeze(0).repeat(E, 1, 1)
+    brk_s = torch.full((E, N), -1, dtype=torch.long, device=dev)
+    idx = torch.nonzero(clean).flatten()
+    s = 0
+    while s < idx.numel():
+        rows = idx[s:s + mb]
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(int(seed) * 1_000_003 + s)
+        try:
+            r_, xa_, b_ = _sweep_chunk(model, shape, x_flat[rows], y[rows], eps_sorted, alphas, norm, int(steps),
+                                       int(restarts), loss, random_start, targeted,
+                                       None if target is None else target.to(dev)[rows], gen, counters)
+        except Exception as exc:  # noqa: BLE001
+            if not is_oom(exc) or mb <= 1:
+                raise
+            mb, oom = max(1, mb // 2), oom + 1
+            if log:
+                log(f"pgd: out of memory, max_batch -> {mb}")
+            continue
+        robust_s[:, rows] = r_
+        x_adv_s[:, rows] = xa_
+        brk_s[:, rows] = b_
+        s += rows.numel()
+    inv = [0] * E
+    for j, i in enumerate(order):
+        inv[i] = j
+    robust = robust_s[inv]
+    x_adv = x_adv_s[inv].view(E, N, *shape)
+    info = {
+        "eps": eps_list, "norm": norm, "steps": int(steps), "step_size": steps_list, "restarts": int(restarts),
+        "loss": loss, "targeted": bool(targeted), "random_start": bool(random_start), "seed": int(seed),
+        "clean": clean, "broken_step": brk_s[inv], "grad_rows": counters["grad_rows"],
+        "fwd_rows": counters["fwd_rows"], "max_batch": mb, "oom_backoffs": oom,
+        "seconds": time.perf_counter() - t_start, "schedule": "ascending-sequential",
+    }
+    return PGDResult(robust=robust, x_adv=x_adv, info=info)

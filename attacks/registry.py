@@ -1,0 +1,242 @@
+"""Attack registry: our PGD family, AutoAttack (pyautoattack) and torchattacks adapters under one convention.
+
+    atk = get_attack("fgsm")                       # keyword arguments configure the attack
+    out = atk.run(model, x, y, eps=0.1, norm="Linf", seed=0)
+    out.robust  # Bool (N,): still correctly classified (False where clean-misclassified or broken)
+    out.x_adv   # like x, inside the eps ball and [0,1]
+
+Minimum-norm attacks (CW, DeepFool, FAB from torchattacks) are unbounded: their example is projected onto the eps
+ball (and [0,1]) before it is judged, so every attack answers the same question: is the point robust at eps?
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .autoattack import AA_ATTACKS, _ImageView, image_shape_for, run_autoattack
+from .pgd import AttackError, _project_l2, box_bounds, check_norm, pgd_sweep, predict
+
+
+@dataclass(frozen=True)
+class AttackEntry:
+    name: str
+    kind: str            # "pgd" | "autoattack" | "torchattacks"
+    norms: tuple         # threat models it supports
+    bounded: bool        # True if it searches inside the eps ball itself
+    description: str
+    factory: Callable = field(repr=False, compare=False, default=None)
+
+
+@dataclass
+class AttackOutput:
+    robust: torch.Tensor
+    x_adv: torch.Tensor
+    info: dict = field(default_factory=dict)
+
+
+class Attack:
+    """A configured attack: ``run(model, x, y, eps, *, norm, seed=0, log=None) -> AttackOutput``."""
+
+    def __init__(self, entry: AttackEntry, kw: dict):
+        self.entry = entry
+        self.name = entry.name
+        self.kw = dict(kw)
+
+    def __repr__(self):
+        return f"Attack({self.name!r}, {self.kw})"
+
+    def run(self, model, x, y, eps: float, *, norm: str = "Linf", seed: int = 0, log=None) -> AttackOutput:
+        check_norm(norm)
+        if norm not in self.entry.norms:
+            raise AttackError(f"attack {self.name!r} supports {list(self.entry.norms)}, not {norm!r}")
+        return self.entry.factory(model, x, y, float(eps), norm=norm, seed=int(seed), log=log, **self.kw)
+
+
+_REGISTRY: dict[str, AttackEntry] = {}
+
+
+def register_attack(name: str, *, kind: str, norms=("Linf", "L2"), bounded: bool = True, description: str = ""):
+    """Decorator registering ``fn(model, x, y, eps, *, norm, seed, log, **kw) -> AttackOutput`` under ``name``."""
+
+    def deco(fn):
+        if name in _REGISTRY:
+            raise AttackError(f"attack {name!r} is already registered")
+        _REGISTRY[name] = AttackEntry(name, kind, tuple(norms), bounded, description, fn)
+        return fn
+
+    return deco
+
+
+def list_attacks(pattern: str = "*") -> list[AttackEntry]:
+    return [e for n, e in sorted(_REGISTRY.items()) if fnmatch.fnmatch(n, pattern)]
+
+
+def get_attack(name: str, **kw) -> Attack:
+    if name not in _REGISTRY:
+        raise AttackError(f"unknown attack {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return Attack(_REGISTRY[name], kw)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# our PGD family
+
+def _pgd_factory(loss: str, targeted: bool):
+    def run(model, x, y, eps, *, norm, seed, log=None, steps=100, restarts=1, step_size=None, random_start=True,
+            max_batch=None, **kw):
+        was = model.training
+        model.eval()
+        try:
+            r = pgd_sweep(model, x, y, [eps], norm=norm, steps=steps, step_size=step_size, restarts=restarts,
+                          loss=kw.pop("loss", loss), targeted=targeted, random_start=random_start, seed=seed,
+                          max_batch=max_batch, log=log, **kw)
+        finally:
+            model.train(was)
+        info = {k: v for k, v in r.info.items() if k not in ("clean", "broken_step")}
+        return AttackOutput(r.robust[0], r.x_adv[0], info)
+
+    return run
+
+
+register_attack("pgd", kind="pgd", description="our batched PGD, cross-entropy, early exit, restarts")(
+    _pgd_factory("ce", False))
+register_attack("pgd-margin", kind="pgd", description="our batched PGD on the CW margin loss")(
+    _pgd_factory("margin", False))
+register_attack("pgd-dlr", kind="pgd", description="our batched PGD on the DLR loss")(_pgd_factory("dlr", False))
+register_attack("pgd-t", kind="pgd", description="our batched targeted PGD (margin), restart r aims at the "
+                "r-th most likely wrong class")(_pgd_factory("margin", True))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# AutoAttack (pyautoattack)
+
+def _aa_factory(version):
+    def run(model, x, y, eps, *, norm, seed, log=None, batch_size=1000, **kw):
+        r = run_autoattack(model, x, y, eps, norm=norm, version=kw.pop("version", version), seed=seed,
+                           batch_size=batch_size, log=log, **kw)
+        info = dict(r.info)
+        info["flags"] = r.flags
+        return AttackOutput(r.robust, r.x_adv, info)
+
+    return run
+
+
+register_attack("autoattack", kind="autoattack", description="AutoAttack standard (pyautoattack): APGD-CE, "
+                "APGD-T, FAB-T, Square")(_aa_factory("standard"))
+register_attack("autoattack-plus", kind="autoattack", description="AutoAttack plus (pyautoattack)")(
+    _aa_factory("plus"))
+for _a in AA_ATTACKS:
+    register_attack(f"aa-{_a}", kind="autoattack", description=f"pyautoattack {_a.upper()} alone (standard "
+                    "settings)")(_aa_factory([_a]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torchattacks adapters
+
+def _finish(model, x, y, x_adv, eps, norm, batch=None):
+    """Project onto the eps ball and [0,1] (exactly, as our PGD does) and judge."""
+    N = x.shape[0]
+    x0 = x.detach().reshape(N, -1)
+    xa = x_adv.detach().reshape(N, -1).to(x0.dtype)
+    if norm == "Linf":
+        lo, hi = box_bounds(x0, eps, norm)
+        xa = torch.clamp(xa, lo, hi)
+    else:
+        xa = _project_l2(x0, torch.clamp(xa, 0.0, 1.0), eps)
+    xa = xa.reshape(x.shape)
+    with torch.no_grad():
+        robust = predict(model, xa, batch) == y
+    return xa, robust
+
+
+def _ta_factory(cls_name: str, build: Callable, needs_image: bool = False):
+    def run(model, x, y, eps, *, norm, seed, log=None, **kw):
+        try:
+            import torchattacks
+        except ImportError as exc:  # pragma: no cover
+            raise AttackError("torchattacks is not installed") from exc
+        cls = getattr(torchattacks, cls_name)
+        in_shape = tuple(x.shape[1:])
+        view = image_shape_for(in_shape) if needs_image else None
+        if view is None:
+            net, xi = model, x.detach()
+        else:
+            d = math.prod(in_shape)
+            net = _ImageView(model, d, in_shape)
+            xf = x.detach().reshape(x.shape[0], -1)
+            pad = view[1] * view[2] - d
+            xi = (torch.cat([xf, xf.new_zeros(xf.shape[0], pad)], 1) if pad else xf).reshape(x.shape[0], *view)
+        was = model.training
+        model.eval()
+        devices = [x.device] if x.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                atk = build(cls, net, eps, norm, **kw)
+                xa = atk(xi, y)
+        finally:
+            model.train(was)
+        if view is not None:
+            xa = xa.reshape(x.shape[0], -1)[:, : math.prod(in_shape)]
+        xa, robust = _finish(model, x, y, xa.reshape(x.shape), eps, norm)
+        return AttackOutput(robust, xa, {"attack": cls_name, "torchattacks_kw": kw})
+
+    return run
+
+
+def _b_fgsm(cls, net, eps, norm, **kw):
+    return cls(net, eps=eps, **kw)
+
+
+def _b_pgd(cls, net, eps, norm, steps=100, alpha=None, random_start=True, **kw):
+    return cls(net, eps=eps, alpha=alpha if alpha is not None else 2.5 * eps / steps, steps=steps,
+               random_start=random_start, **kw)
+
+
+def _b_pgd_norm(cls_linf, cls_l2):
+    def b(cls, net, eps, norm, steps=100, alpha=None, random_start=True, **kw):
+        import torchattacks
+        c = getattr(torchattacks, cls_linf if norm == "Linf" else cls_l2)
+        return c(net, eps=eps, alpha=alpha if alpha is not None else 2.5 * eps / steps, steps=steps,
+                 random_start=random_start, **kw)
+    return b
+
+
+def _b_square(cls, net, eps, norm, n_queries=5000, **kw):
+    return cls(net, norm=norm, eps=eps, n_queries=n_queries, **kw)
+
+
+def _b_apgd(cls, net, eps, norm, steps=100, loss="ce", **kw):
+    return cls(net, norm=norm, eps=eps, steps=steps, loss=loss, **kw)
+
+
+def _b_free(cls, net, eps, norm, **kw):
+    return cls(net, **kw)
+
+
+def _b_fab(cls, net, eps, norm, steps=100, **kw):
+    return cls(net, norm=norm, eps=eps, steps=steps, **kw)
+
+
+for _name, _cls, _b, _norms, _bounded, _img, _desc in (
+    ("ta-fgsm", "FGSM", _b_fgsm, ("Linf",), True, False, "torchattacks FGSM (one signed-gradient step)"),
+    ("ta-bim", "BIM", _b_fgsm, ("Linf",), True, False, "torchattacks BIM (iterative FGSM, no random start)"),
+    ("ta-pgd", "PGD", _b_pgd_norm("PGD", "PGDL2"), ("Linf", "L2"), True, False,
+     "torchattacks PGD / PGDL2 (reference implementation)"),
+    ("ta-mifgsm", "MIFGSM", _b_fgsm, ("Linf",), True, False, "torchattacks momentum iterative FGSM"),
+    ("ta-apgd", "APGD", _b_apgd, ("Linf", "L2"), True, False, "torchattacks APGD"),
+    ("ta-square", "Square", _b_square, ("Linf", "L2"), True, True, "torchattacks Square (black box)"),
+    ("ta-fab", "FAB", _b_fab, ("Linf", "L2"), True, False, "torchattacks FAB (minimum norm, projected)"),
+    ("ta-cw", "CW", _b_free, ("L2",), False, False, "torchattacks Carlini-Wagner L2 (minimum norm, projected)"),
+    ("ta-deepfool", "DeepFool", _b_free, ("L2",), False, False, "torchattacks DeepFool (minimum norm, projected)"),
+):
+    register_attack(_name, kind="torchattacks", norms=_norms, bounded=_bounded, description=_desc)(
+        _ta_factory(_cls, _b, _img))
+# short aliases for the attacks we do not implement ourselves
+for _alias in ("fgsm", "cw", "deepfool", "square", "bim", "mifgsm", "fab"):
+    _e = _REGISTRY[f"ta-{_alias}"]
+    _REGISTRY[_alias] = AttackEntry(_alias, _e.kind, _e.norms, _e.bounded, _e.description + f" (= ta-{_alias})",
+                                    _e.factory)
