@@ -94,11 +94,11 @@ def data_root(data_dir: str | os.PathLike | None = None) -> tuple[Path, str]:
 
     Returns (path, how it was chosen) so error messages can say where they looked and why."""
     if data_dir is not None and str(data_dir) != "":
-        return Path(data_dir).expanduser(), "data_dir"
+        return Path(data_dir).expanduser(), "the data_dir argument"
     env = os.environ.get("BENCH_DATA")
     if env:
-        return Path(env).expanduser(), "BENCH_DATA"
-    return cache_dir(), "default cache dir"
+        return Path(env).expanduser(), "$BENCH_DATA"
+    return cache_dir(), "the default cache dir"
 
 
 def candidate_dirs(root: Path, sub: str) -> list[Path]:

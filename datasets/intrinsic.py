@@ -144,6 +144,8 @@ def dataset_d_eff(name: str, pool: np.ndarray, *, divisor: float = 1.0, k1: int 
     if isinstance(disk, (int, float)):
         value = float(disk)
     else:
+        if len(np.unique(rows.reshape(len(rows), -1), axis=0)) <= k2:
+            return float("nan")     # too few distinct points for the estimator; not worth failing a load over
         value = intrinsic_dimension(rows.astype(np.float64) / divisor, k1=k1, k2=k2, max_points=len(rows), seed=seed)
         _write_disk(key, value)
     with _LOCK:

@@ -79,6 +79,21 @@ def cifar_batch_bytes(data: np.ndarray, labels, legacy_numpy_name=False) -> byte
     return raw
 
 
+def py2_batch_bytes(data: np.ndarray, labels) -> bytes:
+    """A batch pickled the way the real release was (Python 2 cPickle, protocol 2): py2 `str` payloads
+    (SHORT_BINSTRING / BINSTRING) and the numpy.core.multiarray._reconstruct global, hand-assembled opcode by opcode."""
+    def sbs(b):
+        return b"U" + bytes([len(b)]) + b
+    n, m = data.shape
+    arr = (b"cnumpy.core.multiarray\n_reconstruct\n" + b"cnumpy\nndarray\n" + b"K\x00\x85" + sbs(b"b") + b"\x87R"
+           + b"(K\x01" + b"M" + struct.pack("<H", n) + b"M" + struct.pack("<H", m) + b"\x86"
+           + b"cnumpy\ndtype\n" + sbs(b"u1") + b"K\x00K\x01\x87R"
+           + b"(K\x03" + sbs(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+           + b"\x89" + b"T" + struct.pack("<i", data.nbytes) + data.tobytes() + b"tb")
+    labs = b"](" + b"".join(b"K" + bytes([int(v)]) for v in labels) + b"e"
+    return b"\x80\x02}(" + sbs(b"data") + arr + sbs(b"labels") + labs + b"u."
+
+
 def write_cifar_folder(folder, rng, n_per=10):
     """Six batches in the real pickle layout; returns (train x, train y, test x, test y, md5 table)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -87,7 +102,7 @@ def write_cifar_folder(folder, rng, n_per=10):
         data = rng.integers(0, 256, size=(n_per, 3072), dtype=np.uint8)
         labels = (np.arange(n_per) + i) % 10
         p = folder / name
-        p.write_bytes(cifar_batch_bytes(data, labels, legacy_numpy_name=(i == 0)))
+        p.write_bytes(py2_batch_bytes(data, labels) if i == 0 else cifar_batch_bytes(data, labels, legacy_numpy_name=(i == 1)))
         table[name] = md5(p)
         xs.append(data)
         ys.append(labels)
@@ -446,7 +461,10 @@ def test_cifar10_from_extracted_folder(tmp_path, monkeypatch):
     assert torch.equal(s.y_test, torch.from_numpy(yte.astype(np.int64)))
     # channel-major layout: first 1024 bytes of a row are the red plane
     assert torch.equal(s.x_test[0, 0].flatten(), torch.from_numpy(xte[0, :1024].astype(np.float32) / 255))
-    assert sorted(s.y_train.tolist()) == sorted(ytr.tolist())
+    # every training image (the first batch is a Python-2 style pickle) arrives with its label
+    rows = (s.x_train.reshape(50, -1) * 255).round().to(torch.uint8).numpy()
+    got = sorted((r.tobytes(), int(c)) for r, c in zip(rows, s.y_train))
+    assert got == sorted((r.tobytes(), int(c)) for r, c in zip(xtr, ytr))
     sub = load_dataset("cifar10", data_dir=tmp_path, n_train=20, n_test=5, seed=1, label_noise=0.1)
     assert sub.meta.n_train == 20 and sub.meta.n_noisy == 2 and sub.x_test.shape[0] == 5
 
