@@ -70,10 +70,12 @@ def intrinsic_dimension(x: Any, k1: int = 5, k2: int = 20, max_points: int = 200
     x: array or tensor (N, ...) (flattened per row). At most max_points rows are used (seeded choice).
     Duplicate rows are removed first (they would give zero distances); any remaining zero distance is
     clamped to a tiny positive value. Returns nan when the data are degenerate (e.g. all points equidistant)."""
-    if isinstance(k1, bool) or isinstance(k2, bool) or int(k1) != k1 or int(k2) != k2 or not 2 <= k1 <= k2:
+    def _is_int(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+    if not (_is_int(k1) and _is_int(k2) and 2 <= k1 <= k2):
         raise DatasetError(f"intrinsic_dimension: need integers 2 <= k1 <= k2, got k1={k1!r}, k2={k2!r}")
-    if int(max_points) < 2:
-        raise DatasetError(f"intrinsic_dimension: max_points={max_points!r} must be >= 2")
+    if not _is_int(max_points) or max_points < 2:
+        raise DatasetError(f"intrinsic_dimension: max_points={max_points!r} must be an integer >= 2")
     k1, k2 = int(k1), int(k2)
     X = _as_2d_float64(x)
     if not np.isfinite(X).all():
