@@ -1,0 +1,209 @@
+"""Small helpers shared by the report writers: tolerant value access, number formatting, atomic writes.
+
+Rows come from a file that other programs (or people) write, so every accessor here tolerates a missing key, a null,
+a wrong type, NaN, or an accuracy map keyed by strings or numbers. Nothing here raises on bad row content.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+MISSING = "\u2013"  # en dash: how every missing/null value is rendered
+
+ACC_KEYS = ("pgd_acc", "autoattack_acc", "robust_acc", "cert_acc")
+
+
+def num(value) -> float | None:
+    """A float for a real number (int, float, numeric string); None for null, NaN, bools, or anything else."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        v = float(value)
+    elif isinstance(value, str):
+        try:
+            v = float(value.strip())
+        except ValueError:
+            return None
+    else:
+        return None
+    return None if math.isnan(v) else v
+
+
+def text(value) -> str:
+    """A one-line string for any value ('' for null)."""
+    if value is None:
+        return ""
+    return " ".join(str(value).split())
+
+
+def is_ok(row: dict) -> bool:
+    return row.get("status") == "ok"
+
+
+def eps_key(eps: float) -> str:
+    """Canonical text of an eps value (shortest repr that round-trips), used as the CSV column suffix."""
+    return repr(float(eps))
+
+
+def acc_map(row: dict, key: str) -> dict[float, float | None]:
+    """The accuracy map `row[key]` as {eps (float): accuracy or None}; {} when absent, null or malformed."""
+    raw = row.get(key)
+    out: dict[float, float | None] = {}
+    if not isinstance(raw, dict):
+        return out
+    for k, v in raw.items():
+        e = num(k)
+        if e is None:
+            continue
+        out[e] = num(v)
+    return out
+
+
+def acc_at(row: dict, key: str, eps: float | None) -> float | None:
+    """Accuracy of map `key` at eps (matched by value with a tiny tolerance), or None."""
+    if eps is None:
+        return None
+    m = acc_map(row, key)
+    if eps in m:
+        return m[eps]
+    for e, v in m.items():
+        if math.isclose(e, eps, rel_tol=1e-9, abs_tol=1e-12):
+            return v
+    return None
+
+
+def row_eps(row: dict) -> list[float]:
+    """Every eps a row mentions: its `eps` list plus the keys of its accuracy maps, sorted, deduplicated."""
+    found: list[float] = []
+    raw = row.get("eps")
+    if isinstance(raw, (list, tuple)):
+        found.extend(e for e in (num(x) for x in raw) if e is not None)
+    elif num(raw) is not None:
+        found.append(num(raw))
+    for key in ACC_KEYS:
+        found.extend(acc_map(row, key))
+    return dedupe_eps(found)
+
+
+def dedupe_eps(values) -> list[float]:
+    out: list[float] = []
+    for e in sorted(values):
+        if not out or not math.isclose(out[-1], e, rel_tol=1e-9, abs_tol=1e-12):
+            out.append(e)
+    return out
+
+
+def row_ratio(row: dict, which: str = "ratio") -> float | None:
+    """p/(n·d) (which="ratio") or p/(n·d_eff) (which="ratio_eff"): the stored value, else computed from the row."""
+    v = num(row.get(which))
+    if v is not None:
+        return v
+    p, n = num(row.get("params")), num(row.get("n_train"))
+    d = num(row.get("d" if which == "ratio" else "d_eff"))
+    if p is None or not n or not d:
+        return None
+    return p / (n * d)
+
+
+def row_law_scale(row: dict) -> float | None:
+    """sqrt(n·d/p): the stored value, else computed from the row."""
+    v = num(row.get("law_scale"))
+    if v is not None:
+        return v
+    r = row_ratio(row)
+    return None if not r or r <= 0 else 1.0 / math.sqrt(r)
+
+
+# ---------------------------------------------------------------------------------------------------------- formatting
+
+def fmt_eps(eps: float | None) -> str:
+    """eps for people: k/255 when it is one (CIFAR convention), else the short decimal."""
+    if eps is None:
+        return MISSING
+    if eps > 0:
+        k = eps * 255
+        if abs(k - round(k)) < 1e-6 and round(k) >= 1 and not _short_decimal(eps):
+            return f"{int(round(k))}/255"
+    return f"{eps:g}"
+
+
+def _short_decimal(eps: float) -> bool:
+    return len(f"{eps:g}") <= 5 and float(f"{eps:g}") == eps
+
+
+def fmt_pct(mean: float | None, ci: float | None = None) -> str:
+    """An accuracy in [0,1] as a percentage with two decimals, with ± half-width when given."""
+    if mean is None:
+        return MISSING
+    s = f"{100 * mean:.2f}"
+    return s if ci is None else f"{s} ± {100 * ci:.2f}"
+
+
+def fmt_sig(value: float | None, ci: float | None = None, digits: int = 4) -> str:
+    """A positive quantity (Lipschitz bounds, law scale) with `digits` significant digits."""
+    if value is None:
+        return MISSING
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    s = f"{value:.{digits}g}"
+    return s if ci is None else f"{s} ± {ci:.2g}"
+
+
+def fmt_ratio(value: float | None) -> str:
+    return MISSING if value is None else ("inf" if math.isinf(value) else f"{value:.3g}")
+
+
+def fmt_int(value: float | None) -> str:
+    if value is None:
+        return MISSING
+    if math.isinf(value):
+        return "inf"
+    return str(int(round(value)))
+
+
+def fmt_width(value) -> str:
+    v = num(value)
+    if v is None:
+        return text(value) or MISSING
+    return str(int(v)) if v == int(v) else f"{v:g}"
+
+
+def fmt_slope(res: dict) -> str:
+    if res.get("slope") is None:
+        return MISSING
+    return f"{res['slope']:.3f}"
+
+
+def fmt_ci(res: dict) -> str:
+    lo, hi = res.get("ci_low"), res.get("ci_high")
+    if lo is None or hi is None:
+        return MISSING
+    return f"[{lo:.3f}, {hi:.3f}]"
+
+
+# ------------------------------------------------------------------------------------------------------------ writing
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and os.replace (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path: Path, data: str) -> Path:
+    return atomic_write_bytes(path, data.encode("utf-8"))

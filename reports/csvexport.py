@@ -1,0 +1,61 @@
+"""CSV export: one line per result row (failed rows included), the main fields flattened.
+
+Columns: the identifying and scalar fields, `headline_eps`, then for every eps found in the file (sorted)
+`pgd_acc@<eps>`, `autoattack_acc@<eps>`, `robust_acc@<eps>`, `cert_acc@<eps>` (eps as Python's shortest round-trip
+text, e.g. `pgd_acc@0.1`), then `aa_flags` (joined by ";") and `time_<phase>` per timing phase. Numbers are written
+at full precision; missing values are empty cells.
+"""
+from __future__ import annotations
+
+import csv
+import io
+
+from ._util import ACC_KEYS, acc_at, dedupe_eps, eps_key, num, row_eps, row_law_scale, row_ratio, text
+from .table import headline_eps, row_flags
+
+SCALARS = ("cell_id", "bench_version", "status", "error", "dataset", "n_train", "n_test", "d", "d_eff", "label_noise",
+           "num_classes", "model", "family", "width", "params", "recipe", "train_eps", "seed", "device", "threat",
+           "train_acc", "clean_acc", "lip_upper", "lip_lower", "ratio", "ratio_eff", "law_scale")
+
+
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, (int, str)):
+        return text(v)
+    return text(v)
+
+
+def render_csv(rows) -> str:
+    rows = [r for r in rows if isinstance(r, dict)]
+    all_eps = dedupe_eps(e for r in rows for e in row_eps(r))
+    phases = list(dict.fromkeys(k for r in rows if isinstance(r.get("timings"), dict) for k in r["timings"]))
+    header = list(SCALARS) + ["headline_eps"]
+    header += [f"{k}@{eps_key(e)}" for e in all_eps for k in ACC_KEYS]
+    header += ["flags", "aa_flags"] + [f"time_{p}" for p in phases]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in rows:
+        line = []
+        for k in SCALARS:
+            if k in ("ratio", "ratio_eff"):
+                v = row_ratio(r, k)
+            elif k == "law_scale":
+                v = row_law_scale(r)
+            else:
+                v = r.get(k)
+            line.append(_cell(v))
+        line.append(_cell(headline_eps(r)))
+        line += [_cell(acc_at(r, k, e)) for e in all_eps for k in ACC_KEYS]
+        aa = r.get("aa_flags")
+        line.append(";".join(row_flags(r)))
+        line.append(";".join(text(f) for f in aa) if isinstance(aa, (list, tuple)) else text(aa))
+        t = r.get("timings") if isinstance(r.get("timings"), dict) else {}
+        line += [_cell(num(t.get(p))) for p in phases]
+        w.writerow(line)
+    return buf.getvalue()

@@ -1,0 +1,199 @@
+"""Plots from result rows (matplotlib, Agg / SVG canvases only; pyplot's global state is never touched).
+
+- robust_vs_ratio: robust accuracy per eps against p/(n·d), log x, a vertical mark at p = n·d; one panel per view.
+- lipschitz_vs_ratio: lip_upper and lip_lower against p/(n·d) on log-log axes with the law's C·sqrt(n·d/p) line,
+  C fitted by least squares in log space to lip_lower; one panel per view.
+- accuracy_by_family: clean, robust and certified accuracy (headline eps) against p/(n·d), one panel per view and family.
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import matplotlib
+from matplotlib.figure import Figure
+
+from ._util import fmt_eps
+from .stats import law_constant, loglog_slope
+from .table import Entry, Stat, View
+
+MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*", "h", "<", ">")
+PLOT_NAMES = ("robust_vs_ratio", "lipschitz_vs_ratio", "accuracy_by_family")
+
+
+def _grid(n: int, max_cols: int = 2) -> tuple[int, int]:
+    cols = max(1, min(max_cols, n))
+    return math.ceil(max(n, 1) / cols), cols
+
+
+def _figure(nrows: int, ncols: int, w: float = 5.6, h: float = 4.0):
+    fig = Figure(figsize=(w * ncols, h * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, [ax for row in axes for ax in row]
+
+
+def _no_data(ax, msg: str = "no data") -> None:
+    ax.text(0.5, 0.5, msg, ha="center", va="center", transform=ax.transAxes, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _series(entries: list[Entry], get) -> tuple[list[float], list[float], list[float]]:
+    """x = p/(n·d), y and yerr from get(entry) -> Stat; points without x > 0 or y are dropped; sorted by x."""
+    pts = []
+    for e in entries:
+        st: Stat | None = get(e)
+        x = e.ratio.mean
+        if st is None or st.mean is None or x is None or not math.isfinite(x) or x <= 0 or not math.isfinite(st.mean):
+            continue
+        pts.append((x, st.mean, st.ci or 0.0))
+    pts.sort()
+    return [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+
+
+def _families(view: View) -> list[str]:
+    return list(dict.fromkeys(e.family for e in view.entries))
+
+
+def _mark_ratio_one(ax) -> None:
+    ax.axvline(1.0, color="0.3", linestyle=":", linewidth=1.2, label="p = n·d")
+
+
+def plot_robust_vs_ratio(views: list[View]) -> Figure:
+    fig, axes = _figure(*_grid(len(views)))
+    if not views:
+        _no_data(axes[0])
+    for ax, view in zip(axes, views):
+        eps_list = sorted({e for en in view.entries for e in en.by_eps.get("robust", {})})
+        cmap = matplotlib.colormaps["viridis"]
+        drawn = False
+        for fi, fam in enumerate(_families(view)):
+            ents = [e for e in view.entries if e.family == fam]
+            marker = MARKERS[fi % len(MARKERS)]
+            for ei, eps in enumerate(eps_list):
+                xs, ys, es = _series(ents, lambda e: e.by_eps.get("robust", {}).get(eps))
+                if not xs:
+                    continue
+                color = cmap(0.1 + 0.8 * ei / max(1, len(eps_list) - 1))
+                ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * v for v in es], marker=marker, color=color,
+                            capsize=2, linewidth=1.2, markersize=4, label=f"{fam} eps={fmt_eps(eps)}")
+                drawn = True
+            xs, ys, es = _series(ents, lambda e: e.clean)
+            if xs:
+                ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * v for v in es], marker=marker, color="0.55",
+                            linestyle="--", capsize=2, linewidth=1, markersize=3, label=f"{fam} clean")
+                drawn = True
+        if not drawn:
+            _no_data(ax)
+            ax.set_title(view.title)
+            continue
+        _mark_ratio_one(ax)
+        ax.set_xscale("log")
+        ax.set_ylim(-2, 102)
+        ax.set_xlabel("p / (n·d)")
+        ax.set_ylabel("robust accuracy (%)")
+        ax.set_title(f"{view.title}: robust accuracy")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncols=1 + (len(ax.get_legend_handles_labels()[1]) > 8))
+    for ax in axes[len(views) or 1:]:
+        ax.set_visible(False)
+    return fig
+
+
+def plot_lipschitz(views: list[View]) -> Figure:
+    fig, axes = _figure(*_grid(len(views)))
+    if not views:
+        _no_data(axes[0])
+    for ax, view in zip(axes, views):
+        drawn = False
+        xs_all = []
+        for fi, fam in enumerate(_families(view)):
+            ents = [e for e in view.entries if e.family == fam]
+            marker = MARKERS[fi % len(MARKERS)]
+            for attr, color, name in (("lip_upper", "C3", "upper"), ("lip_lower", "C0", "lower")):
+                xs, ys, es = _series(ents, lambda e: getattr(e, attr))
+                keep = [i for i, y in enumerate(ys) if y > 0]
+                if not keep:
+                    continue
+                xs, ys, es = [xs[i] for i in keep], [ys[i] for i in keep], [es[i] for i in keep]
+                lower_err = [min(err, 0.999 * y) for y, err in zip(ys, es)]  # stay positive on a log axis
+                ax.errorbar(xs, ys, yerr=[lower_err, es], marker=marker, color=color, capsize=2, linewidth=1.2,
+                            markersize=4, label=f"{fam} lip_{name}")
+                xs_all += xs
+                drawn = True
+        if not drawn:
+            _no_data(ax)
+            ax.set_title(view.title)
+            continue
+        c = law_constant(view.rows, "lip_lower")
+        if c is not None and xs_all:
+            lo, hi = min(xs_all), max(xs_all)
+            span = [lo / 1.5, hi * 1.5]
+            ax.plot(span, [c / math.sqrt(x) for x in span], color="k", linestyle="--", linewidth=1,
+                    label=f"{c:.3g}·sqrt(n·d/p)")
+        _mark_ratio_one(ax)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("p / (n·d)")
+        ax.set_ylabel("Lipschitz constant (L2, logits)")
+        res = loglog_slope(view.rows, "lip_lower")
+        slope = "" if res["slope"] is None else f" (lip_lower slope {res['slope']:.2f})"
+        ax.set_title(f"{view.title}: Lipschitz bounds{slope}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[len(views) or 1:]:
+        ax.set_visible(False)
+    return fig
+
+
+def plot_accuracy_by_family(views: list[View]) -> Figure:
+    panels = [(v, fam) for v in views for fam in _families(v)]
+    nrows, ncols = _grid(len(panels), max_cols=3)
+    fig, axes = _figure(nrows, ncols, w=4.6, h=3.6)
+    if not panels:
+        _no_data(axes[0])
+    for ax, (view, fam) in zip(axes, panels):
+        ents = [e for e in view.entries if e.family == fam]
+        drawn = False
+        for attr, color, name in (("clean", "0.3", "clean"), ("robust", "C1", "robust"), ("cert", "C2", "certified")):
+            xs, ys, es = _series(ents, lambda e: getattr(e, attr))
+            if not xs:
+                continue
+            ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * v for v in es], marker="o", color=color, capsize=2,
+                        linewidth=1.2, markersize=4, label=name)
+            drawn = True
+        eps = sorted({e.eps for e in ents if e.eps is not None})
+        ax.set_title(f"{view.title} · {fam} (eps {', '.join(fmt_eps(e) for e in eps) or '–'})", fontsize=9)
+        if not drawn:
+            _no_data(ax)
+            continue
+        _mark_ratio_one(ax)
+        ax.set_xscale("log")
+        ax.set_ylim(-2, 102)
+        ax.set_xlabel("p / (n·d)")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[len(panels) or 1:]:
+        ax.set_visible(False)
+    return fig
+
+
+PLOTTERS = {
+    "robust_vs_ratio": plot_robust_vs_ratio,
+    "lipschitz_vs_ratio": plot_lipschitz,
+    "accuracy_by_family": plot_accuracy_by_family,
+}
+
+
+def figure_bytes(fig: Figure, fmt: str) -> bytes:
+    """The figure encoded as png or svg (SVG without a date and with fixed ids, so equal rows give equal files)."""
+    buf = io.BytesIO()
+    with matplotlib.rc_context({"svg.hashsalt": "lawbench", "svg.fonttype": "none"}):
+        if fmt == "svg":
+            fig.savefig(buf, format="svg", metadata={"Date": None})
+        elif fmt == "png":
+            fig.savefig(buf, format="png", dpi=110)
+        else:
+            raise ValueError(f"unknown plot format {fmt!r}")
+    return buf.getvalue()

@@ -1,0 +1,263 @@
+"""From result rows to leaderboard entries: the headline eps, grouping into views (dataset × threat model), aggregation
+over seeds (mean ± Student-t interval), flags, and the RobustBench-style ranking.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from ._util import acc_at, acc_map, dedupe_eps, is_ok, num, row_eps, row_law_scale, row_ratio, text
+from .stats import mean_ci
+
+TOL = 1e-9
+
+
+def headline_eps(row: dict) -> float | None:
+    """The eps a row is summarised at: its largest AutoAttack eps (a key of `autoattack_acc` with a value), else its
+    largest eps (from `eps` and the accuracy maps); None when the row names no eps."""
+    aa = [e for e, v in acc_map(row, "autoattack_acc").items() if v is not None]
+    if aa:
+        return max(aa)
+    eps = row_eps(row)
+    return eps[-1] if eps else None
+
+
+def row_flags(row: dict) -> list[str]:
+    """The row's own flags (AutoAttack's `aa_flags`, a `flags` list if present) and the report's consistency checks:
+    cert_acc ≤ robust_acc ≤ pgd_acc ≤ clean_acc at every eps and lip_lower ≤ lip_upper."""
+    flags: list[str] = []
+    for key in ("aa_flags", "flags"):
+        raw = row.get(key)
+        if isinstance(raw, (list, tuple)):
+            flags.extend(text(f) for f in raw if text(f))
+        elif text(raw):
+            flags.append(text(raw))
+    clean = num(row.get("clean_acc"))
+    for e in row_eps(row):
+        cert, rob, pgd = (acc_at(row, k, e) for k in ("cert_acc", "robust_acc", "pgd_acc"))
+        if cert is not None and rob is not None and cert > rob + TOL:
+            flags.append("cert>robust")
+        if rob is not None and pgd is not None and rob > pgd + TOL:
+            flags.append("robust>pgd")
+        if pgd is not None and clean is not None and pgd > clean + TOL:
+            flags.append("pgd>clean")
+    lo, up = num(row.get("lip_lower")), num(row.get("lip_upper"))
+    if lo is not None and up is not None and lo > up * (1 + 1e-6) + TOL:
+        flags.append("lip_lower>lip_upper")
+    return list(dict.fromkeys(flags))
+
+
+@dataclass
+class Stat:
+    """A value aggregated over seeds: mean, half-width of the t-interval (None with one value), number of values."""
+    mean: float | None = None
+    ci: float | None = None
+    n: int = 0
+
+    @classmethod
+    def of(cls, values, confidence: float = 0.95) -> "Stat":
+        vals = [v for v in values if v is not None]
+        m, ci = mean_ci(vals, confidence)
+        return cls(m, ci, len(vals))
+
+
+CONFIG_KEYS = ("dataset", "n_train", "label_noise", "threat", "family", "model", "width", "recipe", "train_eps")
+
+
+def _hashable(v):
+    if isinstance(v, float) and v == int(v):
+        return int(v)
+    if isinstance(v, (list, dict)):
+        return repr(v)
+    return v
+
+
+def config_key(row: dict) -> tuple:
+    """What identifies a configuration apart from its seed."""
+    return tuple(_hashable(row.get(k)) for k in CONFIG_KEYS)
+
+
+def view_key(row: dict) -> tuple[str, str]:
+    return text(row.get("dataset")) or "?", text(row.get("threat")) or "?"
+
+
+def view_title(key: tuple[str, str]) -> str:
+    return f"{key[0]} · {key[1]}"
+
+
+def view_id(key: tuple[str, str]) -> str:
+    """A stable identifier made of [a-z0-9-] only (HTML ids, URL fragments, file names)."""
+    raw = f"{key[0]}-{key[1]}".lower()
+    s = "".join(c if c.isalnum() and c.isascii() else "-" for c in raw)
+    s = "-".join(p for p in s.split("-") if p)
+    return "v-" + (s or "x")
+
+
+@dataclass
+class Entry:
+    """One configuration of one view, aggregated over its seeds."""
+    rows: list[dict]
+    dataset: str
+    threat: str
+    family: str
+    model: str
+    width: object
+    recipe: str
+    train_eps: float | None
+    n_train: float | None
+    label_noise: float | None
+    seeds: list
+    eps: float | None  # headline eps
+    params: Stat
+    ratio: Stat
+    ratio_eff: Stat
+    law_scale: Stat
+    d: Stat
+    d_eff: Stat
+    clean: Stat
+    pgd: Stat
+    aa: Stat
+    robust: Stat
+    cert: Stat
+    lip_upper: Stat
+    lip_lower: Stat
+    flags: list[str]
+    by_eps: dict = field(default_factory=dict)  # {metric: {eps: Stat}} for pgd/aa/robust/cert
+    label: str = ""
+
+    @property
+    def sort_key(self):
+        p = self.params.mean
+        return (self.family, p is None, p if p is not None else 0.0, num(self.width) or 0.0, self.model,
+                self.recipe, self.n_train or 0.0, self.label_noise or 0.0, self.train_eps or 0.0)
+
+
+def _group_headline(rows: list[dict]) -> float | None:
+    hs = [h for h in (headline_eps(r) for r in rows) if h is not None]
+    if not hs:
+        return None
+    counts = Counter(hs)
+    top = max(counts.values())
+    return max(h for h, c in counts.items() if c == top)
+
+
+def make_entry(rows: list[dict], confidence: float = 0.95) -> Entry:
+    first = rows[0]
+    eps = _group_headline(rows)
+    seeds = sorted({text(r.get("seed")) for r in rows}, key=lambda s: (num(s) is None, num(s) or 0, s))
+    by_eps: dict = {}
+    all_eps = dedupe_eps(e for r in rows for e in row_eps(r))
+    for metric, key in (("pgd", "pgd_acc"), ("aa", "autoattack_acc"), ("robust", "robust_acc"), ("cert", "cert_acc")):
+        by_eps[metric] = {}
+        for e in all_eps:
+            st = Stat.of([acc_at(r, key, e) for r in rows], confidence)
+            if st.n:
+                by_eps[metric][e] = st
+    flags: list[str] = []
+    for r in rows:
+        flags.extend(row_flags(r))
+    return Entry(
+        rows=rows,
+        dataset=text(first.get("dataset")), threat=text(first.get("threat")), family=text(first.get("family")),
+        model=text(first.get("model")), width=first.get("width"), recipe=text(first.get("recipe")),
+        train_eps=num(first.get("train_eps")), n_train=num(first.get("n_train")),
+        label_noise=num(first.get("label_noise")), seeds=seeds, eps=eps,
+        params=Stat.of([num(r.get("params")) for r in rows], confidence),
+        ratio=Stat.of([row_ratio(r) for r in rows], confidence),
+        ratio_eff=Stat.of([row_ratio(r, "ratio_eff") for r in rows], confidence),
+        law_scale=Stat.of([row_law_scale(r) for r in rows], confidence),
+        d=Stat.of([num(r.get("d")) for r in rows], confidence),
+        d_eff=Stat.of([num(r.get("d_eff")) for r in rows], confidence),
+        clean=Stat.of([num(r.get("clean_acc")) for r in rows], confidence),
+        pgd=Stat.of([acc_at(r, "pgd_acc", eps) for r in rows], confidence),
+        aa=Stat.of([acc_at(r, "autoattack_acc", eps) for r in rows], confidence),
+        robust=Stat.of([acc_at(r, "robust_acc", eps) for r in rows], confidence),
+        cert=Stat.of([acc_at(r, "cert_acc", eps) for r in rows], confidence),
+        lip_upper=Stat.of([num(r.get("lip_upper")) for r in rows], confidence),
+        lip_lower=Stat.of([num(r.get("lip_lower")) for r in rows], confidence),
+        flags=list(dict.fromkeys(flags)), by_eps=by_eps,
+    )
+
+
+@dataclass
+class View:
+    key: tuple[str, str]
+    entries: list[Entry]
+    varying: list[str]  # which of recipe / n_train / label_noise / train_eps differ between entries
+
+    @property
+    def title(self) -> str:
+        return view_title(self.key)
+
+    @property
+    def id(self) -> str:
+        return view_id(self.key)
+
+    @property
+    def rows(self) -> list[dict]:
+        return [r for e in self.entries for r in e.rows]
+
+
+def _label(entry: Entry, varying: list[str]) -> str:
+    parts = [f"{entry.model or '?'}-w{text(entry.width) or '?'}"]
+    if "recipe" in varying:
+        parts.append(entry.recipe or "?")
+    if "train_eps" in varying and entry.train_eps is not None:
+        parts.append(f"train_eps={entry.train_eps:g}")
+    if "n_train" in varying and entry.n_train is not None:
+        parts.append(f"n={entry.n_train:g}")
+    if "label_noise" in varying and entry.label_noise is not None:
+        parts.append(f"noise={entry.label_noise:g}")
+    return " · ".join(parts)
+
+
+def build_views(rows, confidence: float = 0.95) -> list[View]:
+    """Ok rows grouped into views (dataset, threat), each a list of entries (configs over seeds) grouped by family and
+    sorted by p. Views are sorted by dataset then threat."""
+    grouped: dict = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if isinstance(row, dict) and is_ok(row):
+            grouped[view_key(row)][config_key(row)].append(row)
+    views = []
+    for vk in sorted(grouped):
+        entries = sorted((make_entry(rs, confidence) for rs in grouped[vk].values()), key=lambda e: e.sort_key)
+        varying = [k for k in ("recipe", "train_eps", "n_train", "label_noise")
+                   if len({repr(getattr(e, k)) for e in entries}) > 1]
+        for e in entries:
+            e.label = _label(e, varying)
+        views.append(View(vk, entries, varying))
+    return views
+
+
+def ranking(view: View) -> list[tuple[int | None, Entry]]:
+    """RobustBench-style ranking of a view's entries: robust accuracy at the headline eps (descending), ties broken by
+    clean accuracy (descending) then p (ascending). Entries without a robust accuracy come last, unranked (None)."""
+    def key(e: Entry):
+        return (-(e.robust.mean), -(e.clean.mean if e.clean.mean is not None else -1.0),
+                e.params.mean if e.params.mean is not None else math.inf, e.label)
+    ranked = sorted((e for e in view.entries if e.robust.mean is not None), key=key)
+    rest = [e for e in view.entries if e.robust.mean is None]
+    return [(i + 1, e) for i, e in enumerate(ranked)] + [(None, e) for e in rest]
+
+
+def failed_rows(rows) -> list[dict]:
+    """Rows whose status is not "ok" (failed cells), in file order."""
+    return [r for r in rows if isinstance(r, dict) and not is_ok(r)]
+
+
+def view_context(view: View) -> dict:
+    """Facts shared by a view's rows, for its heading: n, d, d_eff, label noise, seeds, headline eps values."""
+    rows = view.rows
+    def uniq(vals):
+        return sorted({v for v in vals if v is not None})
+    return dict(
+        n_train=uniq(num(r.get("n_train")) for r in rows),
+        d=uniq(num(r.get("d")) for r in rows),
+        d_eff=mean_ci([num(r.get("d_eff")) for r in rows])[0],
+        label_noise=uniq(num(r.get("label_noise")) for r in rows),
+        seeds=sorted({text(r.get("seed")) for r in rows}),
+        eps=dedupe_eps(e.eps for e in view.entries if e.eps is not None),
+        families=list(dict.fromkeys(e.family for e in view.entries)),
+        rows=len(rows),
+    )
