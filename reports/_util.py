@@ -148,7 +148,7 @@ def fmt_sig(value: float | None, ci: float | None = None, digits: int = 4) -> st
     if math.isinf(value):
         return "inf" if value > 0 else "-inf"
     s = f"{value:.{digits}g}"
-    return s if ci is None else f"{s} ± {ci:.2g}"
+    return s if ci is None else f"{s} ± {float(f'{ci:.2g}'):g}"
 
 
 def fmt_ratio(value: float | None) -> str:

@@ -25,10 +25,10 @@ def _pct(attr: str):
     return cell
 
 
-def _sig(attr: str):
+def _sig(attr: str, with_ci: bool = True):
     def cell(e: Entry):
         st: Stat = getattr(e, attr)
-        return fmt_sig(st.mean, st.ci), st.mean
+        return fmt_sig(st.mean, st.ci if with_ci else None), st.mean
     return cell
 
 
@@ -60,7 +60,7 @@ ROBUST = Column("robust", "robust %", _pct("robust"), title="per-point worst cas
 CERT = Column("cert", "certified %", _pct("cert"))
 LIP_UP = Column("lip_upper", "lip_upper", _sig("lip_upper"), title="certified global L2 upper bound")
 LIP_LO = Column("lip_lower", "lip_lower", _sig("lip_lower"), title="empirical lower bound")
-LAW = Column("law_scale", "law_scale", _sig("law_scale"), title="sqrt(n·d/p)")
+LAW = Column("law_scale", "law_scale", _sig("law_scale", with_ci=False), title="sqrt(n·d/p)")
 FLAGS = Column("flags", "flags", _flags, numeric=False)
 
 LEADERBOARD = (FAMILY, MODEL, WIDTH, SEEDS, P, RATIO, RATIO_EFF, EPS, CLEAN, PGD, AA, ROBUST, CERT, LIP_UP, LIP_LO,

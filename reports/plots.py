@@ -60,7 +60,7 @@ def _mark_ratio_one(ax) -> None:
 
 
 def plot_robust_vs_ratio(views: list[View]) -> Figure:
-    fig, axes = _figure(*_grid(len(views)))
+    fig, axes = _figure(*_grid(len(views)), w=7.2)
     if not views:
         _no_data(axes[0])
     for ax, view in zip(axes, views):
@@ -94,7 +94,8 @@ def plot_robust_vs_ratio(views: list[View]) -> Figure:
         ax.set_ylabel("robust accuracy (%)")
         ax.set_title(f"{view.title}: robust accuracy")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, ncols=1 + (len(ax.get_legend_handles_labels()[1]) > 8))
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+                  ncols=1 + (len(ax.get_legend_handles_labels()[1]) > 14))
     for ax in axes[len(views) or 1:]:
         ax.set_visible(False)
     return fig
