@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", default=None, help="folder with MNIST/CIFAR-10 files (default $BENCH_DATA)")
     run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     run.add_argument("--plugin", action="append", default=[], help="import a module that registers models")
+    run.add_argument("--entry", action="append", default=[], metavar="FILE.toml",
+                     help="evaluate an external checkpoint entry (no training) instead of the preset's models")
     run.add_argument("--dry-run", action="store_true", help="list the cells and exit")
     lst = sub.add_parser("list", help="models, datasets, presets and attacks")
     lst.add_argument("--plugin", action="append", default=[], help="import a module that registers models")

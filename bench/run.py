@@ -36,7 +36,11 @@ def check_inputs(cells: list[dict], data_dir: str | None, load: bool = True) -> 
             raise SpecError(f"key 'dataset': unknown dataset '{cell['dataset']}' (known: {', '.join(known_data)})")
         models.get_entry(cell["model"])  # ModelError names the model and close matches
     for cell in cells if load else ():
-        load_data(cell, data_dir)
+        data = load_data(cell, data_dir)
+        if "entry" in cell:  # a checkpoint that does not fit its architecture is bad input, found before any run
+            model = models.get_model(cell["model"], in_shape=tuple(data.meta.in_shape),
+                                     num_classes=data.meta.num_classes, width=cell["width"], **cell["model_options"])
+            models.load_checkpoint(model, cell["entry"]["checkpoint"], sha256=cell["entry"]["sha256"])
 
 
 def run_command(args, console: Console) -> int:
@@ -44,7 +48,9 @@ def run_command(args, console: Console) -> int:
     preset, overrides = _split_args(args.args)
     spec = build_spec(preset, overrides)
     _load_models(args.plugin)
-    cells = expand(spec)
+    import models
+    entries = [models.read_checkpoint_entry(path) for path in args.entry]
+    cells = expand(spec, entries)
     check_inputs(cells, args.data_dir, load=not args.dry_run)
     if args.dry_run:
         for cell in cells:

@@ -194,10 +194,18 @@ def run_cell(cell: dict, *, out_dir: Path, device_name: str = "auto", data_dir: 
                                  width=cell["width"], **cell["model_options"])
         params = models.count_params(model)
         row.update(family=entry.family, params=params)
-        with timer("train"):
-            trained = _train_or_load(model, data, cell, Path(out_dir) / "checkpoints", device, phase)
-        row.update(train_acc=trained["train_acc"], epochs_run=trained["epochs_run"],
-                   checkpoint_cached=trained["cached"], train_key=trained["train_key"])
+        if "entry" in cell:  # an external checkpoint: evaluated as it is, never trained
+            with timer("load"):
+                phase("loading checkpoint")
+                models.load_checkpoint(model, cell["entry"]["checkpoint"], sha256=cell["entry"]["sha256"])
+                row.update(train_acc=accuracy(model.to(device), data.x_train.to(device), data.y_train.to(device)),
+                           model=cell["entry"]["name"], architecture=cell["model"],
+                           checkpoint_sha256=cell["entry"]["sha256"])
+        else:
+            with timer("train"):
+                trained = _train_or_load(model, data, cell, Path(out_dir) / "checkpoints", device, phase)
+            row.update(train_acc=trained["train_acc"], epochs_run=trained["epochs_run"],
+                       checkpoint_cached=trained["cached"], train_key=trained["train_key"])
         row.update(evaluate_model(model, data, cell, device, timer, phase, log))
         row.update(certify.law_quantities(params, row["n_train"], meta.d, meta.d_eff,
                                           num_classes=meta.num_classes))

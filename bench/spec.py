@@ -218,8 +218,14 @@ def validate(spec: dict) -> None:
         raise SpecError(f"key 'lr': must be > 0, got {spec['lr']}")
 
 
-def expand(spec: dict) -> list[dict]:
-    """The product of the sweep axes; each cell carries every setting that can change its result."""
+def expand(spec: dict, entries: list = ()) -> list[dict]:
+    """The product of the sweep axes; each cell carries every setting that can change its result.
+
+    With checkpoint entries (models.CheckpointEntry), the entries replace the model, width and training axes: each
+    is evaluated as it is, on its own dataset, for every seed and threat of the spec.
+    """
+    if entries:
+        return [cell for entry in entries for cell in _entry_cells(spec, entry)]
     axes = [(key, _as_list(spec[key])) for key in SWEEP_AXES]
     fixed = {k: v for k, v in spec.items() if k not in SWEEP_AXES and k not in NOT_IN_CELL}
     cells = []
@@ -240,14 +246,35 @@ def expand(spec: dict) -> list[dict]:
     return list(unique.values())
 
 
+def _entry_cells(spec: dict, entry) -> list[dict]:
+    """Cells of an external checkpoint: identified by the entry's name and the checkpoint's sha256, not its path."""
+    import models
+    path = str(entry.local_path())  # a URL is downloaded once into the cache and verified by its sha256
+    if not Path(path).is_file():
+        raise models.ModelError(f"{entry.source}: checkpoint file '{path}' not found")
+    sha = entry.sha256 or models.sha256_file(path)
+    fixed = {**spec, "dataset": entry.dataset, "model": entry.model, "width": entry.width,
+             "model_options": dict(entry.kwargs), "recipe": "external", "train_eps": 0.0}
+    cells = expand(fixed)
+    for cell in cells:
+        for key in TRAIN_KEYS:
+            if key not in ("dataset", "data_options", "n_train", "label_noise", "model", "width", "model_options",
+                           "recipe", "train_eps", "seed"):
+                cell.pop(key, None)  # training settings do not apply to a checkpoint trained elsewhere
+        cell["entry"] = {"name": entry.name, "sha256": sha, "checkpoint": path}
+    return cells
+
+
 def _digest(obj: dict) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
 def cell_id(cell: dict) -> str:
+    if "entry" in cell:  # where the checkpoint file lies does not change the result
+        cell = {**cell, "entry": {k: v for k, v in cell["entry"].items() if k != "checkpoint"}}
     return _digest(cell)
 
 
 def train_key(cell: dict) -> str:
     """Identifies the trained weights: cells differing only in evaluation settings share one checkpoint."""
-    return _digest({k: cell[k] for k in TRAIN_KEYS})
+    return _digest({k: cell.get(k) for k in TRAIN_KEYS})
