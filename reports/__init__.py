@@ -5,11 +5,12 @@ never imports torch or bench, so a report can be made on a machine without torch
     reports.console_table(rows, *, title=None) -> rich.table.Table
     reports.headline_eps(row) -> float | None
     reports.loglog_slope(rows, y="lip_lower") -> dict(slope, ci_low, ci_high, n_seeds, n_points, ...)
+    reports.slope_summary(rows, y="lip_lower") -> list[str]   # one printable line per dataset × threat view
 """
 from .console import console_table
 from .render import FORMATS, ReportError, render
 from .stats import law_constant, loglog_slope, mean_ci, t_quantile
-from .table import build_views, headline_eps, ranking, row_flags
+from .table import build_views, headline_eps, ranking, row_flags, slope_summary
 
 __all__ = ["render", "console_table", "headline_eps", "loglog_slope", "law_constant", "mean_ci", "t_quantile",
-           "build_views", "ranking", "row_flags", "ReportError", "FORMATS"]
+           "build_views", "ranking", "row_flags", "slope_summary", "ReportError", "FORMATS"]

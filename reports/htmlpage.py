@@ -38,7 +38,7 @@ html:not(.js) nav.tabs { display: none; }
 .scroll { overflow-x: auto; }
 table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
 th, td { border: 1px solid var(--line); padding: .25rem .5rem; white-space: nowrap; }
-td.text { text-align: left; white-space: normal; } td.num { text-align: right; }
+td.text { text-align: left; } td.flags { white-space: normal; min-width: 8rem; } td.num { text-align: right; }
 thead th { background: var(--head); position: sticky; top: 0; }
 table.sortable th { cursor: pointer; user-select: none; }
 table.sortable th::after { content: " \\2195"; color: #aaa; font-size: .8em; }

@@ -185,14 +185,11 @@ class View:
     key: tuple[str, str]
     entries: list[Entry]
     varying: list[str]  # which of recipe / n_train / label_noise / train_eps differ between entries
+    id: str = ""  # unique among the views of one report: view_id(key), suffixed when two keys map to one id
 
     @property
     def title(self) -> str:
         return view_title(self.key)
-
-    @property
-    def id(self) -> str:
-        return view_id(self.key)
 
     @property
     def rows(self) -> list[dict]:
@@ -226,7 +223,12 @@ def build_views(rows, confidence: float = 0.95) -> list[View]:
                    if len({repr(getattr(e, k)) for e in entries}) > 1]
         for e in entries:
             e.label = _label(e, varying)
-        views.append(View(vk, entries, varying))
+        vid = base = view_id(vk)
+        taken = {v.id for v in views}
+        i = 2
+        while vid in taken:
+            vid, i = f"{base}-{i}", i + 1
+        views.append(View(vk, entries, varying, vid))
     return views
 
 
@@ -261,3 +263,20 @@ def view_context(view: View) -> dict:
         families=list(dict.fromkeys(e.family for e in view.entries)),
         rows=len(rows),
     )
+
+
+def slope_summary(rows, y: str = "lip_lower") -> list[str]:
+    """One line per view for the runner to print, e.g.
+    'mnist5k · Linf: lip_lower ∝ (p/(n·d))^-0.499, 95% CI [-0.552, -0.446] (3 seeds, 16 points; the law: -0.5)'."""
+    from .stats import loglog_slope
+    lines = []
+    for view in build_views(rows):
+        res = loglog_slope(view.rows, y=y)
+        if res["slope"] is None:
+            lines.append(f"{view.title}: {y} slope against p/(n·d) needs two widths per seed")
+            continue
+        ci = ("" if res["ci_low"] is None else f", 95% CI [{res['ci_low']:.3f}, {res['ci_high']:.3f}]")
+        seeds = f"{res['n_seeds']} seed{'s' if res['n_seeds'] != 1 else ''}"
+        lines.append(f"{view.title}: {y} ∝ (p/(n·d))^{res['slope']:.3f}{ci} ({seeds}, {res['n_points']} points; "
+                     f"the law's scale: -0.5)")
+    return lines

@@ -484,3 +484,21 @@ def test_reports_do_not_import_torch_or_bench():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_views_labels_and_slope_summary():
+    rng = np.random.default_rng(3)
+    rows = [make_row("mlp", "mlp", w, mlp_params(w), 0, "Linf", rng) for w in (8, 32)]
+    adv = make_row("mlp", "mlp", 8, mlp_params(8), 0, "Linf", rng)
+    adv.update(recipe="pgd-at", train_eps=0.1, cell_id="adv")
+    other = make_row("mlp", "mlp", 8, mlp_params(8), 0, "Linf", rng)
+    other.update(dataset="MNIST5K", threat="linf", cell_id="clash")  # a different key with the same page id
+    views = reports.build_views(rows + [adv, other])
+    assert [v.title for v in views] == ["MNIST5K · linf", "mnist5k · Linf"]
+    assert len({v.id for v in views}) == 2
+    labels = [e.label for e in views[1].entries]
+    assert labels == ["mlp-w8 · erm", "mlp-w8 · pgd-at · train_eps=0.1", "mlp-w32 · erm"]
+    lines = reports.slope_summary(rows + [adv])
+    res = reports.loglog_slope(rows + [adv])
+    assert len(lines) == 1 and lines[0].startswith("mnist5k · Linf: lip_lower")
+    assert f"^{res['slope']:.3f}" in lines[0] and "1 seed, 3 points" in lines[0]
