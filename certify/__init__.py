@@ -1,0 +1,15 @@
+"""Certified Lipschitz upper bounds, empirical lower bounds, certified accuracy and the law of robustness' quantities.
+
+    from certify import lipschitz_upper, lipschitz_lower, certified_accuracy, law_quantities
+
+Imports torch only (never bench, models or attacks): a model is a plain nn.Module walked by duck typing.
+"""
+from ._walk import CertifyError
+from .certified import certified_accuracy, certified_radii, parse_norm
+from .law import isoperimetry_constant_gaussian, law_bound, law_quantities
+from .lower import LowerBound, lipschitz_lower, local_lipschitz
+from .upper import UpperBound, lipschitz_upper
+
+__all__ = ["lipschitz_upper", "lipschitz_lower", "certified_accuracy", "certified_radii", "law_quantities",
+           "law_bound", "isoperimetry_constant_gaussian", "local_lipschitz", "UpperBound", "LowerBound",
+           "CertifyError", "parse_norm"]
