@@ -61,10 +61,16 @@ def slope_rows(view: View) -> list[tuple[str, str, dict]]:
     return out
 
 
+def interval_note(res: dict) -> str:
+    if res["method"] == "seeds":
+        return "per-seed fits, t-interval over seeds"
+    if res["method"] == "regression":
+        return "one seed, regression s.e." if res["ci_low"] is not None else "one seed, two points: no interval"
+    return "too few points (two widths per seed needed)"
+
+
 def slope_table(view: View) -> str:
-    body = [[y, scope, fmt_slope(res), fmt_ci(res), str(res["n_seeds"]), str(res["n_points"]),
-             {"seeds": "per-seed fits, t-interval over seeds", "regression": "one seed, regression s.e.",
-              "none": "too few points"}[res["method"]]]
+    body = [[y, scope, fmt_slope(res), fmt_ci(res), str(res["n_seeds"]), str(res["n_points"]), interval_note(res)]
             for y, scope, res in slope_rows(view)]
     return md_table(["bound", "scope", "slope", "95% CI", "seeds", "points", "interval"], body,
                     ["left", "left", "right", "right", "right", "right", "left"])

@@ -502,3 +502,13 @@ def test_views_labels_and_slope_summary():
     res = reports.loglog_slope(rows + [adv])
     assert len(lines) == 1 and lines[0].startswith("mnist5k · Linf: lip_lower")
     assert f"^{res['slope']:.3f}" in lines[0] and "1 seed, 3 points" in lines[0]
+
+
+def test_svg_only_plots_are_linked_and_embedded(tmp_path):
+    path, _ = write_results(tmp_path)
+    files = reports.render(path, tmp_path, formats=("md", "html", "svg"))
+    assert [p.suffix for p in files] == [".md", ".html", ".svg", ".svg", ".svg"]
+    md = (tmp_path / "report" / "leaderboard.md").read_text()
+    assert "](lipschitz_vs_ratio.svg)" in md and ".png" not in md
+    html = (tmp_path / "report" / "leaderboard.html").read_text()
+    assert html.count("data:image/svg+xml;base64,") == 3
