@@ -24,7 +24,7 @@ def _cell(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, float):
-        return repr(v)
+        return "" if v != v else repr(v)  # NaN is a missing value
     if isinstance(v, (int, str)):
         return text(v)
     return text(v)

@@ -472,9 +472,14 @@ def test_bad_input_and_empty_store(tmp_path):
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in weird))
     files = reports.render(tmp_path / "results.jsonl", tmp_path, formats=("md", "csv", "png"))
     assert [p.suffix for p in files] == [".md", ".csv", ".png", ".png", ".png"]
-    md = (tmp_path / "report" / "leaderboard.md").read_text()
-    assert "| inf " in md.replace("|  inf", "| inf") or "inf" in md
-    assert "running" in md
+    tables = md_tables((tmp_path / "report" / "leaderboard.md").read_text())
+    (board,) = tables[("gauss · L2", "Leaderboard")]
+    assert (board["model"], board["width"], board["eps"], board["PGD %"]) == ("m-wx", "x", "0.5", "40.00")
+    assert (board["lip_upper"], board["lip_lower"], board["p"], board["clean %"]) == ("inf", "–", "–", "–")
+    assert [r["status"] for r in tables[("Failed rows", None)]] == ["running"]
+    got = list(csv.DictReader(io.StringIO((tmp_path / "report" / "results.csv").read_text())))
+    assert [g["status"] for g in got] == ["ok", "running", "ok"]
+    assert (got[0]["lip_upper"], got[0]["lip_lower"], got[0]["pgd_acc@0.5"]) == ("inf", "", "0.4")
 
 
 def test_reports_do_not_import_torch_or_bench():
