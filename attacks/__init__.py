@@ -13,3 +13,6 @@ __all__ = [
     "default_step_size", "AAResult", "FLAG_DOC", "run_autoattack", "RobustEval", "robust_eval",
     "AttackEntry", "AttackOutput", "get_attack", "list_attacks", "register_attack",
 ]
+from .multi import MultiResult, pgd_sweep_multi, stack_models  # noqa: E402
+
+__all__ += ["MultiResult", "pgd_sweep_multi", "stack_models"]

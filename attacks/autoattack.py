@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .pgd import AttackError, check_norm, predict
+from .pgd import AttackError, _project_l2, box_bounds, check_norm, predict
 
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 
@@ -212,13 +212,19 @@ def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
         logger.setLevel(old_level)
         logger.propagate = old_prop
         model.train(was_training)
-    with torch.no_grad():
-        pred = predict(net, x_adv_i, batch_size)
-    robust = pred == y
-    if view is None:
-        x_adv = x_adv_i.detach()
+    # pyautoattack clips with x +- eps in floating point, which can overshoot eps by an ulp: project exactly (as
+    # our PGD does) and judge the projected example
+    x0 = x.detach().reshape(N, -1)
+    xa = x_adv_i.reshape(N, -1)[:, : x0.shape[1]].to(x0.dtype)
+    if norm == "Linf":
+        lo, hi = box_bounds(x0, float(eps), norm)
+        xa = torch.clamp(xa, lo, hi)
     else:
-        x_adv = x_adv_i.reshape(N, -1)[:, : math.prod(in_shape)].reshape(N, *in_shape).detach()
+        xa = _project_l2(x0, torch.clamp(xa, 0.0, 1.0), float(eps))
+    x_adv = xa.reshape(x.shape).detach()
+    with torch.no_grad():
+        pred = predict(model, x_adv, batch_size)
+    robust = pred == y
     # Square check against the full evaluation set (pyautoattack's own threshold is relative to the subset)
     warnings = [w for w in cap.warnings if "Square Attack has decreased" not in w]
     sq = cap.broken_by.get("square", 0)

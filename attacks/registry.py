@@ -160,7 +160,8 @@ def _ta_factory(cls_name: str, build: Callable, needs_image: bool = False):
             raise AttackError("torchattacks is not installed") from exc
         cls = getattr(torchattacks, cls_name)
         in_shape = tuple(x.shape[1:])
-        view = image_shape_for(in_shape) if needs_image else None
+        # torchattacks assumes (N, C, H, W) (PGDL2 / CW reshape norms to 4-d, Square needs H == W)
+        view = image_shape_for(in_shape) if (needs_image or len(in_shape) != 3) else None
         if view is None:
             net, xi = model, x.detach()
         else:

@@ -1,0 +1,165 @@
+"""AutoAttack adapter (pyautoattack), gradient-masking flags, robust_eval pipeline and the attack registry."""
+import logging
+
+import pytest
+import torch
+
+import attacks
+
+
+def _train(seed, x, y, width=48, epochs=80, classes=10):
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.ReLU(), torch.nn.Linear(width, classes))
+    opt = torch.optim.Adam(m.parameters(), 1e-2)
+    for _ in range(epochs):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def data():
+    from sklearn.datasets import load_digits
+    X, Y = load_digits(return_X_y=True)
+    X = torch.tensor(X / 16.0, dtype=torch.float32)
+    Y = torch.tensor(Y, dtype=torch.long)
+    return X[:500], Y[:500], X[1300:1360], Y[1300:1360]
+
+
+@pytest.fixture(scope="module")
+def model(data):
+    xtr, ytr, _, _ = data
+    return _train(0, xtr, ytr)
+
+
+class _Quantized(torch.nn.Module):
+    """Gradient masking: the input is rounded to 4 levels, so every input gradient is exactly zero."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(torch.round(x * 3) / 3)
+
+
+class _Noisy(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        z = self.inner(x)
+        return z + 0.5 * torch.randn_like(z)
+
+
+def test_autoattack_custom_list_and_log(model, data, capsys):
+    _, _, x, y = data
+    lines = []
+    before = torch.random.get_rng_state()
+    r = attacks.run_autoattack(model, x[:30], y[:30], 0.1, norm="Linf", version=["apgd-ce", "apgd-t"], seed=0,
+                               log=lines.append)
+    assert torch.equal(before, torch.random.get_rng_state())  # global RNG untouched
+    assert r.robust.shape == (30,) and r.x_adv.shape == x[:30].shape
+    d = (r.x_adv - x[:30]).abs().max()
+    assert float(d) <= 0.1 + 1e-6 and float(r.x_adv.min()) >= 0 and float(r.x_adv.max()) <= 1
+    pred = model(r.x_adv).argmax(1)
+    assert torch.equal(pred == y[:30], r.robust)
+    assert r.info["attacks"] == ["apgd-ce", "apgd-t"] and r.info["n_target_classes"] == 9
+    assert r.info["image_view"] == [1, 8, 8]
+    assert any("apgd-ce" in ln for ln in lines) and any("robust accuracy" in ln for ln in lines)
+    assert sum(r.info["broken_by"].values()) == int((model(x[:30]).argmax(1) == y[:30]).sum() - r.robust.sum())
+    out = capsys.readouterr()
+    assert "apgd" not in out.out.lower() and "apgd" not in out.err.lower()
+    assert not any(isinstance(h, attacks.autoattack._Capture) for h in logging.getLogger("auto-attack").handlers)
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(attacks.AttackError):
+        attacks.run_autoattack(model, x, y, 0.1, norm="Linf", version=["apgd-xx"])
+
+
+def test_autoattack_standard_few_points(data):
+    xtr, ytr, x, y = data
+    keep = ytr < 5
+    m5 = _train(1, xtr[keep], ytr[keep], classes=5, epochs=60)
+    sel = (y < 5).nonzero().flatten()[:6]
+    r = attacks.run_autoattack(m5, x[sel], y[sel], 0.3, norm="Linf", version="standard", seed=0)
+    assert r.info["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert r.info["n_target_classes"] == 4  # capped at num_classes - 1
+    assert "n_classes" not in r.flags
+    assert int(r.robust.sum()) <= int((m5(x[sel]).argmax(1) == y[sel]).sum())
+    assert float((r.x_adv - x[sel]).abs().max()) <= 0.3 + 1e-6
+
+
+def test_flags_softmax_and_randomized(model, data):
+    _, _, x, y = data
+    soft = torch.nn.Sequential(model, torch.nn.Softmax(dim=1)).eval()
+    r = attacks.run_autoattack(soft, x[:10], y[:10], 0.05, norm="Linf", version=["apgd-ce"], seed=0)
+    assert "softmax_output" in r.flags
+    r2 = attacks.run_autoattack(_Noisy(model).eval(), x[:10], y[:10], 0.05, norm="Linf", version=["apgd-ce"])
+    assert "randomized" in r2.flags
+    r3 = attacks.run_autoattack(model, x[:10], y[:10], 0.05, norm="Linf", version=["apgd-ce"])
+    assert r3.flags == []
+
+
+def test_flags_zero_gradients_and_square(model, data):
+    _, _, x, y = data
+    q = _Quantized(model).eval()
+    clean = q(x).argmax(1) == y
+    idx = clean.nonzero().flatten()[:12]
+    r = attacks.run_autoattack(q, x[idx], y[idx], 0.3, norm="Linf", version=["apgd-t", "square"], seed=0)
+    assert "zero_gradients" in r.flags
+    assert r.info["broken_by"].get("square", 0) > 0 and "square_beats_whitebox" in r.flags
+    assert set(r.flags) <= set(attacks.FLAG_DOC)
+
+
+def test_robust_eval_pipeline(model, data):
+    _, _, x, y = data
+    x, y = x[:30], y[:30]
+    lines = []
+    ev = attacks.robust_eval(model, x, y, norm="Linf", eps=[0.1, 0.05], steps=1, restarts=1,
+                             autoattack=["apgd-ce", "apgd-t"], aa_eps=[0.1], seed=0, log=lines.append)
+    assert set(ev.pgd_robust) == {0.1, 0.05} and set(ev.aa_robust) == {0.1}
+    assert set(ev.timings) == {"pgd", "autoattack"}
+    for e in (0.05, 0.1):
+        assert bool((ev.robust[e] <= ev.pgd_robust[e]).all()) and bool((ev.pgd_robust[e] <= ev.clean).all())
+        assert float((ev.x_adv[e] - x).abs().max()) <= e
+        pred = model(ev.x_adv[e]).argmax(1)
+        assert bool((pred[~ev.robust[e]] != y[~ev.robust[e]]).all())
+    assert bool((ev.robust[0.1] <= ev.robust[0.05]).all())
+    assert torch.equal(ev.aa_robust[0.1], ev.robust[0.1])
+    # AutoAttack ran only on what one-step PGD left, and found more
+    assert ev.info["autoattack"][0.1]["n_attacked"] == int(ev.pgd_robust[0.1].sum())
+    assert int(ev.robust[0.1].sum()) < int(ev.pgd_robust[0.1].sum())
+    assert any(ln.startswith("autoattack") for ln in lines) and any("apgd" in ln for ln in lines)
+    off = attacks.robust_eval(model, x, y, norm="L2", eps=[0.5], steps=5, restarts=1, autoattack="off")
+    assert off.aa_robust == {} and torch.equal(off.robust[0.5], off.pgd_robust[0.5])
+    with pytest.raises(attacks.AttackError):
+        attacks.robust_eval(model, x, y, norm="Linf", eps=[0.1], steps=5, restarts=1, aa_eps=[0.2])
+
+
+def test_registry(model, data):
+    _, _, x, y = data
+    names = {e.name for e in attacks.list_attacks()}
+    for n in ("pgd", "pgd-margin", "pgd-t", "autoattack", "autoattack-plus", "fgsm", "cw", "deepfool", "square",
+              "ta-pgd", "aa-square"):
+        assert n in names
+    assert [e.name for e in attacks.list_attacks("pgd*")] == sorted(n for n in names if n.startswith("pgd"))
+    with pytest.raises(attacks.AttackError):
+        attacks.get_attack("nope")
+    with pytest.raises(attacks.AttackError):
+        attacks.get_attack("cw").run(model, x, y, 0.1, norm="Linf")
+    with pytest.raises(attacks.AttackError):
+        attacks.register_attack("pgd", kind="pgd")(lambda *a, **k: None)
+    ours = attacks.get_attack("pgd", steps=10).run(model, x, y, 0.1, norm="Linf", seed=0)
+    direct = attacks.pgd_sweep(model, x, y, [0.1], steps=10, seed=0)
+    assert torch.equal(ours.robust, direct.robust[0])
+    for name, norm, eps in (("fgsm", "Linf", 0.1), ("ta-pgd", "L2", 1.0), ("cw", "L2", 0.5),
+                            ("deepfool", "L2", 0.5)):
+        out = attacks.get_attack(name).run(model, x[:20], y[:20], eps, norm=norm, seed=0)
+        d = (out.x_adv - x[:20]).reshape(20, -1)
+        assert float(d.abs().max() if norm == "Linf" else d.norm(dim=1).max()) <= eps * (1 + 1e-5)
+        assert torch.equal(model(out.x_adv).argmax(1) == y[:20], out.robust)
+    fg = attacks.get_attack("fgsm").run(model, x, y, 0.1, norm="Linf")
+    pg = attacks.get_attack("pgd", steps=20).run(model, x, y, 0.1, norm="Linf")
+    assert int(pg.robust.sum()) <= int(fg.robust.sum())
