@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 # Input shapes used to show parameter counts: the embedded default data and CIFAR-10.
@@ -30,12 +31,13 @@ def list_command(args, console: Console) -> int:
         table.add_row(entry.name, entry.family, str(entry.inputs), ", ".join(getattr(entry, "datasets", ()) or ()),
                       f"[{shown[0]}] " + " ".join(counts))
     console.print(table)
+    attack_items = {a.name: escape(f"[{a.kind}; {', '.join(a.norms)}] {a.description}") for a in attacks.list_attacks()}
     for title, items in (("datasets", datasets.list_datasets()), ("presets", list_presets()),
-                         ("attacks", attacks.list_attacks())):
+                         ("attacks", attack_items)):
         t = Table(title=title)
         t.add_column("name")
         t.add_column("description")
-        for name, desc in (items.items() if isinstance(items, dict) else ((a, "") for a in items)):
+        for name, desc in items.items():
             t.add_row(name, desc)
         console.print(t)
     return 0

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # A tiny sweep on the embedded MNIST-5k: two widths, few epochs, short attacks, cheap AutoAttack on few points.
-TINY = ["n_train=200", "n_test=40", "width=[8,32]", "epochs=3", "pgd_steps=10", "eps_Linf=[0.05,0.1]",
+TINY = ["n_train=200", "n_test=40", "width=[8,32]", "epochs=15", "pgd_steps=10", "eps_Linf=[0.05,0.1]",
         "aa_eps_Linf=[0.1]", "lip_points=64"]
 
 
