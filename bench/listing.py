@@ -29,7 +29,7 @@ def list_command(args, console: Console) -> int:
             except Exception as exc:  # a plugin entry that cannot build on this shape
                 counts.append(f"{w}:({type(exc).__name__})")
         table.add_row(entry.name, entry.family, str(entry.inputs), ", ".join(getattr(entry, "datasets", ()) or ()),
-                      f"[{shown[0]}] " + " ".join(counts))
+                      escape(f"[{shown[0]}] " + " ".join(counts)))
     console.print(table)
     attack_items = {a.name: escape(f"[{a.kind}; {', '.join(a.norms)}] {a.description}") for a in attacks.list_attacks()}
     for title, items in (("datasets", datasets.list_datasets()), ("presets", list_presets()),
