@@ -1,0 +1,412 @@
+"""`python -m bench perf [--json FILE]`: attack-engine speed, measured on this device in one run.
+
+Every comparison runs both sides in the same process, interleaved, and keeps the best of ``--repeats`` timings of
+each, so a machine shared with other work biases neither side. Reported (and written as JSON):
+
+* ``pgd_speedup_undefended`` / ``pgd_speedup_robust``: wall time of torchattacks.PGD run once per eps divided by
+  ours (one ascending eps sweep with early exit), same model, points, steps and step sizes, with both robust
+  accuracies per eps (``pgd_acc_*``);
+* ``flops_fraction``: achieved GFLOP/s of our PGD inner loop (matmul FLOPs of the forward and input-gradient passes
+  actually run) over the device's float32 matmul throughput measured in the same run, per width;
+* ``aa_time_ratio``: our pipeline (PGD, then AutoAttack on what PGD did not break) over pyautoattack standard
+  alone, with both robust accuracies;
+* ``multimodel_speedup``: sequential over stacked wall time for a family of seeds, per points-per-model, and the
+  layout ``auto`` picks.
+
+Trained models are cached under ``$XDG_CACHE_HOME/lawbench/perf`` (or ``--cache``), so repeated runs skip training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_EPS = (0.05, 0.1, 0.2, 0.3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _timed(fn, dev):
+    _sync(dev)
+    t = time.perf_counter()
+    out = fn()
+    _sync(dev)
+    return time.perf_counter() - t, out
+
+
+def matmul_peak(dev, repeats=3, sizes=(1024, 2048)) -> float:
+    """Best float32 GFLOP/s of a square matmul on ``dev`` (the reference for flops_fraction)."""
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=dev)
+        b = torch.randn(n, n, device=dev)
+        torch.mm(a, b)
+        for _ in range(repeats):
+            dt, _ = _timed(lambda: torch.mm(a, b), dev)
+            best = max(best, 2 * n ** 3 / dt / 1e9)
+    return best
+
+
+def forward_flops(model: torch.nn.Module, x1: torch.Tensor) -> float:
+    """Matmul FLOPs of one forward pass of one input (Linear and Conv2d layers, 2 per multiply-add)."""
+    total = [0.0]
+
+    def lin(m, i, o):
+        total[0] += 2.0 * m.in_features * m.out_features * (o.numel() / o.shape[-1]) / o.shape[0]
+
+    def conv(m, i, o):
+        k = m.kernel_size[0] * m.kernel_size[1] * m.in_channels // m.groups
+        total[0] += 2.0 * k * o[0].numel()
+
+    hs = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            hs.append(m.register_forward_hook(lin))
+        elif isinstance(m, torch.nn.Conv2d):
+            hs.append(m.register_forward_hook(conv))
+    try:
+        with torch.no_grad():
+            model(x1[:1])
+    finally:
+        for h in hs:
+            h.remove()
+    return total[0]
+
+
+def _cache_dir(arg) -> Path:
+    if arg:
+        return Path(arg)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lawbench" / "perf"
+
+
+def _trained(name, build, train_fn, cache: Path, log):
+    """Model from the cache, or trained and cached (written to a temporary file, renamed into place)."""
+    model = build()
+    path = cache / f"{name}.pt"
+    if path.exists():
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return model.eval(), True
+        except Exception:  # noqa: BLE001 - a stale or torn cache entry is retrained
+            pass
+    log(f"training {name} ...")
+    train_fn(model)
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
+    os.close(fd)
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return model.eval(), False
+
+
+def _acc(mask):
+    return round(float(mask.float().mean()), 4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the four measurements
+
+def bench_pgd(model, x, y, eps, steps, repeats, dev, seed=0):
+    """Our ascending sweep vs torchattacks.PGD once per eps; best-of-repeats wall times, interleaved."""
+    import torchattacks
+
+    from attacks import pgd_sweep
+    alphas = [2.5 * e / steps for e in eps]
+
+    def ours():
+        return pgd_sweep(model, x, y, list(eps), norm="Linf", steps=steps, step_size=alphas, restarts=1, seed=seed)
+
+    def theirs():
+        torch.manual_seed(seed)
+        acc = {}
+        for e, a in zip(eps, alphas):
+            xa = torchattacks.PGD(model, eps=e, alpha=a, steps=steps, random_start=True)(x, y)
+            with torch.no_grad():
+                acc[e] = model(xa).argmax(1) == y
+        return acc
+
+    t_ours, t_theirs = math.inf, math.inf
+    ours(), theirs()  # warm-up (first-call allocations, kernels)
+    for _ in range(repeats):
+        dt, r_ours = _timed(ours, dev)
+        t_ours = min(t_ours, dt)
+        dt, r_theirs = _timed(theirs, dev)
+        t_theirs = min(t_theirs, dt)
+    with torch.no_grad():
+        clean = model(x).argmax(1) == y
+    return {
+        "speedup": round(t_theirs / t_ours, 3),
+        "seconds_ours": round(t_ours, 4), "seconds_torchattacks": round(t_theirs, 4),
+        "acc_ours": {str(e): _acc(r_ours.robust[i]) for i, e in enumerate(eps)},
+        "acc_torchattacks": {str(e): _acc(r_theirs[e]) for e in eps},
+        "clean_acc": _acc(clean),
+        "not_weaker": all(int(r_ours.robust[i].sum()) <= int(r_theirs[e].sum()) for i, e in enumerate(eps)),
+        "grad_rows_ours": int(r_ours.info["grad_rows"]),
+        "grad_rows_torchattacks": int(len(eps) * steps * x.shape[0]),
+    }
+
+
+def bench_flops(widths, x, steps, repeats, dev, peak_fn, eps=0.002):
+    """GFLOP/s of our PGD inner loop on MLPs of the given widths (labels = the model's own predictions, a tiny
+    eps so almost every row runs every step); flops counted from the rows actually run."""
+    from attacks import pgd_sweep
+    from models import get_model
+    out = {}
+    for w in widths:
+        torch.manual_seed(0)
+        m = get_model("mlp", in_shape=tuple(x.shape[1:]), num_classes=10, width=w).to(dev).eval()
+        with torch.no_grad():
+            y = m(x).argmax(1)
+        f1 = forward_flops(m, x)
+        best = 0.0
+        frac_rows = 0.0
+        pgd_sweep(m, x, y, [eps], steps=2, seed=0)  # warm-up
+        for _ in range(repeats):
+            dt, r = _timed(lambda: pgd_sweep(m, x, y, [eps], steps=steps, seed=0), dev)
+            flops = f1 * (2 * r.info["grad_rows"] + r.info["fwd_rows"])
+            best = max(best, flops / dt / 1e9)
+            frac_rows = r.info["grad_rows"] / (steps * x.shape[0])
+        peak = peak_fn()
+        out[str(w)] = {"gflops": round(best, 1), "peak_gflops": round(peak, 1), "fraction": round(best / peak, 3),
+                       "rows_run_fraction": round(frac_rows, 3)}
+    return out
+
+
+def bench_autoattack(model, x, y, eps, steps, dev, batch_size, log, seed=0, repeats=1):
+    """Our pipeline (PGD sweep at eps, then AutoAttack standard on survivors) vs pyautoattack standard alone."""
+    from pyautoattack import AutoAttack
+
+    from attacks import robust_eval
+
+    def alone():
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=dev, seed=seed)
+            xa, _ = aa.run_standard_evaluation(x, y, batch_size=batch_size)
+        with torch.no_grad():
+            return model(xa).argmax(1) == y
+
+    def ours():
+        return robust_eval(model, x, y, norm="Linf", eps=[eps], steps=steps, restarts=1, autoattack="standard",
+                           aa_eps=[eps], seed=seed, aa_batch_size=batch_size)
+
+    import logging
+    lg = logging.getLogger("auto-attack")
+    old = lg.level
+    lg.setLevel(logging.WARNING)  # pyautoattack alone: keep its progress out of the terminal
+    t_alone = t_ours = math.inf
+    try:
+        for _ in range(repeats):
+            log(f"autoattack: pyautoattack standard alone on {x.shape[0]} points, eps={eps} ...")
+            dt, r_alone = _timed(alone, dev)
+            t_alone = min(t_alone, dt)
+            log(f"autoattack: our pipeline on {x.shape[0]} points, eps={eps} ...")
+            dt, r_ours = _timed(ours, dev)
+            t_ours = min(t_ours, dt)
+    finally:
+        lg.setLevel(old)
+    return {
+        "ratio": round(t_ours / t_alone, 3), "seconds_ours": round(t_ours, 2), "seconds_alone": round(t_alone, 2),
+        "acc_ours": _acc(r_ours.robust[eps]), "acc_pgd_only": _acc(r_ours.pgd_robust[eps]),
+        "acc_alone": _acc(r_alone), "eps": eps, "n": int(x.shape[0]),
+        "timings_ours": {k: round(v, 2) for k, v in r_ours.timings.items()}, "flags": r_ours.aa_flags,
+        "broken_by_aa_after_pgd": r_ours.info["autoattack"][eps]["broken"],
+    }
+
+
+def bench_multimodel(models, x, y, eps, steps, repeats, dev, sizes):
+    from attacks import pgd_sweep_multi
+    out = {}
+    for n in sizes:
+        xs, ys = x[:n], y[:n]
+        t = {}
+        for layout in ("sequential", "stacked"):  # warm-up
+            pgd_sweep_multi(models, xs, ys, [eps], steps=2, layout=layout)
+        for _ in range(repeats):
+            for layout in ("sequential", "stacked"):
+                dt, r = _timed(lambda: pgd_sweep_multi(models, xs, ys, [eps], steps=steps, layout=layout), dev)
+                t[layout] = min(t.get(layout, math.inf), dt)
+        dt, r = _timed(lambda: pgd_sweep_multi(models, xs, ys, [eps], steps=steps, layout="auto"), dev)
+        out[str(n)] = {"speedup_stacked": round(t["sequential"] / t["stacked"], 3),
+                       "seconds_sequential": round(t["sequential"], 4), "seconds_stacked": round(t["stacked"], 4),
+                       "auto_layout": r.info["layout"], "auto_reason": r.info.get("reason", "")}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m bench perf", description=__doc__.splitlines()[0])
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, numbers meaningless)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per side, best kept (default 3)")
+    p.add_argument("--points", type=int, default=None, help="test points attacked (default 1000)")
+    p.add_argument("--steps", type=int, default=None, help="PGD steps (default 100, the evaluation protocol)")
+    p.add_argument("--width", type=int, default=None, help="MLP width of the perf models (default 512)")
+    p.add_argument("--aa-points", type=int, default=None, help="points for the AutoAttack comparison (default 500)")
+    p.add_argument("--aa-eps", type=float, default=None, help="eps of the AutoAttack comparison (default 0.1)")
+    p.add_argument("--no-aa", action="store_true", help="skip the AutoAttack comparison")
+    p.add_argument("--models", type=int, default=None, help="seeds in the multi-model family (default 16)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
+    p.add_argument("--cache", default=None, help="folder for the trained perf models")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    q = args.quick
+    repeats = args.repeats or (1 if q else 3)
+    n = args.points or (48 if q else 1000)
+    steps = args.steps or (5 if q else 100)
+    width = args.width or (32 if q else 512)
+    aa_n = args.aa_points or (6 if q else 500)
+    aa_eps = args.aa_eps or 0.1
+    n_models = args.models or (3 if q else 16)
+    n_train = 400 if q else None
+    widths = (width,) if q else (512, 1024)
+    if args.device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(args.device)
+    cache = _cache_dir(args.cache)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    from datasets import load_dataset
+    from models import count_params, get_model
+
+    from bench.train import TrainConfig, train
+
+    split = load_dataset("mnist5k", n_train=n_train, seed=0)
+    xtr, ytr = split.x_train.to(dev), split.y_train.to(dev)
+    x, y = split.x_test[:n].to(dev), split.y_test[:n].to(dev)
+    in_shape = tuple(split.meta.in_shape)
+    tag = "q" if q else "f"
+
+    def build(w, seed=0):
+        def b():
+            torch.manual_seed(seed)
+            return get_model("mlp", in_shape=in_shape, num_classes=10, width=w).to(dev)
+        return b
+
+    erm = TrainConfig(recipe="erm", epochs=2 if q else 30, seed=0)
+    at = TrainConfig(recipe="pgd-at", epochs=1 if q else 20, train_eps=0.1, train_norm="Linf", train_steps=10,
+                     train_eps_warmup=0 if q else 5, seed=0)
+    t0 = time.perf_counter()
+    undef, hit1 = _trained(f"mlp{width}-erm-{tag}{len(xtr)}", build(width), lambda m: train(m, xtr, ytr, erm, dev),
+                           cache, log)
+    robust, hit2 = _trained(f"mlp{width}-pgdat0.1-{tag}{len(xtr)}", build(width),
+                            lambda m: train(m, xtr, ytr, at, dev), cache, log)
+    fam = []
+    for s in range(n_models):
+        cfg = TrainConfig(recipe="erm", epochs=1 if q else 3, seed=s)
+        m, _ = _trained(f"mlp64-erm-seed{s}-{tag}{len(xtr)}", build(64, s), lambda m, c=cfg: train(m, xtr, ytr, c, dev),
+                        cache, log)
+        fam.append(m)
+    t_train = time.perf_counter() - t0
+
+    res: dict = {
+        "device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(), "quick": q, "repeats": repeats,
+        "points": n, "steps": steps, "eps": list(DEFAULT_EPS), "width": width,
+        "params": count_params(undef), "train_seconds": round(t_train, 1), "models_cached": hit1 and hit2,
+    }
+    peaks = []
+
+    def peak():
+        peaks.append(matmul_peak(dev, repeats=max(2, repeats)))
+        return max(peaks)
+
+    log("matmul reference ...")
+    peak()
+    log("pgd: undefended model ...")
+    u = bench_pgd(undef, x, y, DEFAULT_EPS, steps, repeats, dev)
+    log("pgd: PGD-trained model ...")
+    r = bench_pgd(robust, x, y, DEFAULT_EPS, steps, repeats, dev)
+    res.update({
+        "pgd_speedup_undefended": u["speedup"], "pgd_speedup_robust": r["speedup"],
+        "pgd_acc_undefended_ours": u["acc_ours"], "pgd_acc_undefended_torchattacks": u["acc_torchattacks"],
+        "pgd_acc_robust_ours": r["acc_ours"], "pgd_acc_robust_torchattacks": r["acc_torchattacks"],
+        "pgd_undefended": u, "pgd_robust": r,
+    })
+    log("inner-loop throughput ...")
+    fl = bench_flops(widths, x, min(steps, 40), repeats, dev, peak)
+    res["flops"] = fl
+    res["flops_fraction"] = min(v["fraction"] for v in fl.values())
+    res["matmul_peak_gflops"] = round(max(peaks), 1)
+    if not args.no_aa:
+        a = bench_autoattack(robust, x[:aa_n], y[:aa_n], aa_eps, steps, dev, batch_size=max(aa_n, 1), log=log)
+        res.update({"aa_time_ratio": a["ratio"], "aa_acc_ours": a["acc_ours"], "aa_acc_alone": a["acc_alone"],
+                    "autoattack": a})
+    log("multi-model ...")
+    mm = bench_multimodel(fam, x, y, 0.05, min(steps, 20), repeats, dev, sizes=(10, min(n, 1000)) if not q else (4, n))
+    res["multimodel"] = mm
+    res["multimodel_speedup"] = {k: v["speedup_stacked"] for k, v in mm.items()}
+    res["targets"] = {
+        "pgd_speedup_undefended>=5": res["pgd_speedup_undefended"] >= 5 and u["not_weaker"],
+        "pgd_speedup_robust>=1": res["pgd_speedup_robust"] >= 1 and r["not_weaker"],
+        "flops_fraction>=0.6": res["flops_fraction"] >= 0.6,
+    }
+    if "aa_time_ratio" in res:
+        res["targets"]["aa_time_ratio<=1"] = res["aa_time_ratio"] <= 1.0 and res["aa_acc_ours"] <= res["aa_acc_alone"]
+    _print(res)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(str(args.json) + ".tmp")
+        tmp.write_text(json.dumps(res, indent=2, default=str) + "\n")
+        os.replace(tmp, args.json)
+    return 0
+
+
+def _print(res):
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover
+        print(json.dumps(res, indent=2, default=str))
+        return
+    t = Table(title=f"bench perf on {res['device']} ({res['threads']} threads)")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    t.add_column("detail")
+    pu, pr = res["pgd_undefended"], res["pgd_robust"]
+    t.add_row("pgd_speedup_undefended", f"{res['pgd_speedup_undefended']:.2f}x",
+              f"ours {pu['seconds_ours']:.3f}s vs torchattacks {pu['seconds_torchattacks']:.3f}s; acc ours "
+              f"{pu['acc_ours']} / ta {pu['acc_torchattacks']}")
+    t.add_row("pgd_speedup_robust", f"{res['pgd_speedup_robust']:.2f}x",
+              f"ours {pr['seconds_ours']:.3f}s vs torchattacks {pr['seconds_torchattacks']:.3f}s; acc ours "
+              f"{pr['acc_ours']} / ta {pr['acc_torchattacks']}")
+    for w, v in res["flops"].items():
+        t.add_row(f"flops_fraction (width {w})", f"{v['fraction']:.2f}",
+                  f"{v['gflops']} of {v['peak_gflops']} GFLOP/s float32 matmul")
+    if "aa_time_ratio" in res:
+        a = res["autoattack"]
+        t.add_row("aa_time_ratio", f"{res['aa_time_ratio']:.2f}",
+                  f"ours {a['seconds_ours']}s vs pyautoattack {a['seconds_alone']}s; robust acc ours {a['acc_ours']} "
+                  f"/ alone {a['acc_alone']} (eps {a['eps']}, {a['n']} points)")
+    for k, v in res["multimodel"].items():
+        t.add_row(f"multimodel_speedup ({k} pts/model)", f"{v['speedup_stacked']:.2f}x",
+                  f"auto -> {v['auto_layout']}")
+    for k, ok in res["targets"].items():
+        t.add_row(f"target {k}", "met" if ok else "NOT met", "")
+    from rich.console import Console as _C
+    _C(width=160).print(t)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
