@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._linalg import UNIT_ROUNDOFF, conv_l2_bound, conv_linf, pool_norms, spectral_norm
+from ._linalg import UNIT_ROUNDOFF, conv_l2_bound, conv_linf, lapack_threads, pool_norms, spectral_norm
 from ._walk import Act, CertifyError, MaxPool, Op, Res, float64_copy, walk
 
 __all__ = ["UpperBound", "lipschitz_upper"]
@@ -471,7 +471,7 @@ def _gloro(f: list[Factor], ch: dict, value: float, linf: float):
     return P2, Pinf, method
 
 
-def lipschitz_upper(model: nn.Module, in_shape, *, pairs: bool = True) -> UpperBound:
+def lipschitz_upper(model: nn.Module, in_shape, *, pairs: bool = True, threads: int = 1) -> UpperBound:
     """Certified global L2 (and Linf) Lipschitz upper bound of the logit map of ``model`` on inputs of ``in_shape``
     (without the batch axis, e.g. (1, 28, 28) or (64,)).
 
@@ -481,7 +481,18 @@ def lipschitz_upper(model: nn.Module, in_shape, *, pairs: bool = True) -> UpperB
     Sigmoid), nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.BatchNorm2d (eval), nn.Identity, nn.Dropout
     (identity in eval) and Residual (duck-typed: branch(x) + shortcut(x)). Anything else raises CertifyError naming
     the module type and its path. See the module docstring for the proof sketch.
+
+    threads: torch threads used meanwhile (default 1: on a shared CPU, threaded LAPACK/complex kernels can be two
+    orders of magnitude slower under contention; the previous setting is restored afterwards).
     """
+    t0 = time.perf_counter()
+    with lapack_threads(threads):
+        ub = _upper(model, in_shape, pairs)
+    ub.seconds = time.perf_counter() - t0
+    return ub
+
+
+def _upper(model: nn.Module, in_shape, pairs: bool) -> UpperBound:
     t0 = time.perf_counter()
     try:
         in_shape = tuple(int(s) for s in in_shape)
