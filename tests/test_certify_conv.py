@@ -76,6 +76,23 @@ def test_conv_bound_is_tight_for_circulant_like_sizes():
     assert exact <= bound <= 1.05 * exact
 
 
+@pytest.mark.parametrize("n", [3, 4, 5, 6, 7])
+@pytest.mark.parametrize("kernel,pad,stride", [
+    ([[1.0, -1.0], [-1.0, 1.0]], 1, 1),
+    ([[1.0, -2.0, 1.0]], (0, 1), 1),
+    ([[1.0, -1.0, 1.0], [-1.0, 1.0, -1.0], [1.0, -1.0, 1.0]], 2, 1),
+    ([[1.0, -1.0, 1.0], [-1.0, 1.0, -1.0], [1.0, -1.0, 1.0]], 1, 2),
+])
+def test_conv_bound_on_high_frequency_kernels(kernel, pad, stride, n):
+    """Alternating kernels peak at the Nyquist frequency, which a too-small circular grid would miss."""
+    conv = nn.Conv2d(1, 1, tuple(torch.tensor(kernel).shape), padding=pad, stride=stride, bias=False).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor(kernel, dtype=torch.float64)[None, None])
+    M = explicit_matrix(conv, (1, n, n))
+    bound = conv_l2_bound(conv.weight, conv.stride, conv_padding(conv, (n, n)), conv.dilation, (n, n))
+    assert bound >= exact_l2(M) * (1 - 1e-12)
+
+
 @pytest.mark.parametrize("pool,shape", [
     (nn.AvgPool2d(2), (2, 6, 6)),
     (nn.AvgPool2d(3, stride=2, padding=1), (1, 7, 7)),
