@@ -105,6 +105,10 @@ def run_cells(cells: list[dict], out_dir: Path, console: Console, *, device="aut
             if row.get("cell_id") in wanted:
                 latest[row["cell_id"]] = row
         console.print(reports.console_table(list(latest.values()), title=f"results ({store.path})"))
+        ok_rows = [r for r in latest.values() if r.get("status") == "ok"]
+        if len({r["width"] for r in ok_rows}) >= 3:
+            for line in reports.slope_summary(ok_rows):
+                console.print(line)
         console.print(f"{len(todo)} cells run in {time.perf_counter() - start:.1f} s; "
                       f"{failed} failed; rows in {store.path}; `python -m bench report --out {out_dir}` for plots")
     return 1 if failed else 0

@@ -271,12 +271,21 @@ def slope_summary(rows, y: str = "lip_lower") -> list[str]:
     from .stats import loglog_slope
     lines = []
     for view in build_views(rows):
-        res = loglog_slope(view.rows, y=y)
-        if res["slope"] is None:
-            lines.append(f"{view.title}: {y} slope against p/(n·d) needs two widths per seed")
-            continue
-        ci = ("" if res["ci_low"] is None else f", 95% CI [{res['ci_low']:.3f}, {res['ci_high']:.3f}]")
-        seeds = f"{res['n_seeds']} seed{'s' if res['n_seeds'] != 1 else ''}"
-        lines.append(f"{view.title}: {y} ∝ (p/(n·d))^{res['slope']:.3f}{ci} ({seeds}, {res['n_points']} points; "
-                     f"the law's scale: -0.5)")
+        # A slope is fitted across widths of one family: other settings (noise level, recipe, n) are separate fits.
+        groups: dict[tuple, list] = {}
+        for r in view.rows:
+            key = (r.get("model"), r.get("recipe"), r.get("train_eps"), r.get("label_noise"), r.get("n_train"))
+            groups.setdefault(key, []).append(r)
+        for (model, recipe, train_eps, noise, n), group in groups.items():
+            title = view.title
+            if len(groups) > 1:
+                title += f" · {model} {recipe}" + (f"@{train_eps:g}" if train_eps else "") + f" noise {noise:g} n={n}"
+            res = loglog_slope(group, y=y)
+            if res["slope"] is None:
+                lines.append(f"{title}: {y} slope against p/(n·d) needs two widths per seed")
+                continue
+            ci = ("" if res["ci_low"] is None else f", 95% CI [{res['ci_low']:.3f}, {res['ci_high']:.3f}]")
+            seeds = f"{res['n_seeds']} seed{'s' if res['n_seeds'] != 1 else ''}"
+            lines.append(f"{title}: {y} ∝ (p/(n·d))^{res['slope']:.3f}{ci} ({seeds}, {res['n_points']} points; "
+                         f"the law's scale: -0.5)")
     return lines

@@ -503,10 +503,15 @@ def test_views_labels_and_slope_summary():
     assert len({v.id for v in views}) == 2
     labels = [e.label for e in views[1].entries]
     assert labels == ["mlp-w8 · erm", "mlp-w8 · pgd-at · train_eps=0.1", "mlp-w32 · erm"]
-    lines = reports.slope_summary(rows + [adv])
-    res = reports.loglog_slope(rows + [adv])
+    lines = reports.slope_summary(rows)
+    res = reports.loglog_slope(rows)
     assert len(lines) == 1 and lines[0].startswith("mnist5k · Linf: lip_lower")
-    assert f"^{res['slope']:.3f}" in lines[0] and "1 seed, 3 points" in lines[0]
+    assert f"^{res['slope']:.3f}" in lines[0] and "1 seed, 2 points" in lines[0]
+    # another recipe is a separate fit, never pooled with the erm widths
+    lines = reports.slope_summary(rows + [adv])
+    assert len(lines) == 2
+    assert lines[0].startswith("mnist5k · Linf · mlp erm noise 0") and f"^{res['slope']:.3f}" in lines[0]
+    assert "pgd-at@0.1" in lines[1] and "needs two widths" in lines[1]
 
 
 def test_svg_only_plots_are_linked_and_embedded(tmp_path):
