@@ -341,6 +341,38 @@ def _linear_factors(ops: list[Op]) -> list[Factor]:
     return out
 
 
+def _reorder(prog: list) -> list:
+    """Rewrite the program into one with the same *set of possible Jacobians*, better suited to merging.
+
+    (a) ``diag S, act`` -> ``act, diag S`` when S cannot be folded backwards (nothing linear before it in its run):
+        the Jacobian of x -> act(S x + b) is D S = S D with D diagonal, so every bound on the reordered chain's
+        Jacobians holds for the original one. S then folds into the next convolution / joins the next merged
+        linear operator (pre-activation ResNets: BatchNorm, ReLU, conv).
+    (b) ``diag S, Residual(branch, shortcut)`` -> ``Residual(S + branch, S + shortcut)``, an identity of functions.
+    Residual sub-programs are rewritten recursively.
+    """
+    prog = [Res(_reorder(n.branch), _reorder(n.shortcut), n.path, n.in_shape, n.out_shape) if isinstance(n, Res)
+            else n for n in prog]
+    changed = True
+    while changed:
+        changed = False
+        for i in range(1, len(prog)):
+            node, prev = prog[i], prog[i - 1]
+            if (isinstance(node, Act) and isinstance(prev, Op) and prev.kind == "diag"
+                    and tuple(prev.out_shape) == tuple(node.shape)
+                    and not (i >= 2 and isinstance(prog[i - 2], Op) and prog[i - 2].kind in ("conv", "linear"))):
+                prog[i - 1], prog[i] = node, prev
+                changed = True
+                break
+            if (isinstance(node, Res) and isinstance(prev, Op) and prev.kind == "diag"
+                    and tuple(prev.out_shape) == tuple(node.in_shape)):
+                prog[i - 1:i + 1] = [Res(_reorder([prev] + node.branch), _reorder([prev] + node.shortcut),
+                                         node.path, node.in_shape, node.out_shape)]
+                changed = True
+                break
+    return prog
+
+
 def _factors(prog: list) -> list[Factor]:
     out: list[Factor] = []
     run: list[Op] = []
@@ -509,7 +541,7 @@ def _upper(model: nn.Module, in_shape, pairs: bool) -> UpperBound:
         except Exception as exc:
             raise CertifyError(f"model does not accept inputs of shape {in_shape}: {type(exc).__name__}: {exc}") \
                 from None
-    prog = walk(m64, in_shape)
+    prog = _reorder(walk(m64, in_shape))
     f = _factors(prog)
     ch = _chain(f)
     value = ch["l2"] * (1 + FINAL_SLACK)

@@ -363,3 +363,23 @@ def test_callers_model_is_left_untouched():
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert next(model.parameters()).dtype == torch.float32
     assert lb.value <= ub.value
+
+
+def test_diagonal_scalings_move_across_activations_and_into_residuals():
+    """diag S, ReLU, W: every Jacobian is W D S = (W S) D, so the bound is ||W S|| (tight, D = I), not ||W|| max|S|;
+    diag S before a Residual is distributed into both paths."""
+    torch.manual_seed(8)
+    model = nn.Sequential(Scaler(), nn.ReLU(), nn.Linear(3, 2))
+    S = torch.diag(1 / Scaler().std.double())
+    W = model[2].weight.detach().double()
+    ub = lipschitz_upper(model, (3,))
+    exact = float(torch.linalg.svdvals(W @ S)[0])
+    assert exact <= ub.value <= exact * (1 + 1e-6)
+    assert ub.value < float(torch.linalg.svdvals(W)[0]) * 4 * (1 - 1e-3)      # max |S| = 4
+    res = nn.Sequential(Scaler(), Residual(nn.Sequential(nn.Linear(3, 3))), nn.ReLU(), nn.Linear(3, 2))
+    ub = lipschitz_upper(res, (3,))
+    A = res[1].branch[0].weight.detach().double()
+    W = res[3].weight.detach().double()
+    for bits in itertools.product([0.0, 1.0], repeat=3):
+        J = W @ torch.diag(torch.tensor(bits, dtype=torch.float64)) @ (A + torch.eye(3, dtype=torch.float64)) @ S
+        assert float(torch.linalg.svdvals(J)[0]) <= ub.value * (1 + 1e-12)
