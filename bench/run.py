@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bench.spec import SpecError, build_spec, cell_id, expand
@@ -60,6 +61,18 @@ def run_command(args, console: Console) -> int:
     return run_cells(cells, Path(args.out), console, device=args.device, data_dir=args.data_dir)
 
 
+def cell_summary(row: dict) -> str:
+    """One line per finished cell, so a run's log shows progress even where no live display renders."""
+    import reports
+    e = reports.headline_eps(row)
+    k = str(float(e)) if e is not None else None
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"
+    return (f"{row['model']} w={row['width']} seed={row['seed']} {row['threat']}: p={row['params']:,} "
+            f"p/(n·d)={row['ratio']:.3g} clean {pct(row['clean_acc'])} robust@{e:g} {pct(row['robust_acc'].get(k))} "
+            f"cert {pct(row['cert_acc'].get(k))} lip [{row['lip_lower']:.3g}, {row['lip_upper']:.3g}] "
+            f"({row['timings'].get('total', 0):.1f} s)")
+
+
 def run_cells(cells: list[dict], out_dir: Path, console: Console, *, device="auto", data_dir=None) -> int:
     import reports
     from bench.runner import run_cell
@@ -96,7 +109,9 @@ def run_cells(cells: list[dict], out_dir: Path, console: Console, *, device="aut
                 store.append(row)
                 if row["status"] != "ok":
                     failed += 1
-                    progress.console.print(f"[red]cell {cid} ({label}) failed: {row['error']}")
+                    progress.console.print(f"[red]cell {cid} ({label}) failed: {escape(str(row['error']))}")
+                else:
+                    progress.console.print(cell_summary(row))
                 progress.advance(task)
             progress.update(task, phase="done")
         wanted = {cell_id(c) for c in cells}
