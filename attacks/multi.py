@@ -44,6 +44,9 @@ def stack_models(models: Sequence[torch.nn.Module]) -> Callable[[torch.Tensor], 
     shapes = [tuple(p.shape for p in m.parameters()) for m in models]
     if any(n != names[0] for n in names) or any(s != shapes[0] for s in shapes):
         raise AttackError("stacked layout needs models of one architecture (same parameter names and shapes)")
+    fast = _stack_mlp(models)
+    if fast is not None:
+        return fast
     params, buffers = stack_module_state(list(models))
     params = {k: v.detach() for k, v in params.items()}
     buffers = {k: v.detach() for k, v in buffers.items()}
@@ -53,7 +56,53 @@ def stack_models(models: Sequence[torch.nn.Module]) -> Callable[[torch.Tensor], 
         return functional_call(base, (p, b), (xx,))
 
     vf = torch.vmap(f, in_dims=(0, 0, 0))
-    return lambda X: vf(params, buffers, X)
+
+    def F(X):
+        return vf(params, buffers, X)
+
+    F.kind = "vmap"
+    return F
+
+
+def _stack_mlp(models):
+    """Batched-matmul forward for nn.Sequential models made of Flatten / Linear / ReLU / Identity (the MLP
+    families): one baddbmm per layer for all models. None for any other structure (vmap is used then)."""
+    nn = torch.nn
+    if not all(isinstance(m, nn.Sequential) for m in models):
+        return None
+    ops = []
+    for i, mod in enumerate(models[0]):
+        mods = [m[i] for m in models]
+        if any(type(mm) is not type(mod) for mm in mods):
+            return None
+        if isinstance(mod, nn.Linear):
+            W = torch.stack([mm.weight.detach() for mm in mods]).transpose(1, 2).contiguous()  # (M, in, out)
+            b = None if mod.bias is None else torch.stack([mm.bias.detach() for mm in mods])[:, None, :]
+            ops.append(("linear", W, b))
+        elif isinstance(mod, nn.ReLU):
+            ops.append(("relu",))
+        elif isinstance(mod, nn.Flatten) and mod.start_dim == 1 and mod.end_dim == -1:
+            ops.append(("flatten",))
+        elif isinstance(mod, nn.Identity):
+            continue
+        else:
+            return None
+    if not ops or ops[0][0] not in ("flatten", "linear"):
+        return None
+
+    def F(X):
+        h = X
+        for op in ops:
+            if op[0] == "flatten":
+                h = h.reshape(h.shape[0], h.shape[1], -1)
+            elif op[0] == "linear":
+                h = torch.bmm(h, op[1]) if op[2] is None else torch.baddbmm(op[2], h, op[1])
+            else:
+                h = torch.relu(h)
+        return h
+
+    F.kind = "bmm"
+    return F
 
 
 def _as_list(v, M, what):
@@ -277,6 +326,8 @@ def pgd_sweep_multi(models: Sequence[torch.nn.Module], x, y, eps, *, norm: str =
         elif "reason" not in info:
             info["reason"] = f"layout={layout} requested"
         info["layout"] = chosen
+        if F_ is not None:
+            info["stack_kind"] = getattr(F_, "kind", "vmap")
         if log:
             log(f"pgd multi-model: {chosen} ({info['reason']})")
         if chosen == "sequential":

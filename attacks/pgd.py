@@ -359,11 +359,133 @@ def _sweep_chunk(model, shape, x0, y, eps_sorted, alphas, norm, steps, restarts,
     return robust, x_adv, brk
 
 
+def _first_of_each(key: torch.Tensor) -> torch.Tensor:
+    """Indices of the first occurrence of each distinct value of ``key``."""
+    if key.numel() == 0:
+        return key
+    order = torch.argsort(key, stable=True)
+    ks = key[order]
+    new = torch.ones_like(ks, dtype=torch.bool)
+    new[1:] = ks[1:] != ks[:-1]
+    return order[new]
+
+
+def _sweep_joint(model, shape, x0, y, eps_sorted, alphas, norm, steps, restarts, loss, random_start, targeted,
+                 target, gen, counters):
+    """All eps and all restarts of a chunk in one set of rows (row = (eps k, restart r, point i)).
+
+    A row that breaks point i at eps_k marks i broken at every eps >= k and retires every row of i at those eps
+    (including the other restarts); rows at smaller eps keep going. Same results contract as _sweep_chunk, more
+    rows per pass (for devices that need large batches to be efficient)."""
+    E, A = len(eps_sorted), x0.shape[0]
+    dev, dt = x0.device, x0.dtype
+    R = restarts
+    robust = torch.ones(E, A, dtype=torch.bool, device=dev)
+    x_adv = x0.unsqueeze(0).repeat(E, 1, 1)
+    brk = torch.full((E, A), -1, dtype=torch.long, device=dev)
+    ks = [k for k, e in enumerate(eps_sorted) if e > 0]
+    if not ks or A == 0:
+        return robust, x_adv, brk
+    z_clean = None
+    if targeted and target is None:
+        with torch.no_grad():
+            z_clean = model(x0.view(-1, *shape))
+        counters["fwd_rows"] += A
+    pts, krow, tg_l, lo_l, hi_l = [], [], [], [], []
+    for k in ks:
+        lo, hi = box_bounds(x0, eps_sorted[k], norm)
+        for r in range(R):
+            pts.append(torch.arange(A, device=dev))
+            krow.append(torch.full((A,), k, dtype=torch.long, device=dev))
+            lo_l.append(lo)
+            hi_l.append(hi)
+            if targeted:
+                tg_l.append(target if target is not None else _targets_for_restart(z_clean, y, r))
+    pt, kr = torch.cat(pts), torch.cat(krow)
+    lo, hi = torch.cat(lo_l), torch.cat(hi_l)
+    tg = torch.cat(tg_l) if targeted else None
+    eps_t = torch.tensor(eps_sorted, dtype=dt, device=dev)
+    al_t = torch.tensor(alphas, dtype=dt, device=dev)
+    xr0, yr = x0[pt], y[pt]
+    er = eps_t[kr][:, None]
+    ar = al_t[kr][:, None]
+    if random_start:
+        if norm == "Linf":
+            u = torch.rand(xr0.shape, generator=gen, device=dev, dtype=dt)
+            xa = torch.clamp(xr0 + (2.0 * u - 1.0) * er, lo, hi)
+        else:
+            g = torch.randn(xr0.shape, generator=gen, device=dev, dtype=dt)
+            rr = torch.rand((xr0.shape[0], 1), generator=gen, device=dev, dtype=dt)
+            g = g * (rr * er / g.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            xa = _project_l2(xr0, xr0 + g, er)
+    else:
+        xa = xr0.clone()
+    broken_at = torch.full((A,), E, dtype=torch.long, device=dev)
+    for t in range(steps + 1):
+        last = t == steps
+        if last:
+            with torch.no_grad():
+                z = model(xa.view(-1, *shape))
+            counters["fwd_rows"] += xa.shape[0]
+        else:
+            xa.requires_grad_(True)
+            with torch.enable_grad():
+                z = model(xa.view(-1, *shape))
+        hit = z.detach().argmax(1) != yr
+        if bool(hit.any()):
+            hk, hp, hx = kr[hit], pt[hit], xa.detach()[hit]
+            first = _first_of_each(hk * A + hp)  # one row per (eps, point): duplicate row writes would mix rows
+            hk, hp, hx = hk[first], hp[first], hx[first]
+            for k in torch.unique(hk).tolist():  # ascending: the smallest breaking eps wins
+                sel = hk == k
+                p = hp[sel]
+                new = broken_at[p] > k
+                if bool(new.any()):
+                    pn = p[new]
+                    broken_at[pn] = k
+                    x_adv[k, pn] = hx[sel][new]
+                    brk[k, pn] = t
+            keep = kr < broken_at[pt]
+            if not bool(keep.any()):
+                break
+        else:
+            keep = None
+        if last:
+            break
+        with torch.enable_grad():
+            zk, yk = (z, yr) if keep is None else (z[keep], yr[keep])
+            tk = None if tg is None else (tg if keep is None else tg[keep])
+            (g,) = torch.autograd.grad(attack_loss(zk, yk, loss, tk).sum(), xa)
+        counters["grad_rows"] += xa.shape[0]
+        xa = xa.detach()
+        if keep is not None:
+            xa, g, xr0, yr, lo, hi, pt, kr, er, ar = (v[keep] for v in (xa, g, xr0, yr, lo, hi, pt, kr, er, ar))
+            if tg is not None:
+                tg = tg[keep]
+        if norm == "Linf":
+            xa = torch.clamp(xa.addcmul_(g.sign_(), ar), lo, hi)
+        else:
+            gn = g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            xa = _project_l2(xr0, xa + g * (ar / gn), er)
+    # survivors: the last iterate of their (last) row at each eps they survived
+    alive = (kr < broken_at[pt]).nonzero().flatten()
+    alive = alive[_first_of_each(kr[alive] * A + pt[alive])]
+    x_adv[kr[alive], pt[alive]] = xa.detach()[alive]
+    ar_k = torch.arange(E, device=dev)[:, None]
+    robust = ar_k < broken_at[None, :]
+    # broken at k: the same example at every larger eps
+    for k in range(E):
+        b = broken_at == k
+        if bool(b.any()):
+            x_adv[k + 1:, b] = x_adv[k, b].unsqueeze(0)
+    return robust, x_adv, brk
+
+
 def pgd_sweep(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float], *,
               norm: str = "Linf", steps: int = 100, step_size: float | Sequence[float] | None = None,
               restarts: int = 1, loss: str = "ce", random_start: bool = True, targeted: bool = False,
               target: torch.Tensor | None = None, seed: int = 0, max_batch: int | None = None,
-              log: Callable[[str], None] | None = None) -> PGDResult:
+              schedule: str = "auto", log: Callable[[str], None] | None = None) -> PGDResult:
     """PGD over an eps sweep with restarts and per-point early exit.
 
     eps may be a float or a list; it is processed in ascending order (results follow the given order). A point
@@ -373,6 +495,10 @@ def pgd_sweep(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     likely wrong class of the clean input; a point still counts as broken as soon as it is misclassified.
     max_batch bounds the rows per forward pass (None: all points unless memory estimates say otherwise); on
     out-of-memory the batch is halved and the chunk retried (info["oom_backoffs"]).
+    schedule: "sequential" runs eps (ascending) and restarts one after another on the shrinking active set: the
+    least work, best where the device is already busy with one batch (CPU). "joint" runs every (eps, restart,
+    point) row at once and retires rows as their point breaks: more work, far fewer and larger passes (GPU).
+    "auto" picks joint on CUDA and sequential elsewhere.
     """
     check_norm(norm)
     check_loss(loss)
@@ -393,6 +519,10 @@ def pgd_sweep(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
             raise AttackError("step_size list must have one entry per eps")
     if x.shape[0] != y.shape[0]:
         raise AttackError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
+    if schedule not in ("auto", "sequential", "joint"):
+        raise AttackError(f"schedule must be 'auto', 'sequential' or 'joint', got {schedule!r}")
+    if schedule == "auto":
+        schedule = "joint" if x.device.type == "cuda" else "sequential"
     if max_batch is not None and int(max_batch) < 1:
         raise AttackError(f"max_batch must be >= 1, got {max_batch}")
     t_start = time.perf_counter()
@@ -406,7 +536,8 @@ def pgd_sweep(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     alphas = [steps_list[i] for i in order]
     E = len(eps_list)
     counters = {"grad_rows": 0, "fwd_rows": 0}
-    mb = int(max_batch) if max_batch else _auto_max_batch(model, x, N)
+    rows_per_point = (len(eps_list) * int(restarts)) if schedule == "joint" else 1
+    mb = int(max_batch) if max_batch else _auto_max_batch(model, x, N * rows_per_point)
     oom = 0
 
     # clean predictions (with back-off)
@@ -426,11 +557,13 @@ def pgd_sweep(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     idx = torch.nonzero(clean).flatten()
     s = 0
     while s < idx.numel():
-        rows = idx[s:s + mb]
+        joint = schedule == "joint" and mb >= rows_per_point
+        rows = idx[s:s + (mb // rows_per_point if joint else mb)]
         gen = torch.Generator(device=dev)
         gen.manual_seed(int(seed) * 1_000_003 + s)
         try:
-            r_, xa_, b_ = _sweep_chunk(model, shape, x_flat[rows], y[rows], eps_sorted, alphas, norm, int(steps),
+            fn = _sweep_joint if joint else _sweep_chunk
+            r_, xa_, b_ = fn(model, shape, x_flat[rows], y[rows], eps_sorted, alphas, norm, int(steps),
                                        int(restarts), loss, random_start, targeted,
                                        None if target is None else target.to(dev)[rows], gen, counters)
         except Exception as exc:  # noqa: BLE001
@@ -454,6 +587,6 @@ def pgd_sweep(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
         "loss": loss, "targeted": bool(targeted), "random_start": bool(random_start), "seed": int(seed),
         "clean": clean, "broken_step": brk_s[inv], "grad_rows": counters["grad_rows"],
         "fwd_rows": counters["fwd_rows"], "max_batch": mb, "oom_backoffs": oom,
-        "seconds": time.perf_counter() - t_start, "schedule": "ascending-sequential",
+        "seconds": time.perf_counter() - t_start, "schedule": schedule,
     }
     return PGDResult(robust=robust, x_adv=x_adv, info=info)

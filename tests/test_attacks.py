@@ -50,10 +50,12 @@ def _inside(x_adv, x, eps, norm):
         assert float(d.norm(dim=1).max()) <= eps * (1 + 1e-5)
 
 
+@pytest.mark.parametrize("schedule", ["sequential", "joint"])
 @pytest.mark.parametrize("norm,eps", [("Linf", EPS_LINF), ("L2", EPS_L2)])
-def test_examples_inside_ball_and_box(model, data, norm, eps):
+def test_examples_inside_ball_and_box(model, data, norm, eps, schedule):
     _, _, x, y = data
-    r = attacks.pgd_sweep(model, x, y, eps, norm=norm, steps=20, restarts=2, seed=3)
+    r = attacks.pgd_sweep(model, x, y, eps, norm=norm, steps=20, restarts=2, seed=3, schedule=schedule)
+    assert r.info["schedule"] == schedule
     assert r.robust.shape == (len(eps), x.shape[0]) and r.x_adv.shape == (len(eps), *x.shape)
     for i, e in enumerate(eps):
         _inside(r.x_adv[i], x, e, norm)
@@ -144,6 +146,22 @@ def test_early_exit_and_sweep_monotone(model, data):
     # exact work count: surviving rows run every step at every eps they reach
     lower = sum(int(r.robust[i].sum()) * steps for i in range(3))
     assert info["grad_rows"] >= lower
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_joint_schedule_matches_sequential(model, data, targeted):
+    _, _, x, y = data
+    a = attacks.pgd_sweep(model, x, y, EPS_LINF, steps=20, restarts=2, schedule="sequential", targeted=targeted)
+    b = attacks.pgd_sweep(model, x, y, EPS_LINF, steps=20, restarts=2, schedule="joint", targeted=targeted)
+    for i in range(len(EPS_LINF)):
+        assert abs(int(a.robust[i].sum()) - int(b.robust[i].sum())) <= 3
+    i05, i10, i20 = EPS_LINF.index(0.05), EPS_LINF.index(0.1), EPS_LINF.index(0.2)
+    assert bool((b.robust[i10] <= b.robust[i05]).all()) and bool((b.robust[i20] <= b.robust[i10]).all())
+    # joint runs more rows per pass, and more work in total (rows at larger eps run until the point breaks)
+    assert b.info["grad_rows"] >= a.info["grad_rows"]
+    rec = _Recorder(model)
+    c = attacks.pgd_sweep(rec, x, y, EPS_LINF, steps=5, restarts=2, schedule="joint", max_batch=60)
+    assert max(rec.sizes) <= 60 and c.info["max_batch"] == 60
 
 
 def test_restarts_only_help(model, data):
