@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from ._linalg import lapack_threads
 from ._walk import CertifyError, float64_copy
 
 __all__ = ["LowerBound", "lipschitz_lower", "local_lipschitz"]
@@ -123,20 +124,69 @@ def local_lipschitz(model: nn.Module, x: torch.Tensor, iters: int = 50) -> torch
     return s
 
 
+def _local_jacobian(model, x: torch.Tensor, power_iters: int, max_exact_classes: int = 64):
+    """Per point: (||J(x)||_2 estimate from below, unit top right singular vector) in the model's dtype.
+
+    Few classes: the Jacobian is built exactly from C vector-Jacobian products and its top singular pair comes from
+    the C x C Gram (exact up to rounding). Many classes: power iteration on J^T J."""
+    n = len(x)
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = model(x)
+        C = out.shape[1]
+        if C > max_exact_classes:
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            v = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+            s, v = _power(model, x.detach(), v, power_iters)
+            return s, v
+        rows = []
+        for c in range(C):
+            (g,) = torch.autograd.grad(out[:, c].sum(), x, retain_graph=c + 1 < C)
+            rows.append(g.reshape(n, -1))
+    J = torch.stack(rows, 1).double()                                  # (n, C, d)
+    G = J @ J.transpose(1, 2)
+    with torch.no_grad():
+        evals, evecs = torch.linalg.eigh(G)
+    u = evecs[:, :, -1]                                                # (n, C)
+    v = (J.transpose(1, 2) @ u[:, :, None])[:, :, 0]
+    vn = v.norm(dim=1, keepdim=True)
+    v = torch.where(vn > 0, v / vn.clamp_min(1e-300), v)
+    sigma = (J @ v[:, :, None])[:, :, 0].norm(dim=1)
+    return sigma, v.reshape(x.shape).to(x.dtype)
+
+
 def lipschitz_lower(model: nn.Module, points: Sequence[torch.Tensor] | torch.Tensor,
                     pairs: Iterable[tuple[torch.Tensor, torch.Tensor]] = (), *,
-                    power_points: int = 32, power_iters: int = 30, search_starts: int = 8, search_steps: int = 30,
-                    search_radii: Sequence[float] = (0.1, 1.0), search_lr: float = 0.01,
+                    local_points: int = 16, power_iters: int = 30, search_starts: int = 8, search_steps: int = 25,
+                    search_radii: Sequence[float] = (0.5,), search_lr: float = 0.01, verify_pairs: int = 32,
                     domain: tuple[float, float] | None = (0.0, 1.0), fd_step: float = 1e-4,
-                    batch_size: int = 256, seed: int = 0) -> LowerBound:
+                    batch_size: int = 256, seed: int = 0, power_points: int | None = None,
+                    threads: int | None = 1) -> LowerBound:
     """Empirical lower bound on the global L2 Lipschitz constant of the logit map (see the module docstring).
 
     points: tensors of inputs (N, *in_shape) (training points, test points, attack iterates...).
     pairs:  (x, x') tensor pairs of equal shape, e.g. (clean, adversarial); their secants count.
+    local_points: how many of the best-screened points get their exact local Jacobian norm.
     domain: box onto which the pair search projects its iterates (None: unconstrained).
-    The returned value is always a verified secant, hence <= the true constant (and <= lipschitz_upper).
+    Screening, local Jacobians and the pair search run in the model's own precision; every candidate that can
+    become the reported value is then re-evaluated as a secant on a float64 copy of the model, so the value is
+    always <= the true constant (and <= lipschitz_upper).
+    threads: torch CPU threads meanwhile (default 1; None leaves the setting alone). On a shared 2-core machine
+    OpenMP spin-waiting makes 2 threads up to 10x slower than 1; the previous setting is restored afterwards.
     """
+    if threads is None or _device_of(model).type != "cpu":
+        return _lower(model, points, pairs, local_points, power_iters, search_starts, search_steps, search_radii,
+                      search_lr, verify_pairs, domain, fd_step, batch_size, seed, power_points)
+    with lapack_threads(threads):
+        return _lower(model, points, pairs, local_points, power_iters, search_starts, search_steps, search_radii,
+                      search_lr, verify_pairs, domain, fd_step, batch_size, seed, power_points)
+
+
+def _lower(model, points, pairs, local_points, power_iters, search_starts, search_steps, search_radii, search_lr,
+           verify_pairs, domain, fd_step, batch_size, seed, power_points) -> LowerBound:
     t0 = time.perf_counter()
+    if power_points is not None:                     # older keyword
+        local_points = power_points
     batches = _as_batches(points)
     pair_list = [(a, b) for a, b in (pairs or ()) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
                  and a.numel() > 0]
@@ -148,131 +198,153 @@ def lipschitz_lower(model: nn.Module, points: Sequence[torch.Tensor] | torch.Ten
     dev = _device_of(model)
     details: dict = {}
     candidates: dict[str, float] = {}
-
-    # 1. screening (float32, the caller's model in eval mode)
-    X = torch.cat([p.detach().to(dev) for p in batches], 0) if batches else \
-        torch.cat([a.detach().to(dev) for a, _ in pair_list], 0)
-    grads = torch.empty_like(X, dtype=torch.float32)
-    screen = torch.empty(len(X), dtype=torch.float32)
-    with _TrainModeGuard(model), torch.enable_grad():
+    with _TrainModeGuard(model):
         dtype = next((p.dtype for p in model.parameters()), torch.float32)
-        for s in range(0, len(X), batch_size):
-            xb = X[s:s + batch_size].to(dtype).clone().requires_grad_(True)
-            out = model(xb)
-            if out.dim() != 2 or out.shape[1] < 2:
-                raise CertifyError(f"model must return logits (N, C>=2), got shape {tuple(out.shape)}")
-            top2 = out.topk(2, dim=1).indices
-            margin = out.gather(1, top2[:, :1]) - out.gather(1, top2[:, 1:2])
-            (g,) = torch.autograd.grad(margin.sum(), xb)
-            grads[s:s + batch_size] = g.detach().float()
-            screen[s:s + batch_size] = g.detach().reshape(len(xb), -1).norm(dim=1).float().cpu() / math.sqrt(2)
-    details["margin_grad_screen"] = float(screen.max()) if len(screen) else 0.0
-    details["n_points"] = int(len(X))
+        X = torch.cat([p.detach().to(dev, dtype) for p in batches], 0) if batches else \
+            torch.cat([a.detach().to(dev, dtype) for a, _ in pair_list], 0)
 
-    m64 = float64_copy(model, dev)
-    for p in m64.parameters():
-        p.requires_grad_(False)
-    X64 = X.to(torch.float64)
+        # 1. screening: margin-gradient norms / sqrt(2) at every point
+        tick = time.perf_counter()
+        timings = details.setdefault("timings", {})
+        screen = torch.empty(len(X), dtype=torch.float64)
+        logits = []
+        with torch.enable_grad():
+            for s in range(0, len(X), batch_size):
+                xb = X[s:s + batch_size].clone().requires_grad_(True)
+                out = model(xb)
+                logits.append(out.detach())
+                if out.dim() != 2 or out.shape[1] < 2:
+                    raise CertifyError(f"model must return logits (N, C>=2), got shape {tuple(out.shape)}")
+                top2 = out.topk(2, dim=1).indices
+                margin = out.gather(1, top2[:, :1]) - out.gather(1, top2[:, 1:2])
+                (g,) = torch.autograd.grad(margin.sum(), xb)
+                screen[s:s + batch_size] = g.detach().reshape(len(xb), -1).norm(dim=1).double().cpu() / math.sqrt(2)
+        details["margin_grad_screen"] = float(screen.max())
+        details["n_points"] = int(len(X))
 
-    def fd_verify(x, v):
-        t = fd_step
-        return _secants(m64, x + t * v, x - t * v)
+        timings["screen"] = round(time.perf_counter() - tick, 4)
+        tick = time.perf_counter()
+        # 2. exact local Jacobian norms at the best-screened points
+        k = min(local_points, len(X))
+        top = torch.topk(screen, k).indices.to(dev)
+        local_x = X[top]
+        jac, local_v = _local_jacobian(model, local_x, power_iters)
+        details["local_jacobian"] = float(jac.max())
 
-    # 2. local power iteration at the best-screened points, verified as secants
-    k = min(power_points, len(X64))
-    top = torch.topk(screen, k).indices.to(dev) if k > 0 else torch.empty(0, dtype=torch.long, device=dev)
-    local_x = X64[top]
-    local_vals = torch.zeros(0, dtype=torch.float64)
-    local_v = None
-    if k > 0:
-        v0 = grads[top].to(torch.float64)
-        zero = v0.reshape(k, -1).norm(dim=1) == 0
-        if bool(zero.any()):
-            gen = torch.Generator(device="cpu").manual_seed(seed)
-            v0[zero] = torch.randn(v0[zero].shape, generator=gen, dtype=torch.float64).to(dev)
-        jac, local_v = _power(m64, local_x, v0, power_iters)
-        details["jacobian_power"] = float(jac.max())
-        local_vals = fd_verify(local_x, local_v)
-        candidates["local-jacobian-power"] = float(local_vals.max())
+        timings["local"] = round(time.perf_counter() - tick, 4)
+        tick = time.perf_counter()
+        # 3. given pairs: secants in the model's precision, the best verified below
+        pa_all, pb_all, pv_all = [], [], []
+        F_all = torch.cat(logits, 0) if batches else None
+        offsets = [0]
+        for p in batches:
+            offsets.append(offsets[-1] + len(p))
 
-    # 3. given pairs
-    pair_a, pair_b, pair_vals = [], [], []
-    for a, b in pair_list:
-        a64, b64 = a.detach().to(dev, torch.float64), b.detach().to(dev, torch.float64)
-        for s in range(0, len(a64), batch_size):
-            pa, pb = a64[s:s + batch_size], b64[s:s + batch_size]
-            pair_a.append(pa)
-            pair_b.append(pb)
-            pair_vals.append(_secants(m64, pa, pb, min_dist=1e-6))
-    if pair_vals:
-        pv = torch.cat(pair_vals)
-        candidates["pair-secant"] = float(pv.max())
-        details["n_pairs"] = int(len(pv))
+        def known_logits(t):
+            # logits of a tensor that is one of the given point batches (the runner passes the same inputs
+            # as points and as pair ends): no second forward pass
+            for i, p in enumerate(batches):
+                if p.shape == t.shape and torch.equal(p.detach().to(dev, dtype), t):
+                    return F_all[offsets[i]:offsets[i + 1]]
+            return None
 
-    # 4. optimised pair search
-    starts_a, starts_b = [], []
-    if k > 0 and search_starts > 0:
-        order = torch.argsort(local_vals, descending=True)[:search_starts]
+        with torch.no_grad():
+            for a, b in pair_list:
+                a, b = a.detach().to(dev, dtype), b.detach().to(dev, dtype)
+                fa_all, fb_all = known_logits(a), known_logits(b)
+                for s in range(0, len(a), batch_size):
+                    pa, pb = a[s:s + batch_size], b[s:s + batch_size]
+                    fa = fa_all[s:s + batch_size] if fa_all is not None else model(pa)
+                    fb = fb_all[s:s + batch_size] if fb_all is not None else model(pb)
+                    den = (pa - pb).reshape(len(pa), -1).norm(dim=1)
+                    num = (fa - fb).reshape(len(pa), -1).norm(dim=1)
+                    pa_all.append(pa)
+                    pb_all.append(pb)
+                    pv_all.append(torch.where(den > 1e-5, num / den.clamp_min(1e-30), torch.zeros_like(num)))
+        if pv_all:
+            PA, PB, PV = torch.cat(pa_all), torch.cat(pb_all), torch.cat(pv_all)
+            details["n_pairs"] = int(len(PV))
+
+        timings["pairs"] = round(time.perf_counter() - tick, 4)
+        tick = time.perf_counter()
+        # 4. optimised pair search (model precision, Adam on the log secant)
+        starts_a, starts_b = [], []
+        order = torch.argsort(jac, descending=True)[:search_starts]
         for r in search_radii:
             a = local_x[order]
             b = a + r * local_v[order]
-            if domain is not None:
-                b = b.clamp(*domain)
             starts_a.append(a)
-            starts_b.append(b)
-    if pair_vals and search_starts > 0:
-        pa, pb = torch.cat(pair_a), torch.cat(pair_b)
-        order = torch.argsort(pv, descending=True)[:search_starts]
-        starts_a.append(pa[order])
-        starts_b.append(pb[order])
-    if starts_a and search_steps > 0:
+            starts_b.append(b.clamp(*domain) if domain is not None else b)
+        if pv_all:
+            order = torch.argsort(PV, descending=True)[:search_starts]
+            starts_a.append(PA[order])
+            starts_b.append(PB[order])
         A = torch.cat(starts_a).clone()
         B = torch.cat(starts_b).clone()
-        keep = (A - B).reshape(len(A), -1).norm(dim=1) > 1e-6
+        keep = (A - B).reshape(len(A), -1).norm(dim=1) > 1e-5
         A, B = A[keep], B[keep]
-        best = torch.zeros(0, dtype=torch.float64)
-        if len(A):
+        search_a = search_b = None
+        if len(A) and search_steps > 0:
+            best_val = torch.zeros(len(A), dtype=torch.float64, device=dev)
+            best_a, best_b = A.clone(), B.clone()
             A.requires_grad_(True)
             B.requires_grad_(True)
-            opt = torch.optim.Adam([A, B], lr=search_lr)
-            best_val = torch.zeros(len(A), dtype=torch.float64, device=dev)
-            best_a, best_b = A.detach().clone(), B.detach().clone()
-            for _ in range(search_steps + 1):
-                fa, fb = m64(A), m64(B)
-                num = (fa - fb).reshape(len(A), -1).norm(dim=1)
-                den = (A - B).reshape(len(A), -1).norm(dim=1)
-                with torch.no_grad():
-                    val = torch.where(den > 1e-6, num / den.clamp_min(1e-300), torch.zeros_like(num))
-                    better = val > best_val
-                    best_val = torch.where(better, val, best_val)
-                    best_a[better] = A.detach()[better]
-                    best_b[better] = B.detach()[better]
-                obj = -(torch.log(num.clamp_min(1e-300)) - torch.log(den.clamp_min(1e-300))).sum()
-                opt.zero_grad()
-                obj.backward()
-                opt.step()
-                if domain is not None:
+            moments = [[torch.zeros_like(A), torch.zeros_like(A)], [torch.zeros_like(B), torch.zeros_like(B)]]
+            with torch.enable_grad():
+                for _ in range(search_steps + 1):
+                    num = (model(A) - model(B)).reshape(len(A), -1).norm(dim=1)
+                    den = (A - B).reshape(len(A), -1).norm(dim=1)
                     with torch.no_grad():
-                        A.clamp_(*domain)
-                        B.clamp_(*domain)
-            # re-verify the best pairs from scratch (no autograd state) and refine locally at their end points
-            best = _secants(m64, best_a, best_b, min_dist=1e-6)
-            candidates["pair-search"] = float(best.max())
-            ends = torch.cat([best_a, best_b])
-            gen = torch.Generator(device="cpu").manual_seed(seed + 1)
-            jac2, v2 = _power(m64, ends, (ends - torch.cat([best_b, best_a])).detach()
-                              + 1e-3 * torch.randn(ends.shape, generator=gen, dtype=torch.float64).to(dev),
-                              power_iters)
-            candidates["search-endpoint-jacobian"] = float(fd_verify(ends, v2).max())
+                        val = torch.where(den > 1e-5, num / den.clamp_min(1e-30), torch.zeros_like(num)).double()
+                        better = val > best_val
+                        best_val = torch.where(better, val, best_val)
+                        best_a[better] = A.detach()[better]
+                        best_b[better] = B.detach()[better]
+                    obj = -(torch.log(num.clamp_min(1e-30)) - torch.log(den.clamp_min(1e-30))).sum()
+                    ga, gb = torch.autograd.grad(obj, (A, B))
+                    with torch.no_grad():                    # plain Adam steps (no optimiser import)
+                        step_no = _ + 1
+                        for P, g, (m1, m2) in ((A, ga, moments[0]), (B, gb, moments[1])):
+                            m1.mul_(0.9).add_(g, alpha=0.1)
+                            m2.mul_(0.999).addcmul_(g, g, value=0.001)
+                            mh = m1 / (1 - 0.9 ** step_no)
+                            vh = m2 / (1 - 0.999 ** step_no)
+                            P.sub_(search_lr * mh / (vh.sqrt() + 1e-8))
+                    if domain is not None:
+                        with torch.no_grad():
+                            A.clamp_(*domain)
+                            B.clamp_(*domain)
+            search_a, search_b = best_a, best_b
             details["search_steps"] = search_steps
             details["n_search_starts"] = int(len(A))
+            top_s = torch.argsort(best_val, descending=True)[:search_starts]
+            ends = torch.cat([best_a[top_s], best_b[top_s]])
+            jac2, v2 = _local_jacobian(model, ends, power_iters)
+            details["search_endpoint_jacobian"] = float(jac2.max())
 
+        timings["search"] = round(time.perf_counter() - tick, 4)
+    tick = time.perf_counter()
+    # 5. verification: float64 secants of every candidate
+    m64 = float64_copy(model, dev)
+    for p in m64.parameters():
+        p.requires_grad_(False)
+
+    def fd(x, v):
+        x, v = x.to(torch.float64), v.to(torch.float64)
+        return _secants(m64, x + fd_step * v, x - fd_step * v)
+
+    candidates["local-jacobian"] = float(fd(local_x, local_v).max())
+    if pv_all:
+        order = torch.argsort(PV, descending=True)[:verify_pairs]
+        candidates["pair-secant"] = float(_secants(m64, PA[order].double(), PB[order].double(), 1e-6).max())
+    if search_a is not None:
+        candidates["pair-search"] = float(_secants(m64, search_a.double(), search_b.double(), 1e-6).max())
+        candidates["search-endpoint-jacobian"] = float(fd(ends, v2).max())
+    timings["verify"] = round(time.perf_counter() - tick, 4)
     details.update({f"verified:{k_}": v for k_, v in candidates.items()})
-    if not candidates:
-        raise CertifyError("lipschitz_lower found no valid pair (all pairs coincide)")
     name = max(candidates, key=candidates.get)
     value = candidates[name]
-    settings = (f"{k} pts x {power_iters} it power, {details.get('n_pairs', 0)} pairs, "
+    settings = (f"{details['n_points']} pts screened, {k} exact local Jacobians, {details.get('n_pairs', 0)} pairs, "
                 f"{details.get('n_search_starts', 0)} starts x {search_steps} steps search; float64 secants")
     return LowerBound(value=float(value), method=f"{name} ({settings})", seconds=time.perf_counter() - t0,
                       details=details)

@@ -383,3 +383,20 @@ def test_diagonal_scalings_move_across_activations_and_into_residuals():
     for bits in itertools.product([0.0, 1.0], repeat=3):
         J = W @ torch.diag(torch.tensor(bits, dtype=torch.float64)) @ (A + torch.eye(3, dtype=torch.float64)) @ S
         assert float(torch.linalg.svdvals(J)[0]) <= ub.value * (1 + 1e-12)
+
+
+def test_fast_path_of_certified_accuracy_matches_float64_radii():
+    model, in_shape = build("cnn", seed=4)
+    model.eval()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(80, *in_shape, generator=gen)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[::7] = (y[::7] + 1) % 5
+    ub = lipschitz_upper(model, in_shape)
+    for norm in ("L2", "Linf"):
+        r = certified_radii(model, x, y, ub, norm)
+        eps = [float(torch.quantile(r[r > 0], q)) for q in (0.2, 0.5, 0.8)]
+        acc = certified_accuracy(model, x, y, ub, eps, norm)          # float32 screening + float64 re-check
+        assert acc == {e: float((r > e).double().mean()) for e in eps}
+        assert 0 < acc[eps[2]] < acc[eps[0]] < 1
