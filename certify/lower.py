@@ -1,18 +1,19 @@
 """Empirical (always valid) lower bounds on the global L2 Lipschitz constant of the logit map.
 
 Every number that can become the reported value is a *secant* ||f(a) - f(b)||_2 / ||a - b||_2 evaluated on a float64
-copy of the model, which is <= Lip(f) by definition, for any a != b. Jacobian information is only used to choose
-good pairs:
+copy of the model, which is <= Lip(f) by definition, for any a != b. Everything else only *chooses* good pairs and
+runs in the model's own precision (float32):
 
-1. screening: the input gradient of the top-2 logit margin f_y - f_j at every given point (float32, one backward per
-   batch); ||grad (f_y - f_j)|| / sqrt(2) <= ||J(x)||_2 because ||e_y - e_j|| = sqrt(2);
-2. local power iteration on J(x)^T J(x) (jvp / vjp, float64) at the best-screened points, started from the margin
-   gradient direction: ||J v|| with ||v|| = 1 never exceeds ||J(x)||_2 and increases monotonically; each
-   final direction v is then turned into a verified secant (x - t v, x + t v) with a small step t;
-3. the given pairs (x, x_adv): their secants;
-4. an optimised pair search: gradient ascent (Adam) on log ||f(a) - f(b)|| - log ||a - b|| from the best local
-   pairs and the best given pairs, keeping every evaluated secant, with both endpoints projected on the data domain;
-   a final power iteration at the search's end points adds their local norms (again verified as secants).
+1. screening: the input gradient of the top-2 logit margin f_y - f_j at every given point (one backward per batch);
+   ||grad (f_y - f_j)|| / sqrt(2) <= ||J(x)||_2 because ||e_y - e_j|| = sqrt(2);
+2. exact local Jacobians at the best-screened points (C vector-Jacobian products; top singular pair from the C x C
+   Gram; power iteration on J^T J via jvp/vjp when C > 64); the top right singular vector v of J(x) becomes the
+   secant (x - t v, x + t v) with a small step t, whose value is ||J(x)||_2 up to O(t) inside a linear region;
+3. the given pairs (x, x_adv): their secants (logits reused when the pair ends are among the given points);
+4. an optimised pair search: Adam ascent on log ||f(a) - f(b)|| - log ||a - b|| from the best local directions and
+   the best given pairs, both endpoints projected on the data domain, keeping the best pair per start; the exact
+   local Jacobians at the best end points are added as in 2.
+5. verification: every candidate of 2-4 is recomputed as a float64 secant; the reported value is the largest.
 """
 from __future__ import annotations
 
