@@ -180,20 +180,92 @@ def conv_l2_bound(weight: torch.Tensor, stride, pads, dilation, in_hw, max_chunk
     Wp = W.new_zeros(c_out, c_in, sh * qh, sw * qw)
     Wp[:, :, :kh, :kw] = W
     Wp = Wp.reshape(c_out, c_in, qh, sh, qw, sw).permute(0, 1, 3, 5, 2, 4).reshape(c_out, c_in * sh * sw, qh, qw)
-    K, energy = _dft_half(Wp, Mh, Mw)                        # (F, c_out, c_in') complex128, ||K(w)||_F^2
-    nfreq, a, b = K.shape
-    if min(a, b) == 1:
+    c_in_p = Wp.shape[1]
+    if min(c_out, c_in_p) == 1:
+        K, energy = _dft_half(Wp, Mh, Mw)
         lam = float(energy.max())
-        return math.sqrt(lam) * (1 + 16 * (max(a, b) + qh * qw) * UNIT_ROUNDOFF)
-    G = K @ K.mH if a <= b else K.mH @ K                       # Hermitian PSD, lower triangle used below
-    del K
-    lam = _max_lmax_batched(G, energy)
-    # rounding: DFT (taps u), Gram (inner-dim u), eig/Cholesky (side u); generous slack relative to ||A||_F^2,
-    # which bounds every lambda: ||K^(w)||_F^2 <= taps * ||W||_F^2 (Cauchy-Schwarz over the taps)
-    side, inner = min(a, b), max(a, b)
-    slack = 16 * (inner + side + qh * qw) * UNIT_ROUNDOFF
+        return math.sqrt(lam) * (1 + 16 * (max(c_out, c_in_p) + qh * qw) * UNIT_ROUNDOFF)
+    lam = _conv_lmax(Wp, Mh, Mw)
+    # rounding: tap products (inner-dim u), phase sums (#offsets u), eig/Cholesky (side u); a generous slack relative
+    # to taps * ||W||_F^2, which bounds every ||G(w)|| (Cauchy-Schwarz over the taps)
+    side, inner = min(c_out, c_in_p), max(c_out, c_in_p)
+    slack = 16 * (inner + side + 4 * qh * qw) * UNIT_ROUNDOFF
     fro = float((W ** 2).sum())
     return math.sqrt(max(lam, 0.0) + slack * qh * qw * fro)
+
+
+def _conv_lmax(Wp: torch.Tensor, Mh: int, Mw: int, top: int = 8, tau: float = 1e-6,
+               chunk_elems: int = 4_000_000) -> float:
+    """max over the half frequency grid of lambda_max(G(w)), G(w) the smaller-side Gram of K^(w), certified.
+
+    G(w) = sum_delta R_delta exp(-i w.delta) with the tap autocorrelations R_delta = sum_{t - t' = delta} W_t W_t'^T
+    (W_t the c_out x c_in tap matrices, or their transposes for the other side), so the Grams of all frequencies
+    cost (2q-1)^2 small real products plus one phase sum, instead of one complex product per frequency. Their
+    traces are trigonometric sums of the scalars tr(R_delta). The largest-trace frequencies are solved exactly
+    (eigvalsh), giving lam; every other frequency is certified below c = lam (1 + tau) by its trace or by a
+    Cholesky factorisation of c I - G(w) (chunked), failures are solved exactly."""
+    c_out, c_in, qh, qw = Wp.shape
+    taps = Wp.permute(2, 3, 0, 1).reshape(qh * qw, c_out, c_in)
+    if c_out > c_in:
+        taps = taps.transpose(1, 2)
+    n = taps.shape[1]
+    ta = torch.arange(qh).repeat_interleave(qw)
+    tb = torch.arange(qw).repeat(qh)
+    # offsets delta in a half plane (delta and -delta give transposed R)
+    offsets = [(da, db) for da in range(-(qh - 1), qh) for db in range(-(qw - 1), qw) if (da, db) > (0, 0)]
+    R0 = torch.einsum("tnm,tkm->nk", taps, taps)
+    Rs = []
+    for da, db in offsets:
+        i = [k for k in range(qh * qw) if 0 <= ta[k] - da < qh and 0 <= tb[k] - db < qw]
+        j = [int((ta[k] - da) * qw + (tb[k] - db)) for k in i]
+        Rs.append(torch.einsum("tnm,tkm->nk", taps[i], taps[j]))
+    u = torch.arange(Mh, dtype=torch.float64)
+    v = torch.arange(Mw // 2 + 1, dtype=torch.float64)
+    uu = u.repeat_interleave(len(v))
+    vv = v.repeat(len(u))
+    if offsets:
+        d = torch.tensor(offsets, dtype=torch.float64)
+        phase = 2 * math.pi * (uu[:, None] * d[None, :, 0] / Mh + vv[:, None] * d[None, :, 1] / Mw)  # (F, H)
+        cos, sin = torch.cos(phase), torch.sin(phase)
+        R = torch.stack(Rs)                                                     # (H, n, n)
+        S = (R + R.transpose(1, 2)).reshape(len(offsets), -1)
+        A = (R - R.transpose(1, 2)).reshape(len(offsets), -1)
+        tr_S = torch.einsum("hii->h", R) * 2
+    else:
+        cos = sin = S = A = tr_S = None
+    nf = len(uu)
+    trace = torch.full((nf,), float(torch.trace(R0)), dtype=torch.float64)
+    if offsets:
+        trace = trace + cos @ tr_S
+
+    def grams(idx):
+        Gr = R0.reshape(1, -1).expand(len(idx), -1).clone()
+        if offsets:
+            Gr += cos[idx] @ S
+            Gi = -(sin[idx] @ A)
+            return torch.complex(Gr, Gi).reshape(len(idx), n, n)
+        return Gr.reshape(len(idx), n, n).to(torch.complex128)
+
+    order = torch.argsort(trace, descending=True)
+    first = order[:top]
+    lam = float(_eigvalsh(grams(first))[:, -1].max())
+    c = lam * (1 + tau)
+    rest = order[top:]
+    rest = rest[trace[rest] > c]
+    best = lam
+    if len(rest):
+        best = c * (1 + 2 * (n + 1) ** 2 * UNIT_ROUNDOFF)
+        eye = torch.eye(n, dtype=torch.complex128)
+        step = max(1, chunk_elems // (n * n))
+        for s in range(0, len(rest), step):
+            idx = rest[s:s + step]
+            G = grams(idx)
+            with lapack_threads(1):
+                _, info = torch.linalg.cholesky_ex(c * eye - G)
+            bad = info != 0
+            if bool(bad.any()):
+                best = max(best, float(_eigvalsh(G[bad])[:, -1].max()))
+    return best * (1 + 8 * n * UNIT_ROUNDOFF)
 
 
 def _dft_half(Wp: torch.Tensor, Mh: int, Mw: int) -> torch.Tensor:
