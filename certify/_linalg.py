@@ -158,8 +158,9 @@ def conv_l2_bound(weight: torch.Tensor, stride, pads, dilation, in_hw, max_chunk
     u + q <= M - 1, so the circular wrap-around never touches them and S C P E equals the layer exactly.
     Hence ||layer|| <= ||C||. The 2-D DFT block-diagonalises a circular multi-channel correlation with unitary
     transforms, so ||C|| = max over the M x M frequency grid of sigma_max(K'^(omega)) (a c_out x c_in s^2 matrix).
-    The per-frequency sigma_max is computed exactly (batched Hermitian eigvalsh of the smaller-side Gram) in
-    complex128; conjugate symmetry (rfft2) halves the grid. Dilation is handled by expanding the kernel with zeros.
+    The maximum of sigma_max^2 over the grid is certified in float64/complex128 (exact eigvalsh where it is
+    attained, trace or Cholesky certificates elsewhere, see ``_conv_lmax``); conjugate
+    symmetry halves the grid. Dilation is handled by expanding the kernel with zeros.
     """
     W = weight.detach().to(torch.float64)
     c_out, c_in, kh, kw = W.shape
