@@ -548,7 +548,7 @@ def _upper(model: nn.Module, in_shape, pairs: bool) -> UpperBound:
     linf = ch["linf"] * (1 + FINAL_SLACK)
     P2 = Pinf = None
     pair_method = ""
-    if pairs:
+    if pairs and out.dim() == 2:                      # per-class pairs only for (N, C) logits
         P2, Pinf, pair_method = _gloro(f, ch, value, linf)
     methods = sorted(ch["methods"])
     method = "layer-product[" + ", ".join(methods) + "]"
