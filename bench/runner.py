@@ -143,6 +143,14 @@ def evaluate_model(model: torch.nn.Module, data: datasets.Split, cell: dict, dev
     }
 
 
+def isoperimetry_constant(meta) -> float:
+    """Theorem 3's c: known for the Gaussian synthetic data (x = 0.5 + scale·g, g ~ N(0, I_d/d)); 1 elsewhere."""
+    scale = getattr(meta, "scale", None)
+    if meta.name == "gauss" and scale:
+        return certify.isoperimetry_constant_gaussian(scale / math.sqrt(meta.d), meta.d)
+    return 1.0
+
+
 def check_invariants(row: dict) -> None:
     """cert_acc <= robust_acc <= pgd_acc <= clean_acc per eps, and lip_lower <= lip_upper."""
     for e in row["eps"]:
@@ -207,8 +215,9 @@ def run_cell(cell: dict, *, out_dir: Path, device_name: str = "auto", data_dir: 
             row.update(train_acc=trained["train_acc"], epochs_run=trained["epochs_run"],
                        checkpoint_cached=trained["cached"], train_key=trained["train_key"])
         row.update(evaluate_model(model, data, cell, device, timer, phase, log))
-        row.update(certify.law_quantities(params, row["n_train"], meta.d, meta.d_eff,
-                                          num_classes=meta.num_classes))
+        row.update(certify.law_quantities(params, row["n_train"], meta.d, meta.d_eff, num_classes=meta.num_classes,
+                                          label_noise=cell["label_noise"], c=isoperimetry_constant(meta)))
+        row["flags"] = [] if row.get("law_applicable") else ["law-vacuous"]  # Theorem 3 says nothing at this n
         check_invariants(row)
         row["status"] = "ok"
     except Exception as exc:  # a failed cell is recorded, not fatal
