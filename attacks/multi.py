@@ -120,7 +120,8 @@ def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.reshape(M * t.shape[1], *t.shape[2:])[flat.reshape(-1)].reshape(M, B, *t.shape[2:])
 
 
-def _stacked_group(F_, M, shape, x0, y, lo, hi, alive, eps, alpha, norm, steps, loss, random_start, gens, counters):
+def _stacked_group(F_, M, shape, x0, y, lo, hi, alive, eps, alpha, norm, steps, loss, random_start, gens, counters,
+                   x_init=None):
     """One PGD run of all models on their alive rows. x0/lo/hi (M, A, d), y (M, A), alive (M, A) bool.
 
     Returns broken (M, A) bool, x_out (M, A, d) (valid where alive), brk_step (M, A)."""
@@ -136,7 +137,13 @@ def _stacked_group(F_, M, shape, x0, y, lo, hi, alive, eps, alpha, norm, steps, 
     pos = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)[:, :Ap]
     valid = torch.arange(Ap, device=dev)[None, :] < counts[:, None]
     xg0, yg, log_, hig = _gather_rows(x0, pos), _gather_rows(y, pos), _gather_rows(lo, pos), _gather_rows(hi, pos)
-    if random_start:
+    if x_init is not None:
+        xi = _gather_rows(x_init, pos)
+        if norm == "Linf":
+            xs = torch.clamp(xi, log_, hig)
+        else:
+            xs = _project_l2(xg0.reshape(M * Ap, d), xi.reshape(M * Ap, d), eps).reshape(M, Ap, d)
+    elif random_start:
         xs = xg0.clone()
         for m in range(M):
             n = int(counts[m])
@@ -187,7 +194,8 @@ def _stacked_group(F_, M, shape, x0, y, lo, hi, alive, eps, alpha, norm, steps, 
     return broken, x_out, brk
 
 
-def _stacked_sweep(F_, M, xs, ys, eps_list, alphas, norm, steps, restarts, loss, random_start, seed, mb, counters):
+def _stacked_sweep(F_, M, xs, ys, eps_list, alphas, norm, steps, restarts, loss, random_start, seed, mb, counters,
+                   warm_start=True):
     N = xs[0].shape[0]
     shape = tuple(xs[0].shape[1:])
     dev = xs[0].device
@@ -213,13 +221,16 @@ def _stacked_sweep(F_, M, xs, ys, eps_list, alphas, norm, steps, restarts, loss,
             gens.append(g)
         x0, y = X[:, sl], Y[:, sl]
         alive = clean[:, sl].clone()
+        x_last = None
         for j, i in enumerate(order):
             e = eps_list[i]
             if bool(alive.any()) and e > 0:
                 lo, hi = box_bounds(x0, e, norm)
                 for r in range(restarts):
+                    init = x_last if (r == 0 and warm_start) else None
                     b, xo, st = _stacked_group(F_, M, shape, x0, y, lo, hi, alive, e, alphas[i], norm, steps,
-                                               loss, random_start, gens, counters)
+                                               loss, random_start, gens, counters, x_init=init)
+                    x_last = xo
                     if bool(b.any()):
                         for i2 in order[j:]:  # broken here: broken (same example) at every larger eps
                             x_adv[i2, :, sl][b] = xo[b]
@@ -272,7 +283,7 @@ def _probe(models, F_, x, y, rows, loss):
 
 def pgd_sweep_multi(models: Sequence[torch.nn.Module], x, y, eps, *, norm: str = "Linf", steps: int = 100,
                     step_size=None, restarts: int = 1, loss: str = "ce", random_start: bool = True, seed: int = 0,
-                    max_batch: int | None = None, layout: str = "auto",
+                    max_batch: int | None = None, layout: str = "auto", warm_start: bool = True,
                     log: Callable[[str], None] | None = None) -> MultiResult:
     """:func:`pgd_sweep` for several models of one architecture. x, y: shared tensors or one per model.
 
@@ -333,7 +344,8 @@ def pgd_sweep_multi(models: Sequence[torch.nn.Module], x, y, eps, *, norm: str =
         if chosen == "sequential":
             results = [pgd_sweep(m, xs[i], ys[i], eps_list, norm=norm, steps=steps, step_size=alphas,
                                  restarts=restarts, loss=loss, random_start=random_start, seed=seed,
-                                 max_batch=max_batch, log=log) for i, m in enumerate(models)]
+                                 max_batch=max_batch, schedule="sequential", warm_start=warm_start, log=log)
+                       for i, m in enumerate(models)]
         else:
             counters = {"grad_rows": 0, "fwd_rows": 0}
             mb = int(max_batch) if max_batch else M * _auto_max_batch(models[0], xs[0], N)
@@ -341,7 +353,8 @@ def pgd_sweep_multi(models: Sequence[torch.nn.Module], x, y, eps, *, norm: str =
             while True:
                 try:
                     clean, robust, x_adv, brk = _stacked_sweep(F_, M, xs, ys, eps_list, alphas, norm, int(steps),
-                                                               int(restarts), loss, random_start, seed, mb, counters)
+                                                               int(restarts), loss, random_start, seed, mb, counters,
+                                                               warm_start)
                     break
                 except Exception as exc:  # noqa: BLE001
                     if not is_oom(exc) or mb <= M:

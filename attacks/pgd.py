@@ -180,6 +180,95 @@ def _step(x, g, x0, lo, hi, alpha, eps, norm):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# autograd-free fast path for MLPs (nn.Sequential of Flatten / Linear / ReLU / Identity)
+
+FAST_MLP = True  # module switch (tests compare both paths)
+
+
+class _FastMLP:
+    """Forward and input gradient of a plain ReLU MLP with explicit matmuls: no autograd graph, no saved-tensor
+    bookkeeping, ReLU applied in place. Used automatically when the model is such an nn.Sequential without hooks."""
+
+    def __init__(self, ops):
+        self.ops = ops
+
+    @staticmethod
+    def build(model):
+        nn = torch.nn
+        if not FAST_MLP or type(model) is not nn.Sequential:
+            return None
+        ops = []
+        for mod in model.modules():
+            if mod._forward_hooks or mod._forward_pre_hooks or getattr(mod, "_backward_hooks", None):
+                return None
+        for mod in model:
+            if type(mod) is nn.Linear:
+                ops.append(("linear", mod.weight, mod.bias))
+            elif type(mod) is nn.ReLU:
+                ops.append(("relu",))
+            elif type(mod) is nn.Flatten and mod.start_dim == 1 and mod.end_dim == -1:
+                continue
+            elif type(mod) is nn.Identity:
+                continue
+            else:
+                return None
+        if not ops or ops[0][0] != "linear":
+            return None
+        return _FastMLP(ops)
+
+    @torch.no_grad()
+    def forward(self, x):
+        """x (A, d) -> (logits, post-ReLU activations for the backward)."""
+        acts = []
+        h = x
+        for op in self.ops:
+            if op[0] == "linear":
+                h = torch.nn.functional.linear(h, op[1].detach(), None if op[2] is None else op[2].detach())
+            else:
+                h = torch.relu_(h)
+                acts.append(h)
+        return h, acts
+
+    @torch.no_grad()
+    def input_grad(self, dz, acts):
+        g = dz
+        k = len(acts)
+        for op in reversed(self.ops):
+            if op[0] == "linear":
+                g = torch.mm(g, op[1].detach())
+            else:
+                k -= 1
+                g = torch.ops.aten.threshold_backward(g, acts[k], 0.0)
+        return g
+
+
+def _loss_grad(z, y, loss, target):
+    """d(sum of attack_loss)/dz, in closed form for cross-entropy, by autograd on the (A, C) logits otherwise."""
+    if loss == "ce":
+        p = torch.softmax(z, 1)
+        if target is None:
+            return p.scatter_add_(1, y[:, None], torch.full_like(p[:, :1], -1.0))
+        return p.neg_().scatter_add_(1, target[:, None], torch.ones_like(p[:, :1]))
+    with torch.enable_grad():
+        zl = z.detach().requires_grad_(True)
+        (dz,) = torch.autograd.grad(attack_loss(zl, y, loss, target).sum(), zl)
+    return dz
+
+
+def _logits_and_grad(model, fast, xa, shape, ya, loss, ta):
+    """(logits, input gradient of the summed attack loss) for rows xa (A, d)."""
+    if fast is not None:
+        z, acts = fast.forward(xa)
+        return z, fast.input_grad(_loss_grad(z, ya, loss, ta), acts)
+    xa.requires_grad_(True)
+    with torch.enable_grad():
+        z = model(xa.view(-1, *shape))
+        (g,) = torch.autograd.grad(attack_loss(z, ya, loss, ta).sum(), xa)
+    xa.requires_grad_(False)
+    return z.detach(), g
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # plain PGD for adversarial training
 
 def pgd_perturb(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str = "Linf",
@@ -207,12 +296,9 @@ def pgd_perturb(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
         xa = _rand_start(x0, lo, hi, eps, norm, generator)
     else:
         xa = x0.clone()
+    fast = _FastMLP.build(model)
     for _ in range(int(steps)):
-        xa.requires_grad_(True)
-        with torch.enable_grad():
-            z = model(xa.view(shape))
-            obj = attack_loss(z, y, loss, tgt).sum()
-            (g,) = torch.autograd.grad(obj, xa)
+        _, g = _logits_and_grad(model, fast, xa, shape[1:], y, loss, tgt)
         xa = _step(xa, g, x0, lo, hi, alpha, eps, norm)
     return xa.detach().view(shape)
 
@@ -257,8 +343,13 @@ def _auto_max_batch(model, x, n) -> int:
     return int(max(1, min(n, budget // max(per_row, 1))))
 
 
-def _run_pgd_group(model, shape, x0, y, tgt, lo, hi, eps, alpha, norm, steps, loss, random_start, gen, counters):
+def _run_pgd_group(model, shape, x0, y, tgt, lo, hi, eps, alpha, norm, steps, loss, random_start, gen, counters,
+                   x_init=None, fast=None):
     """One PGD run with per-row early exit over rows (A, d).
+
+    A row whose iterate is misclassified is recorded and retired. Retired rows leave the batch lazily: the active
+    set is compacted once at least 1/8 of its rows are retired (rows are independent, so a retired row that is
+    still in the batch only costs its share of the pass). x_init: start point (warm start) instead of a random one.
 
     Returns (broken (A,) bool, x_final (A, d), step_of_break (A,) long)."""
     A = x0.shape[0]
@@ -267,46 +358,53 @@ def _run_pgd_group(model, shape, x0, y, tgt, lo, hi, eps, alpha, norm, steps, lo
     x_out = torch.empty_like(x0)
     brk_step = torch.full((A,), -1, dtype=torch.long, device=dev)
     pos = torch.arange(A, device=dev)
-    xa = _rand_start(x0, lo, hi, eps, norm, gen) if random_start else x0.clone()
-    x0a, ya, loa, hia = x0, y, lo, hi
-    ta = tgt
+    if x_init is not None:
+        xa = torch.clamp(x_init, lo, hi) if norm == "Linf" else _project_l2(x0, x_init, eps)
+    elif random_start:
+        xa = _rand_start(x0, lo, hi, eps, norm, gen)
+    else:
+        xa = x0.clone()
+    x0a = x0 if norm == "L2" else None  # Linf needs only the exact box
+    ya, loa, hia, ta = y, lo, hi, tgt
+    alive = None  # None: every row in the batch is alive
+    n_alive = A
     for t in range(steps + 1):
         last = t == steps
         if last:
             with torch.no_grad():
-                z = model(xa.view(-1, *shape))
+                z = fast.forward(xa)[0] if fast is not None else model(xa.view(-1, *shape))
             counters["fwd_rows"] += xa.shape[0]
         else:
-            xa.requires_grad_(True)
-            with torch.enable_grad():
-                z = model(xa.view(-1, *shape))
-        hit = z.detach().argmax(1) != ya
+            z, g = _logits_and_grad(model, fast, xa, shape, ya, loss, ta)
+        hit = z.argmax(1) != ya
+        if alive is not None:
+            hit &= alive
         if bool(hit.any()):
             hp = pos[hit]
             broken[hp] = True
             x_out[hp] = xa.detach()[hit]
             brk_step[hp] = t
-            keep = ~hit
-            if not bool(keep.any()):
+            alive = ~hit if alive is None else alive & ~hit
+            n_alive = int(alive.sum())
+            if n_alive == 0:
                 return broken, x_out, brk_step
-        else:
-            keep = None
         if last:
             break
-        with torch.enable_grad():
-            zk = z if keep is None else z[keep]
-            obj = attack_loss(zk, ya if keep is None else ya[keep], loss,
-                              None if ta is None else (ta if keep is None else ta[keep])).sum()
-            (g,) = torch.autograd.grad(obj, xa)
         counters["grad_rows"] += xa.shape[0]
-        xa = xa.detach()
-        if keep is not None:
-            xa, g = xa[keep], g[keep]
-            pos, x0a, ya, loa, hia = pos[keep], x0a[keep], ya[keep], loa[keep], hia[keep]
-            if ta is not None:
-                ta = ta[keep]
         xa = _step(xa, g, x0a, loa, hia, alpha, eps, norm)
-    x_out[pos] = xa.detach()
+        del g, z
+        if alive is not None and (xa.shape[0] - n_alive) * 32 >= xa.shape[0]:
+            keep = alive.nonzero().flatten()
+            xa, ya, loa, hia, pos = (v.index_select(0, keep) for v in (xa, ya, loa, hia, pos))
+            if x0a is not None:
+                x0a = x0a.index_select(0, keep)
+            if ta is not None:
+                ta = ta.index_select(0, keep)
+            alive = None
+    if alive is None:
+        x_out[pos] = xa.detach()
+    else:
+        x_out[pos[alive]] = xa.detach()[alive]
     return broken, x_out, brk_step
 
 
@@ -319,7 +417,7 @@ def _targets_for_restart(z_clean: torch.Tensor, y: torch.Tensor, r: int) -> torc
 
 
 def _sweep_chunk(model, shape, x0, y, eps_sorted, alphas, norm, steps, restarts, loss, random_start, targeted,
-                 target, gen, counters):
+                 target, gen, counters, warm_start=False):
     """Ascending sweep on one chunk of clean-correct rows. Returns (robust (E,A), x_adv (E,A,d), brk (E,A))."""
     E, A = len(eps_sorted), x0.shape[0]
     dev = x0.device
@@ -331,7 +429,9 @@ def _sweep_chunk(model, shape, x0, y, eps_sorted, alphas, norm, steps, restarts,
         with torch.no_grad():
             z_clean = model(x0.view(-1, *shape))
         counters["fwd_rows"] += A
+    fast = _FastMLP.build(model)
     active = torch.arange(A, device=dev)
+    x_last, k_prev = None, 0  # warm start: survivors of eps_k start eps_{k+1} where their last eps_k run ended
     for k, e in enumerate(eps_sorted):
         if active.numel() == 0:
             break
@@ -345,8 +445,12 @@ def _sweep_chunk(model, shape, x0, y, eps_sorted, alphas, norm, steps, restarts,
                 tg = target[active] if target is not None else _targets_for_restart(z_clean[active], y[active], r)
             else:
                 tg = None
+            init = None
+            if r == 0 and warm_start and x_last is not None:
+                # the last eps_k iterate, its perturbation stretched to the new radius
+                init = x0[active] + (x_last - x0[active]) * (e / eps_sorted[k_prev])
             b, xo, st = _run_pgd_group(model, shape, x0[active], y[active], tg, lo, hi, e, alphas[k], norm, steps,
-                                       loss, random_start, gen, counters)
+                                       loss, random_start, gen, counters, x_init=init, fast=fast)
             if bool(b.any()):
                 ib = active[b]
                 robust[k:, ib] = False
@@ -356,6 +460,7 @@ def _sweep_chunk(model, shape, x0, y, eps_sorted, alphas, norm, steps, restarts,
             if r == restarts - 1 or not bool(nb.any()):
                 x_adv[k, active[nb]] = xo[nb]
             active, lo, hi = active[nb], lo[nb], hi[nb]
+            x_last, k_prev = xo[nb], k
     return robust, x_adv, brk
 
 
@@ -485,7 +590,8 @@ def pgd_sweep(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
               norm: str = "Linf", steps: int = 100, step_size: float | Sequence[float] | None = None,
               restarts: int = 1, loss: str = "ce", random_start: bool = True, targeted: bool = False,
               target: torch.Tensor | None = None, seed: int = 0, max_batch: int | None = None,
-              schedule: str = "auto", log: Callable[[str], None] | None = None) -> PGDResult:
+              schedule: str = "auto", warm_start: bool = False,
+              log: Callable[[str], None] | None = None) -> PGDResult:
     """PGD over an eps sweep with restarts and per-point early exit.
 
     eps may be a float or a list; it is processed in ascending order (results follow the given order). A point
@@ -499,6 +605,10 @@ def pgd_sweep(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     least work, best where the device is already busy with one batch (CPU). "joint" runs every (eps, restart,
     point) row at once and retires rows as their point breaks: more work, far fewer and larger passes (GPU).
     "auto" picks joint on CUDA and sequential elsewhere.
+    warm_start (sequential schedule, off by default): the first restart at eps_{k+1} starts from the point's last
+    eps_k iterate with its perturbation stretched to the new radius instead of at a random point (later restarts
+    start at random points). Less work (survivors of eps_k break sooner at eps_{k+1}); measured on MNIST MLPs it is
+    stronger on PGD-trained models and slightly weaker on undefended ones, hence not the default.
     """
     check_norm(norm)
     check_loss(loss)
@@ -563,9 +673,10 @@ def pgd_sweep(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
         gen.manual_seed(int(seed) * 1_000_003 + s)
         try:
             fn = _sweep_joint if joint else _sweep_chunk
+            kw = {} if joint else {"warm_start": bool(warm_start)}
             r_, xa_, b_ = fn(model, shape, x_flat[rows], y[rows], eps_sorted, alphas, norm, int(steps),
-                                       int(restarts), loss, random_start, targeted,
-                                       None if target is None else target.to(dev)[rows], gen, counters)
+                             int(restarts), loss, random_start, targeted,
+                             None if target is None else target.to(dev)[rows], gen, counters, **kw)
         except Exception as exc:  # noqa: BLE001
             if not is_oom(exc) or mb <= 1:
                 raise
@@ -587,6 +698,6 @@ def pgd_sweep(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
         "loss": loss, "targeted": bool(targeted), "random_start": bool(random_start), "seed": int(seed),
         "clean": clean, "broken_step": brk_s[inv], "grad_rows": counters["grad_rows"],
         "fwd_rows": counters["fwd_rows"], "max_batch": mb, "oom_backoffs": oom,
-        "seconds": time.perf_counter() - t_start, "schedule": schedule,
+        "seconds": time.perf_counter() - t_start, "schedule": schedule, "warm_start": bool(warm_start) and schedule == "sequential",
     }
     return PGDResult(robust=robust, x_adv=x_adv, info=info)
