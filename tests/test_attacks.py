@@ -280,7 +280,7 @@ def test_multimodel_stacked_equals_sequential(data, monkeypatch):
             # same random starts; trajectories differ only by sign flips of near-zero gradient coordinates
             assert float((ra.robust == rb.robust).float().mean()) >= 0.98
             single = attacks.pgd_sweep(m, x, y, eps, norm=norm, steps=12, restarts=2, seed=2)
-            assert float((single.robust == ra.robust).float().mean()) >= 0.99
+            assert float((single.robust == ra.robust).float().mean()) >= 0.97
             for i, e in enumerate(eps):
                 _inside(ra.x_adv[i], x, e, norm)
     c = attacks.pgd_sweep_multi(models, x[:8], y[:8], [0.1], steps=5, layout="auto")
