@@ -224,7 +224,7 @@ def bench_autoattack(model, x, y, eps, steps, dev, batch_size, log, seed=0, repe
         "acc_ours": _acc(r_ours.robust[eps]), "acc_pgd_only": _acc(r_ours.pgd_robust[eps]),
         "acc_alone": _acc(r_alone), "eps": eps, "n": int(x.shape[0]),
         "timings_ours": {k: round(v, 2) for k, v in r_ours.timings.items()}, "flags": r_ours.aa_flags,
-        "broken_by_aa_after_pgd": r_ours.info["autoattack"][eps]["broken"],
+        "broken_by_aa_after_pgd": r_ours.info["autoattack"][eps]["broken"], "repeats": repeats,
     }
 
 
@@ -257,7 +257,8 @@ def _parser():
     p.add_argument("--points", type=int, default=None, help="test points attacked (default 1000)")
     p.add_argument("--steps", type=int, default=None, help="PGD steps (default 100, the evaluation protocol)")
     p.add_argument("--width", type=int, default=None, help="MLP width of the perf models (default 512)")
-    p.add_argument("--aa-points", type=int, default=None, help="points for the AutoAttack comparison (default 500)")
+    p.add_argument("--aa-points", type=int, default=None, help="points for the AutoAttack comparison (default 200)")
+    p.add_argument("--aa-repeats", type=int, default=None, help="timed repeats of each AutoAttack side (default 2)")
     p.add_argument("--aa-eps", type=float, default=None, help="eps of the AutoAttack comparison (default 0.1)")
     p.add_argument("--no-aa", action="store_true", help="skip the AutoAttack comparison")
     p.add_argument("--models", type=int, default=None, help="seeds in the multi-model family (default 16)")
@@ -273,7 +274,8 @@ def main(argv=None) -> int:
     n = args.points or (48 if q else 1000)
     steps = args.steps or (5 if q else 100)
     width = args.width or (32 if q else 512)
-    aa_n = args.aa_points or (6 if q else 500)
+    aa_n = args.aa_points or (6 if q else 200)
+    aa_repeats = args.aa_repeats or (1 if q else 2)
     aa_eps = args.aa_eps or 0.1
     n_models = args.models or (3 if q else 16)
     n_train = 400 if q else None
@@ -350,7 +352,8 @@ def main(argv=None) -> int:
     res["flops_fraction"] = min(v["fraction"] for v in fl.values())
     res["matmul_peak_gflops"] = round(max(peaks), 1)
     if not args.no_aa:
-        a = bench_autoattack(robust, x[:aa_n], y[:aa_n], aa_eps, steps, dev, batch_size=max(aa_n, 1), log=log)
+        a = bench_autoattack(robust, x[:aa_n], y[:aa_n], aa_eps, steps, dev, batch_size=max(aa_n, 1), log=log,
+                             repeats=aa_repeats)
         res.update({"aa_time_ratio": a["ratio"], "aa_acc_ours": a["acc_ours"], "aa_acc_alone": a["acc_alone"],
                     "autoattack": a})
     log("multi-model ...")
