@@ -193,7 +193,7 @@ class _FastMLP:
         self.ops = ops
 
     @staticmethod
-    def build(model):
+    def build(model, in_shape=None):
         nn = torch.nn
         if not FAST_MLP or type(model) is not nn.Sequential:
             return None
@@ -201,13 +201,16 @@ class _FastMLP:
         for mod in model.modules():
             if mod._forward_hooks or mod._forward_pre_hooks or getattr(mod, "_backward_hooks", None):
                 return None
+        flat = in_shape is not None and len(tuple(in_shape)) == 1
         for mod in model:
             if type(mod) is nn.Linear:
+                if not ops and not flat:  # a Linear on unflattened images acts on the last axis only
+                    return None
                 ops.append(("linear", mod.weight, mod.bias))
             elif type(mod) is nn.ReLU:
                 ops.append(("relu",))
             elif type(mod) is nn.Flatten and mod.start_dim == 1 and mod.end_dim == -1:
-                continue
+                flat = True
             elif type(mod) is nn.Identity:
                 continue
             else:
@@ -296,7 +299,7 @@ def pgd_perturb(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
         xa = _rand_start(x0, lo, hi, eps, norm, generator)
     else:
         xa = x0.clone()
-    fast = _FastMLP.build(model)
+    fast = _FastMLP.build(model, shape[1:])
     for _ in range(int(steps)):
         _, g = _logits_and_grad(model, fast, xa, shape[1:], y, loss, tgt)
         xa = _step(xa, g, x0, lo, hi, alpha, eps, norm)
@@ -348,7 +351,7 @@ def _run_pgd_group(model, shape, x0, y, tgt, lo, hi, eps, alpha, norm, steps, lo
     """One PGD run with per-row early exit over rows (A, d).
 
     A row whose iterate is misclassified is recorded and retired. Retired rows leave the batch lazily: the active
-    set is compacted once at least 1/8 of its rows are retired (rows are independent, so a retired row that is
+    set is compacted once at least 1/32 of its rows are retired (rows are independent, so a retired row that is
     still in the batch only costs its share of the pass). x_init: start point (warm start) instead of a random one.
 
     Returns (broken (A,) bool, x_final (A, d), step_of_break (A,) long)."""
@@ -429,7 +432,7 @@ def _sweep_chunk(model, shape, x0, y, eps_sorted, alphas, norm, steps, restarts,
         with torch.no_grad():
             z_clean = model(x0.view(-1, *shape))
         counters["fwd_rows"] += A
-    fast = _FastMLP.build(model)
+    fast = _FastMLP.build(model, shape)
     active = torch.arange(A, device=dev)
     x_last, k_prev = None, 0  # warm start: survivors of eps_k start eps_{k+1} where their last eps_k run ended
     for k, e in enumerate(eps_sorted):

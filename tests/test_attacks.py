@@ -169,8 +169,11 @@ def test_fast_mlp_path_matches_autograd(model, data, loss, monkeypatch):
     from attacks.pgd import _FastMLP, _logits_and_grad
     _, _, x, y = data
     xf = x.reshape(x.shape[0], -1).clone()
-    fast = _FastMLP.build(model)
-    assert fast is not None and _FastMLP.build(torch.nn.Sequential(torch.nn.Tanh())) is None
+    fast = _FastMLP.build(model, (64,))
+    assert fast is not None and _FastMLP.build(torch.nn.Sequential(torch.nn.Tanh()), (64,)) is None
+    assert _FastMLP.build(model, (1, 8, 8)) is None  # Linear first on an image: not a plain MLP
+    assert _FastMLP.build(torch.nn.Sequential(torch.nn.Flatten(), model), (1, 8, 8)) is None  # nested
+    assert _FastMLP.build(torch.nn.Sequential(torch.nn.Flatten(), *model), (1, 8, 8)) is not None
     t = (y + 1) % 10
     for tgt in (None, t):
         z1, g1 = _logits_and_grad(model, fast, xf.clone(), (64,), y, loss, tgt)
