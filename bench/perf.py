@@ -252,6 +252,8 @@ def bench_multimodel(models, x, y, eps, steps, repeats, dev, sizes):
 def _parser():
     p = argparse.ArgumentParser(prog="python -m bench perf", description=__doc__.splitlines()[0])
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument("--certify", action="store_true",
+                   help="instead: the cost of the certified Lipschitz upper bound per family and size")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, numbers meaningless)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per side, best kept (default 3)")
     p.add_argument("--points", type=int, default=None, help="test points attacked (default 1000)")
@@ -268,6 +270,11 @@ def _parser():
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--certify" in argv:  # the certified-bound cost table instead of the attack benchmark
+        from bench.certify_cost import main as certify_cost
+        argv.remove("--certify")
+        return certify_cost(argv)
     args = _parser().parse_args(argv)
     q = args.quick
     repeats = args.repeats or (1 if q else 3)

@@ -25,3 +25,26 @@ def bench_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: di
 @pytest.fixture
 def cli():
     return bench_cli
+
+
+def digits_split(n_train: int, test: slice):
+    """scikit-learn's 8x8 digits as flat [0,1] vectors: the first n_train points and a test slice."""
+    import torch
+    from sklearn.datasets import load_digits
+    X, Y = load_digits(return_X_y=True)
+    X = torch.tensor(X / 16.0, dtype=torch.float32)
+    Y = torch.tensor(Y, dtype=torch.long)
+    return X[:n_train], Y[:n_train], X[test], Y[test]
+
+
+def train_digits_mlp(seed, x, y, width=64, epochs=80, classes=10):
+    """A small full-batch-trained 64-width-classes MLP: a real trained model for attack tests in a second."""
+    import torch
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.ReLU(), torch.nn.Linear(width, classes))
+    opt = torch.optim.Adam(m.parameters(), 1e-2)
+    for _ in range(epochs):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+    return m.eval()

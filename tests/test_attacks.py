@@ -7,35 +7,23 @@ import torch
 
 import attacks
 from attacks.pgd import attack_loss, box_bounds
+from conftest import digits_split, train_digits_mlp
 
 EPS_LINF = [0.1, 0.05, 0.2]
 EPS_L2 = [0.5, 1.0]
 
 
-def _train(seed, x, y, width=64, epochs=80):
-    torch.manual_seed(seed)
-    m = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.ReLU(), torch.nn.Linear(width, 10))
-    opt = torch.optim.Adam(m.parameters(), 1e-2)
-    for _ in range(epochs):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(m(x), y).backward()
-        opt.step()
-    return m.eval()
 
 
 @pytest.fixture(scope="module")
 def data():
-    from sklearn.datasets import load_digits
-    X, Y = load_digits(return_X_y=True)
-    X = torch.tensor(X / 16.0, dtype=torch.float32)
-    Y = torch.tensor(Y, dtype=torch.long)
-    return X[:600], Y[:600], X[1200:1400], Y[1200:1400]
+    return digits_split(600, slice(1200, 1400))
 
 
 @pytest.fixture(scope="module")
 def model(data):
     xtr, ytr, xt, yt = data
-    m = _train(0, xtr, ytr)
+    m = train_digits_mlp(0, xtr, ytr)
     assert (m(xt).argmax(1) == yt).float().mean() > 0.85
     return m
 
@@ -273,7 +261,7 @@ def test_multimodel_stacked_equals_sequential(data, monkeypatch):
     # autograd everywhere, so both layouts do the same arithmetic up to summation order
     monkeypatch.setattr(attacks.pgd, "FAST_MLP", False)
     xtr, ytr, x, y = data
-    models = [_train(s, xtr[:300], ytr[:300], width=32, epochs=40) for s in range(3)]
+    models = [train_digits_mlp(s, xtr[:300], ytr[:300], width=32, epochs=40) for s in range(3)]
     for norm, eps in (("Linf", [0.1, 0.05]), ("L2", [1.0])):
         a = attacks.pgd_sweep_multi(models, x, y, eps, norm=norm, steps=12, restarts=2, layout="stacked", seed=2)
         b = attacks.pgd_sweep_multi(models, x, y, eps, norm=norm, steps=12, restarts=2, layout="sequential",

@@ -5,32 +5,20 @@ import pytest
 import torch
 
 import attacks
+from conftest import digits_split, train_digits_mlp
 
 
-def _train(seed, x, y, width=48, epochs=80, classes=10):
-    torch.manual_seed(seed)
-    m = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.ReLU(), torch.nn.Linear(width, classes))
-    opt = torch.optim.Adam(m.parameters(), 1e-2)
-    for _ in range(epochs):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(m(x), y).backward()
-        opt.step()
-    return m.eval()
 
 
 @pytest.fixture(scope="module")
 def data():
-    from sklearn.datasets import load_digits
-    X, Y = load_digits(return_X_y=True)
-    X = torch.tensor(X / 16.0, dtype=torch.float32)
-    Y = torch.tensor(Y, dtype=torch.long)
-    return X[:500], Y[:500], X[1300:1360], Y[1300:1360]
+    return digits_split(500, slice(1300, 1360))
 
 
 @pytest.fixture(scope="module")
 def model(data):
     xtr, ytr, _, _ = data
-    return _train(0, xtr, ytr)
+    return train_digits_mlp(0, xtr, ytr, width=48)
 
 
 class _Quantized(torch.nn.Module):
@@ -81,7 +69,7 @@ def test_autoattack_custom_list_and_log(model, data, capsys):
 def test_autoattack_standard_few_points(data):
     xtr, ytr, x, y = data
     keep = ytr < 5
-    m5 = _train(1, xtr[keep], ytr[keep], classes=5, epochs=60)
+    m5 = train_digits_mlp(1, xtr[keep], ytr[keep], width=48, classes=5, epochs=60)
     sel = (y < 5).nonzero().flatten()[:6]
     r = attacks.run_autoattack(m5, x[sel], y[sel], 0.3, norm="Linf", version="standard", seed=0)
     assert r.info["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
