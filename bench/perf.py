@@ -384,12 +384,7 @@ def main(argv=None) -> int:
 
 
 def _print(res):
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # pragma: no cover
-        print(json.dumps(res, indent=2, default=str))
-        return
+    from rich.table import Table
     t = Table(title=f"bench perf on {res['device']} ({res['threads']} threads)")
     t.add_column("measure")
     t.add_column("value", justify="right")

@@ -21,7 +21,6 @@ import models
 from bench import __version__
 from bench.device import resolve_device
 from bench.spec import cell_id, train_key
-from bench.store import Store
 from bench.train import TrainConfig, accuracy, train
 
 INVARIANT_TOL = 1e-9

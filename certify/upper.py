@@ -270,7 +270,7 @@ def _explicit(seg: list[Op], how: str):
             x = o.fn(x)
         return x
     n_in, n_out = seg[0].in_dim, seg[-1].out_dim
-    in_shape, out_shape = seg[0].in_shape, seg[-1].out_shape
+    in_shape = seg[0].in_shape
     chunk = 256
     if n_in <= n_out:
         cols = []

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from tabulate import tabulate
 
-from ._util import MISSING, fmt_ci, fmt_eps, fmt_int, fmt_slope, num, text
+from ._util import MISSING, fmt_ci, fmt_eps, fmt_int, fmt_slope, text
 from .columns import LEADERBOARD, RANKING, Column
 from .table import View, failed_rows, ranking, view_context
 from .stats import loglog_slope

@@ -525,7 +525,7 @@ def test_cifar10_checksum_mismatch(tmp_path, monkeypatch):
     # a tarball that is not the expected one is refused before extraction
     data = tmp_path / "tardata"
     data.mkdir()
-    tar = make_tar(data / "cifar-10-python.tar.gz", tar_dir_entries(folder))
+    make_tar(data / "cifar-10-python.tar.gz", tar_dir_entries(folder))
     with pytest.raises(DatasetError) as e:
         load_dataset("cifar10", data_dir=data)
     assert "cifar-10-python.tar.gz" in str(e.value) and "checksum" in str(e.value)

@@ -1,6 +1,5 @@
 """The three ways to add a model entry, through the CLI: a --plugin module, an installed package's entry point
 (group bench.models), and an external checkpoint TOML evaluated without training."""
-import json
 import textwrap
 
 import pytest

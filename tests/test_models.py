@@ -571,7 +571,7 @@ def test_checkpoint_entry_parsing_and_build(tmp_path):
 
 
 def test_checkpoint_entry_kwargs_passed(tmp_path):
-    ck = save_checkpoint(get_model("mlp-deep", in_shape=(5,), num_classes=2, width=3, depth=2), tmp_path / "d.pt")
+    save_checkpoint(get_model("mlp-deep", in_shape=(5,), num_classes=2, width=3, depth=2), tmp_path / "d.pt")
     e = read_checkpoint_entry(_write_entry(tmp_path / "deep.toml", """
         name = "deep"
         model = "mlp-deep"
