@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bench.spec import SpecError, build_spec, cell_id, expand
+from reports.rows import eps_key
 
 
 def _split_args(items: list[str]) -> tuple[str, list[str]]:
@@ -65,7 +66,7 @@ def cell_summary(row: dict) -> str:
     """One line per finished cell, so a run's log shows progress even where no live display renders."""
     import reports
     e = reports.headline_eps(row)
-    k = str(float(e)) if e is not None else None
+    k = eps_key(e) if e is not None else None
     pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"
     return (f"{row['model']} w={row['width']} seed={row['seed']} {row['threat']}: p={row['params']:,} "
             f"p/(n·d)={row['ratio']:.3g} clean {pct(row['clean_acc'])} robust@{e:g} {pct(row['robust_acc'].get(k))} "

@@ -22,16 +22,13 @@ from bench import __version__
 from bench.device import resolve_device
 from bench.spec import cell_id, train_key
 from bench.train import TrainConfig, accuracy, train
+from reports.rows import eps_key
 
 INVARIANT_TOL = 1e-9
 
 
 class InvariantError(AssertionError):
     """A row broke cert <= robust <= pgd <= clean or lip_lower <= lip_upper: a bug, never a result."""
-
-
-def eps_key(eps: float) -> str:
-    return str(float(eps))
 
 
 class Timer:

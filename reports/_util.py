@@ -10,6 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
+
 MISSING = "\u2013"  # en dash: how every missing/null value is rendered
 
 ACC_KEYS = ("pgd_acc", "autoattack_acc", "robust_acc", "cert_acc")
@@ -40,11 +41,6 @@ def text(value) -> str:
 
 def is_ok(row: dict) -> bool:
     return row.get("status") == "ok"
-
-
-def eps_key(eps: float) -> str:
-    """Canonical text of an eps value (shortest repr that round-trips), used as the CSV column suffix."""
-    return repr(float(eps))
 
 
 def acc_map(row: dict, key: str) -> dict[float, float | None]:

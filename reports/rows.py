@@ -17,6 +17,11 @@ REQUIRED_KEYS = (
 )
 
 
+def eps_key(eps: float) -> str:
+    """The key of an eps in a row's accuracy maps: the shortest text that round-trips the float ("0.1", "1.0")."""
+    return repr(float(eps))
+
+
 class RowsError(ValueError):
     """A results file that cannot be read; the message names the file and line."""
 
