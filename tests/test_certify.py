@@ -126,7 +126,7 @@ def independent_search(model, in_shape, n_points=400, steps=150, seed=0):
         num = (m(A) - m(B)).norm(dim=1)
         den = (A - B).reshape(len(A), -1).norm(dim=1)
         ratio = num / den
-        best = max(best, float(ratio.max()))
+        best = max(best, float(ratio.max().detach()))
         ga, gb = torch.autograd.grad(ratio.sum(), (A, B))
         with torch.no_grad():
             for P, g in ((A, ga), (B, gb)):
