@@ -120,11 +120,17 @@ def parse_override(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise SpecError(f"override '{text}' is not of the form key=value")
     key, raw = (part.strip() for part in text.split("=", 1))
+    if raw.startswith("[") and raw.endswith("]"):  # a list may mix bare words: threat=[Linf,L2]
+        items = [item.strip() for item in raw[1:-1].split(",") if item.strip()]
+        return key, [_parse_value(item) for item in items]
+    return key, _parse_value(raw)
+
+
+def _parse_value(raw: str):
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
+        return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw
-    return key, value
+        return raw
 
 
 def build_spec(preset: str = "default", overrides: list[str] = ()) -> dict:

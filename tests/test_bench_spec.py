@@ -15,6 +15,9 @@ def test_overrides_parse_toml_values_and_bare_words():
     assert parse_override("width=[1,2]") == ("width", [1, 2])
     assert parse_override("dataset=digits") == ("dataset", "digits")
     assert parse_override("lr=0.01") == ("lr", 0.01)
+    assert parse_override("threat=[Linf,L2]") == ("threat", ["Linf", "L2"])
+    assert parse_override("threat=['Linf', 'L2']") == ("threat", ["Linf", "L2"])
+    assert parse_override("eps_Linf=[0.1, 0.2]") == ("eps_Linf", [0.1, 0.2])
     spec = build_spec("default", ["width=[3]", "data_options.d=12", "label_noise=0"])
     assert spec["width"] == [3] and spec["data_options"] == {"d": 12}
     assert spec["label_noise"] == 0.0 and isinstance(spec["label_noise"], float)
