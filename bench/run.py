@@ -39,6 +39,9 @@ def check_inputs(cells: list[dict], data_dir: str | None, load: bool = True) -> 
         models.get_entry(cell["model"])  # ModelError names the model and close matches
     for cell in cells if load else ():
         data = load_data(cell, data_dir)
+        # a model that cannot take this data's shape, or an option it does not know, is bad input too
+        models.param_count(cell["model"], in_shape=tuple(data.meta.in_shape), num_classes=data.meta.num_classes,
+                           width=cell["width"], **cell["model_options"])
         if "entry" in cell:  # a checkpoint that does not fit its architecture is bad input, found before any run
             model = models.get_model(cell["model"], in_shape=tuple(data.meta.in_shape),
                                      num_classes=data.meta.num_classes, width=cell["width"], **cell["model_options"])

@@ -89,6 +89,8 @@ def test_resume_after_kill_loses_nothing_and_duplicates_nothing(tmp_path):
     (["eps_Linf=[1.5]"], "eps_Linf"),
     (["no-such-preset"], "no-such-preset"),
     (["dataset=mnist", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir"),
+    (["dataset=gauss", "model=cnn"], "cnn"),
+    (["model_options.depth=3"], "depth"),
 ])
 def test_bad_input_one_line_exit_2_store_untouched(tmp_path, args, culprit):
     results = tmp_path / "results.jsonl"
