@@ -101,6 +101,17 @@ def data_root(data_dir: str | os.PathLike | None = None) -> tuple[Path, str]:
     return cache_dir(), "the default cache dir"
 
 
+
+def download_dir(data_dir, name: str) -> Path:
+    """<data dir>/<name>/, created for a download; a folder that cannot be made is a DatasetError naming it."""
+    root, _ = data_root(data_dir)
+    dest_dir = root / name
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DatasetError(f"download: cannot create {dest_dir} ({e.strerror or e})") from None
+    return dest_dir
+
 def candidate_dirs(root: Path, sub: str) -> list[Path]:
     """Directories searched for a dataset's files: <root>/<sub>/ then <root>/."""
     return [root / sub, root]

@@ -21,7 +21,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from ._common import HOW_TO_POINT, DatasetError, cache_dir, candidate_dirs, data_root, fetch_verified, file_key, md5_file
+from ._common import (HOW_TO_POINT, DatasetError, cache_dir, candidate_dirs, data_root, download_dir, fetch_verified,
+                      file_key, md5_file)
 
 __all__ = ["CIFAR10_MD5", "CIFAR10_TARBALL", "CIFAR10_FOLDER", "CIFAR10_BATCHES", "load_cifar10_arrays",
            "safe_extract", "restricted_load", "download_cifar10"]
@@ -241,12 +242,7 @@ def load_cifar10_arrays(data_dir=None):
 def download_cifar10(data_dir=None, url: str = CIFAR10_URL, *, timeout: float = 120.0) -> Path:
     """Fetch the tarball into <data dir>/cifar10/, verify its md5 (temp file + rename), extract it safely.
     Returns the batches folder."""
-    root, _ = data_root(data_dir)
-    dest_dir = root / "cifar10"
-    try:
-        dest_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DatasetError(f"download: cannot create {dest_dir} ({e.strerror or e})") from None
+    dest_dir = download_dir(data_dir, "cifar10")
     tar = dest_dir / CIFAR10_TARBALL
     expected = CIFAR10_MD5[CIFAR10_TARBALL]
     if not (tar.is_file() and md5_file(tar) == expected):

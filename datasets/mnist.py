@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ._common import HOW_TO_POINT, DatasetError, candidate_dirs, data_root, fetch_verified, file_key, md5_file
+from ._common import HOW_TO_POINT, DatasetError, candidate_dirs, data_root, download_dir, fetch_verified, file_key, md5_file
 from .idx import read_idx
 
 __all__ = ["MNIST_FILES", "MNIST_MD5", "MNIST_MIRRORS", "find_mnist_files", "load_mnist_arrays", "download_mnist"]
@@ -99,12 +99,7 @@ def download_mnist(data_dir=None, mirror: str | Sequence[str] | None = None, *, 
 
     mirror: a base URL (http(s):// or file://) or a list tried in order; default MNIST_MIRRORS.
     Files already present with the right checksum are kept unless force=True. Returns the directory."""
-    root, _ = data_root(data_dir)
-    dest_dir = root / "mnist"
-    try:
-        dest_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DatasetError(f"download: cannot create {dest_dir} ({e.strerror or e})") from None
+    dest_dir = download_dir(data_dir, "mnist")
     mirrors = [mirror] if isinstance(mirror, str) else list(mirror or MNIST_MIRRORS)
     if not mirrors:
         raise DatasetError("download: no mirror given")
