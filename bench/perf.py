@@ -389,13 +389,11 @@ def _print(res):
     t.add_column("measure")
     t.add_column("value", justify="right")
     t.add_column("detail")
-    pu, pr = res["pgd_undefended"], res["pgd_robust"]
-    t.add_row("pgd_speedup_undefended", f"{res['pgd_speedup_undefended']:.2f}x",
-              f"ours {pu['seconds_ours']:.3f}s vs torchattacks {pu['seconds_torchattacks']:.3f}s; acc ours "
-              f"{pu['acc_ours']} / ta {pu['acc_torchattacks']}")
-    t.add_row("pgd_speedup_robust", f"{res['pgd_speedup_robust']:.2f}x",
-              f"ours {pr['seconds_ours']:.3f}s vs torchattacks {pr['seconds_torchattacks']:.3f}s; acc ours "
-              f"{pr['acc_ours']} / ta {pr['acc_torchattacks']}")
+    for which in ("undefended", "robust"):
+        p = res[f"pgd_{which}"]
+        t.add_row(f"pgd_speedup_{which}", f"{res[f'pgd_speedup_{which}']:.2f}x",
+                  f"ours {p['seconds_ours']:.3f}s vs torchattacks {p['seconds_torchattacks']:.3f}s; acc ours "
+                  f"{p['acc_ours']} / ta {p['acc_torchattacks']}")
     for w, v in res["flops"].items():
         t.add_row(f"flops_fraction (width {w})", f"{v['fraction']:.2f}",
                   f"{v['gflops']} of {v['peak_gflops']} GFLOP/s float32 matmul")
