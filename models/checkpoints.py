@@ -20,6 +20,7 @@ import tempfile
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,24 @@ def _check_sha(value, where: str) -> str:
     return value.strip().lower()
 
 
+@contextmanager
+def _atomic_output(target: Path):
+    """A binary file beside `target`: fsynced and renamed onto it when the block succeeds, removed when it fails."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def save_checkpoint(module: nn.Module, path: str | os.PathLike, *, meta: dict | None = None) -> Path:
     """Write ``{"state_dict": ..., "meta": ...}`` atomically (temporary file in the same folder, fsync, os.replace).
 
@@ -68,19 +87,8 @@ def save_checkpoint(module: nn.Module, path: str | os.PathLike, *, meta: dict | 
     payload: dict = {"state_dict": state}
     if meta is not None:
         payload["meta"] = dict(meta)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with _atomic_output(path) as f:
+        torch.save(payload, f)
     try:  # make the rename durable
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -281,28 +289,18 @@ def fetch_checkpoint(url: str, sha256: str, *, cache_dir: str | os.PathLike | No
     target = cache / f"{sha[:16]}-{base}"
     if target.is_file() and sha256_file(target) == sha:
         return target
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=cache)
-    try:
+    with _atomic_output(target) as out:
         h = hashlib.sha256()
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
                 for chunk in iter(lambda: resp.read(1 << 20), b""):
                     h.update(chunk)
                     out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
         except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts are OSErrors
             raise ModelError(f"checkpoint {url}: download failed: {_one_line(e)}") from e
         got = h.hexdigest()
-        if got != sha:
+        if got != sha:  # raised inside the block: the partial file is removed, the target never written
             raise ModelError(f"checkpoint {url}: sha256 mismatch after download (expected {sha}, got {got})")
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
     return target
 
 
