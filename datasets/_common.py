@@ -10,6 +10,7 @@ import math
 import os
 import tempfile
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -130,14 +131,15 @@ def md5_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename into place."""
+@contextmanager
+def atomic_output(path: str | os.PathLike):
+    """A binary file beside `path`: fsynced and renamed onto it when the block succeeds, removed when it fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=str(path.parent))
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -147,6 +149,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_output(path) as f:
+        f.write(data)
 
 
 def file_key(paths: Iterable[Path]) -> tuple:
@@ -246,26 +253,12 @@ def inject_label_noise(y: np.ndarray, eta: float, num_classes: int, rng: np.rand
 
 def fetch_verified(url: str, dest: Path, expected_md5: str, timeout: float) -> None:
     """Stream url to a temp file next to dest, check md5, rename into place; on mismatch delete and raise."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=str(dest.parent))
     h = hashlib.md5(usedforsecurity=False)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            while True:
-                chunk = resp.read(1 << 20)
-                if not chunk:
-                    break
-                h.update(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
+    with atomic_output(dest) as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+        for chunk in iter(lambda: resp.read(1 << 20), b""):
+            h.update(chunk)
+            out.write(chunk)
         got = h.hexdigest()
-        if got != expected_md5:
+        if got != expected_md5:  # raised inside the block: the partial file is removed, dest never written
             raise DatasetError(f"download: {dest.name} from {url} has md5 {got}, expected {expected_md5}; "
                                f"the file was discarded")
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
