@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from .pgd import (AttackError, PGDResult, _auto_max_batch, _project_l2, _rand_start, _step, attack_loss, box_bounds,
-                  check_loss, check_norm, default_step_size, is_oom, pgd_sweep)
+                  check_loss, check_norm, eps_and_step_sizes, is_oom, pgd_sweep)
 
 LAYOUTS = ("auto", "stacked", "sequential")
 
@@ -302,13 +302,7 @@ def pgd_sweep_multi(models: Sequence[torch.nn.Module], x, y, eps, *, norm: str =
     N = xs[0].shape[0]
     if any(t.shape != xs[0].shape for t in xs) or any(t.shape[0] != N for t in ys):
         raise AttackError("all models need the same number of points of the same shape")
-    eps_list = [float(eps)] if isinstance(eps, (int, float)) else [float(e) for e in eps]
-    if step_size is None:
-        alphas = [default_step_size(e, steps, norm) for e in eps_list]
-    elif isinstance(step_size, (int, float)):
-        alphas = [float(step_size)] * len(eps_list)
-    else:
-        alphas = [float(s) for s in step_size]
+    eps_list, alphas = eps_and_step_sizes(eps, step_size, steps, norm)
     t0 = time.perf_counter()
     info: dict = {"models": M, "points": N}
     was = [m.training for m in models]

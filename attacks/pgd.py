@@ -589,6 +589,23 @@ def _sweep_joint(model, shape, x0, y, eps_sorted, alphas, norm, steps, restarts,
     return robust, x_adv, brk
 
 
+def eps_and_step_sizes(eps, step_size, steps: int, norm: str) -> tuple[list[float], list[float]]:
+    """The eps list (one eps or several) and one step size per eps (default 2.5·eps/steps), validated."""
+    eps_list = [float(eps)] if isinstance(eps, (int, float)) else [float(e) for e in eps]
+    if not eps_list:
+        raise AttackError("eps list is empty")
+    if any(e < 0 or not math.isfinite(e) for e in eps_list):
+        raise AttackError(f"eps must be finite and >= 0, got {eps_list}")
+    if step_size is None:
+        return eps_list, [default_step_size(e, steps, norm) for e in eps_list]
+    if isinstance(step_size, (int, float)):
+        return eps_list, [float(step_size)] * len(eps_list)
+    alphas = [float(a) for a in step_size]
+    if len(alphas) != len(eps_list):
+        raise AttackError("step_size list must have one entry per eps")
+    return eps_list, alphas
+
+
 def pgd_sweep(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float], *,
               norm: str = "Linf", steps: int = 100, step_size: float | Sequence[float] | None = None,
               restarts: int = 1, loss: str = "ce", random_start: bool = True, targeted: bool = False,
@@ -617,19 +634,7 @@ def pgd_sweep(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     check_loss(loss)
     if int(steps) < 0 or int(restarts) < 1:
         raise AttackError(f"need steps >= 0 and restarts >= 1, got steps={steps}, restarts={restarts}")
-    eps_list = [float(eps)] if isinstance(eps, (int, float)) else [float(e) for e in eps]
-    if not eps_list:
-        raise AttackError("eps list is empty")
-    if any(e < 0 or not math.isfinite(e) for e in eps_list):
-        raise AttackError(f"eps must be finite and >= 0, got {eps_list}")
-    if step_size is None:
-        steps_list = [default_step_size(e, steps, norm) for e in eps_list]
-    elif isinstance(step_size, (int, float)):
-        steps_list = [float(step_size)] * len(eps_list)
-    else:
-        steps_list = [float(s) for s in step_size]
-        if len(steps_list) != len(eps_list):
-            raise AttackError("step_size list must have one entry per eps")
+    eps_list, steps_list = eps_and_step_sizes(eps, step_size, steps, norm)
     if x.shape[0] != y.shape[0]:
         raise AttackError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
     if schedule not in ("auto", "sequential", "joint"):
