@@ -59,6 +59,16 @@ def _mark_ratio_one(ax) -> None:
     ax.axvline(1.0, color="0.3", linestyle=":", linewidth=1.2, label="p = n·d")
 
 
+def _accuracy_axes(ax, ylabel: str) -> None:
+    """An accuracy panel against p/(n·d): log x axis, the ratio-1 mark, 0–100 % on y."""
+    _mark_ratio_one(ax)
+    ax.set_xscale("log")
+    ax.set_ylim(-2, 102)
+    ax.set_xlabel("p / (n·d)")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+
+
 def plot_robust_vs_ratio(views: list[View]) -> Figure:
     fig, axes = _figure(*_grid(len(views)), w=7.2)
     if not views:
@@ -87,13 +97,8 @@ def plot_robust_vs_ratio(views: list[View]) -> Figure:
             _no_data(ax)
             ax.set_title(view.title)
             continue
-        _mark_ratio_one(ax)
-        ax.set_xscale("log")
-        ax.set_ylim(-2, 102)
-        ax.set_xlabel("p / (n·d)")
-        ax.set_ylabel("robust accuracy (%)")
+        _accuracy_axes(ax, "robust accuracy (%)")
         ax.set_title(f"{view.title}: robust accuracy")
-        ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
                   ncols=1 + (len(ax.get_legend_handles_labels()[1]) > 14))
     for ax in axes[len(views) or 1:]:
@@ -168,12 +173,7 @@ def plot_accuracy_by_family(views: list[View]) -> Figure:
         if not drawn:
             _no_data(ax)
             continue
-        _mark_ratio_one(ax)
-        ax.set_xscale("log")
-        ax.set_ylim(-2, 102)
-        ax.set_xlabel("p / (n·d)")
-        ax.set_ylabel("accuracy (%)")
-        ax.grid(True, which="both", alpha=0.3)
+        _accuracy_axes(ax, "accuracy (%)")
         ax.legend(fontsize=7)
     for ax in axes[len(panels) or 1:]:
         ax.set_visible(False)
