@@ -37,14 +37,19 @@ def check_inputs(cells: list[dict], data_dir: str | None, load: bool = True) -> 
         if cell["dataset"] not in known_data:
             raise SpecError(f"key 'dataset': unknown dataset '{cell['dataset']}' (known: {', '.join(known_data)})")
         models.get_entry(cell["model"])  # ModelError names the model and close matches
+    checked = set()
     for cell in cells if load else ():
         data = load_data(cell, data_dir)
+        build = dict(in_shape=tuple(data.meta.in_shape), num_classes=data.meta.num_classes, width=cell["width"],
+                     **cell["model_options"])
+        key = (cell["model"], repr(sorted(build.items())), cell.get("entry", {}).get("sha256"))
+        if key in checked:  # seeds and threats of one model share the check
+            continue
+        checked.add(key)
         # a model that cannot take this data's shape, or an option it does not know, is bad input too
-        models.param_count(cell["model"], in_shape=tuple(data.meta.in_shape), num_classes=data.meta.num_classes,
-                           width=cell["width"], **cell["model_options"])
+        models.param_count(cell["model"], **build)
         if "entry" in cell:  # a checkpoint that does not fit its architecture is bad input, found before any run
-            model = models.get_model(cell["model"], in_shape=tuple(data.meta.in_shape),
-                                     num_classes=data.meta.num_classes, width=cell["width"], **cell["model_options"])
+            model = models.get_model(cell["model"], **build)
             models.load_checkpoint(model, cell["entry"]["checkpoint"], sha256=cell["entry"]["sha256"])
 
 
