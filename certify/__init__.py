@@ -2,9 +2,11 @@
 
     from certify import lipschitz_upper, lipschitz_lower, certified_accuracy, law_quantities
 
-Imports torch only (never bench, models or attacks): a model is a plain nn.Module walked by duck typing.
+Imports torch and ``models.layers`` only (never bench, attacks or datasets). A model is bounded only when every module
+in it is an exact supported layer class (``supported_layers()``; the suite's ``Normalize`` and ``Residual`` by class
+identity) without hooks or forward overrides; anything else raises CertifyError naming the module's path.
 """
-from ._walk import CertifyError
+from ._walk import CertifyError, check_model, supported_layers
 from .certified import certified_accuracy, certified_radii, parse_norm
 from .law import isoperimetry_constant_gaussian, law_bound, law_quantities
 from .lower import LowerBound, lipschitz_lower, local_lipschitz
@@ -12,4 +14,4 @@ from .upper import UpperBound, lipschitz_upper
 
 __all__ = ["lipschitz_upper", "lipschitz_lower", "certified_accuracy", "certified_radii", "law_quantities",
            "law_bound", "isoperimetry_constant_gaussian", "local_lipschitz", "UpperBound", "LowerBound",
-           "CertifyError", "parse_norm"]
+           "CertifyError", "parse_norm", "check_model", "supported_layers"]

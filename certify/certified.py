@@ -30,7 +30,27 @@ def _device_of(model: nn.Module):
     return torch.device("cpu")
 
 
+def _check_bound_fits(upper, x: torch.Tensor) -> None:
+    """A bound holds for the input shape it was computed on only (a convolution's norm depends on the image size,
+    a Flatten + Linear on the layout), so data of any other shape is refused rather than certified."""
+    want = tuple(getattr(upper, "in_shape", ()) or ())
+    got = tuple(x.shape[1:])
+    if not want:
+        raise CertifyError("certify: the bound carries no in_shape; compute it with lipschitz_upper(model, in_shape)")
+    if want != got:
+        raise CertifyError(f"certify: the bound was computed for inputs of shape {want}, but x has shape {got} "
+                           f"per point; recompute it with lipschitz_upper(model, {got})")
+
+
+def _check_classes(upper, f: torch.Tensor) -> None:
+    C = int(getattr(upper, "num_classes", 0) or 0)
+    if C and f.shape[1] != C:
+        raise CertifyError(f"certify: the bound was computed for {C} classes, but the model returns {f.shape[1]} "
+                           f"logits; recompute it with lipschitz_upper")
+
+
 def _radii_from_logits(f: torch.Tensor, y: torch.Tensor, upper, nm: str, d: int, fp_margin: float) -> torch.Tensor:
+    _check_classes(upper, f)
     n, C = f.shape
     fy = f.gather(1, y[:, None])                                  # (N, 1)
     gaps = fy - f                                                 # f_y - f_j, (N, C)
@@ -83,6 +103,7 @@ def certified_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, upper, n
       and every |f_i(x+d) - f_i(x)| <= linf ||d||_inf.
     Logits come from a float64 copy of the model; each margin is reduced by fp_margin * (1 + max |f|) so that
     float32 evaluation error of the deployed model cannot turn a certified point into a broken one.
+    upper must come from lipschitz_upper for inputs of x's shape (x.shape[1:] == upper.in_shape), else CertifyError.
     skip_below > 0: points whose radius computed from the model's own-precision logits is below skip_below are not
     re-evaluated in float64 (their radius stays that estimate); used by certified_accuracy with half the smallest
     eps, where such points cannot count anyway.
@@ -91,6 +112,7 @@ def certified_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, upper, n
     nm = parse_norm(norm)
     if len(x) != len(y):
         raise CertifyError(f"x has {len(x)} points but y has {len(y)} labels")
+    _check_bound_fits(upper, x)
     dev = _device_of(model)
     ctx = lapack_threads(threads) if threads is not None and dev.type == "cpu" else contextlib.nullcontext()
     with ctx:

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ._linalg import UNIT_ROUNDOFF, conv_l2_bound, conv_linf, lapack_threads, pool_norms, spectral_norm
-from ._walk import Act, CertifyError, MaxPool, Op, Res, float64_copy, walk
+from ._walk import Act, CertifyError, MaxPool, Op, Res, check_model, float64_copy, walk
 
 __all__ = ["UpperBound", "lipschitz_upper"]
 
@@ -72,6 +72,8 @@ class UpperBound:
     seconds:  wall-clock time of the computation.
     per_layer: one dict per factor (path, type, method, l2, linf, seconds).
     linf_pair: (C, C) tensor, Linf analogue of ``pair`` (bounds f_y - f_j against ||.||_inf); None if unavailable.
+    in_shape: the input shape (without batch) the bound was computed for; it holds for that shape only (a
+              convolution's norm depends on the image size), so certified_radii refuses data of another shape.
     """
     value: float
     method: str
@@ -84,6 +86,7 @@ class UpperBound:
     pair_method: str = ""
     in_dim: int = 0
     num_classes: int = 0
+    in_shape: tuple = ()
 
     def to_dict(self) -> dict:
         """JSON-friendly summary (pair matrices as nested lists)."""
@@ -92,7 +95,7 @@ class UpperBound:
             "pair": None if self.pair is None else self.pair.tolist(), "pair_method": self.pair_method,
             "linf_pair": None if self.linf_pair is None else self.linf_pair.tolist(),
             "seconds": self.seconds, "per_layer": self.per_layer, "in_dim": self.in_dim,
-            "num_classes": self.num_classes,
+            "num_classes": self.num_classes, "in_shape": list(self.in_shape),
         }
 
 
@@ -508,11 +511,10 @@ def lipschitz_upper(model: nn.Module, in_shape, *, pairs: bool = True, threads: 
     (without the batch axis, e.g. (1, 28, 28) or (64,)).
 
     The model is copied to float64 in eval mode (BatchNorm uses its running statistics); the caller's model is not
-    modified. Supported modules: nn.Sequential (nested), Normalize (duck-typed: mean/std buffers), nn.Flatten,
-    nn.Linear, nn.Conv2d (groups=1, zero padding, any stride/padding/dilation), nn.ReLU (also LeakyReLU, Tanh,
-    Sigmoid), nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.BatchNorm2d (eval), nn.Identity, nn.Dropout
-    (identity in eval) and Residual (duck-typed: branch(x) + shortcut(x)). Anything else raises CertifyError naming
-    the module type and its path. See the module docstring for the proof sketch.
+    modified. Only modules whose forward certify can vouch for are bounded: exact classes of the table
+    ``certify.supported_layers()`` (or subclasses that redefine nothing of theirs), with no forward / forward-pre
+    hooks (module or global) and no method replaced on the instance. Anything else raises CertifyError, one line
+    naming the module's path and why, before the model is run. See the module docstring for the proof sketch.
 
     threads: torch threads used meanwhile (default 1: on a shared CPU, threaded LAPACK/complex kernels can be two
     orders of magnitude slower under contention; the previous setting is restored afterwards).
@@ -532,6 +534,7 @@ def _upper(model: nn.Module, in_shape, pairs: bool) -> UpperBound:
         raise CertifyError(f"in_shape must be a tuple of ints, got {in_shape!r}") from None
     if not in_shape or any(s <= 0 for s in in_shape):
         raise CertifyError(f"in_shape must be a non-empty tuple of positive ints, got {in_shape!r}")
+    check_model(model)
     m64 = float64_copy(model)
     with torch.no_grad():
         try:
@@ -556,4 +559,5 @@ def _upper(model: nn.Module, in_shape, pairs: bool) -> UpperBound:
                       per_layer=ch["entries"], linf_pair=Pinf,
                       linf_method="inf-norm layer-product (max abs row sums" + (", pair-midpoint" if ch["used_pair"]
                                                                                 else "") + ")",
-                      pair_method=pair_method, in_dim=int(math.prod(in_shape)), num_classes=int(out.shape[-1]))
+                      pair_method=pair_method, in_dim=int(math.prod(in_shape)), num_classes=int(out.shape[-1]),
+                      in_shape=in_shape)
