@@ -1,16 +1,22 @@
 """Sweep specs: a TOML preset plus `key=value` overrides, validated and expanded into cells.
 
-A spec is flat: every key is a setting. Keys named in SWEEP_AXES may hold a list; the cells are the product of those
-lists. A cell is a plain dict of every setting that can change its result, and `cell_id` hashes it, so a re-run skips
-finished cells and a changed setting makes a new row.
+A spec is flat: every key is a setting, declared once in SCHEMA (kind, default, range or choices, sweep axis or not),
+and the whole spec is validated against it before anything runs. Sweep axes may hold a list; the cells are the product
+of those lists. A cell is a plain dict of every setting that can change its result, and `cell_id` hashes it, so a
+re-run skips finished cells and a changed setting makes a new row.
 """
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
+import math
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+
+from attacks.pgd import NORMS
+from bench.train import OPTIMIZERS, RECIPES
 
 try:
     import tomllib
@@ -22,51 +28,83 @@ class SpecError(ValueError):
     """A bad preset, key or value; the message names it."""
 
 
-THREATS = ("Linf", "L2")
-AUTOATTACK_VERSIONS = ("standard", "plus", "off")
+THREATS = NORMS                                   # the attack engine's norms: the threat models a cell can use
+AUTOATTACK_VERSIONS = ("standard", "plus", "off")  # pyautoattack's versions, or none
+INT64_END = 2 ** 63                                # ints are int64; torch.manual_seed takes a seed below this
 
-# Every key a spec may set, with its default. The type of the default is the type a value must have.
-DEFAULTS: dict = {
-    "description": "",
+
+@dataclass(frozen=True)
+class Key:
+    """One spec key: its kind, default and range.
+
+    kind: "str" (any string), "choice" (one of `choices`), "int", "float" (finite), "eps" (a list of finite floats,
+    each in the range, no duplicates), "table" (an option table of plain values). `lo`/`hi` bound a number (or each
+    eps), inclusive unless `lo_open`/`hi_open`; every int also lies below INT64_END. `sweep`: the key may hold a list
+    of values, one cell per value. `min_len`: the fewest entries an eps list may have.
+    """
+    kind: str
+    default: object
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple = ()
+    sweep: bool = False
+    min_len: int = 0
+    doc: str = ""
+
+    def range_text(self) -> str:
+        lo = None if self.lo is None else f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        hi = None if self.hi is None else f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        if lo and hi:
+            return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        return lo or hi or ""
+
+
+# The one declaration of every key a spec may set: kind, default, range or choices, and whether it is a sweep axis.
+# validate() reads it; DEFAULTS and SWEEP_AXES are derived from it. Sweep axes are expanded in this order.
+SCHEMA: dict[str, Key] = {
+    "description": Key("str", "", doc="free text; not part of the cell"),
     # data
-    "dataset": "mnist5k",
-    "data_options": {},
-    "n_train": 0,               # 0: the dataset's whole training pool
-    "n_test": 0,                # 0: the dataset's whole test set
-    "label_noise": 0.0,
+    "dataset": Key("str", "mnist5k", sweep=True, doc="a name in the dataset registry (checked against it)"),
+    "data_options": Key("table", {}, doc="dataset-specific options, e.g. gauss: d, num_classes"),
+    "n_train": Key("int", 0, lo=0, sweep=True, doc="0: the dataset's whole training pool"),
+    "n_test": Key("int", 0, lo=0, doc="0: the dataset's whole test set"),
+    "label_noise": Key("float", 0.0, lo=0, hi=1, hi_open=True, sweep=True),
     # model
-    "model": "mlp",
-    "width": 64,
-    "model_options": {},
+    "model": Key("str", "mlp", sweep=True, doc="a name in the model registry (checked after plugins load)"),
+    "width": Key("int", 64, lo=0, lo_open=True, sweep=True),
+    "model_options": Key("table", {}),
     # training
-    "recipe": "erm",
-    "epochs": 30,
-    "optimizer": "adam",
-    "lr": 1e-3,
-    "momentum": 0.9,
-    "weight_decay": 0.0,
-    "batch_size": 128,
-    "target_train_acc": 1.0,
-    "train_eps": 0.0,
-    "train_norm": "Linf",
-    "train_steps": 10,
-    "train_step_size": 0.0,
-    "train_eps_warmup": 0,
-    "seed": 0,
+    "recipe": Key("choice", "erm", choices=RECIPES, sweep=True),
+    "epochs": Key("int", 30, lo=1),
+    "optimizer": Key("choice", "adam", choices=OPTIMIZERS),
+    "lr": Key("float", 1e-3, lo=0, lo_open=True),
+    "momentum": Key("float", 0.9, lo=0, hi=1, hi_open=True, doc="sgd only"),
+    "weight_decay": Key("float", 0.0, lo=0),
+    "batch_size": Key("int", 128, lo=1),
+    "target_train_acc": Key("float", 1.0, lo=0, hi=1, lo_open=True),
+    "train_eps": Key("float", 0.0, lo=0, hi=1, sweep=True, doc="pgd-at only; pixel units"),
+    "train_norm": Key("choice", "Linf", choices=NORMS),
+    "train_steps": Key("int", 10, lo=1),
+    "train_step_size": Key("float", 0.0, lo=0, doc="0: 2.5·eps/steps"),
+    "train_eps_warmup": Key("int", 0, lo=0),
+    "seed": Key("int", 0, lo=0, sweep=True),
     # evaluation
-    "threat": "Linf",
-    "eps_Linf": [0.05, 0.1, 0.2, 0.3],
-    "eps_L2": [0.5, 1.0, 1.5, 2.0],
-    "aa_eps_Linf": [0.1],       # AutoAttack runs at these eps (the headline); [] for none
-    "aa_eps_L2": [1.0],
-    "autoattack": "standard",
-    "pgd_steps": 100,
-    "pgd_restarts": 1,
-    "pgd_step_size": 0.0,       # 0: 2.5·eps/steps
-    "lip_points": 512,          # points per source (train, test, adversarial) for the empirical Lipschitz lower bound
+    "threat": Key("choice", "Linf", choices=THREATS, sweep=True),
+    "eps_Linf": Key("eps", [0.05, 0.1, 0.2, 0.3], lo=0, hi=1, min_len=1, doc="pixel units, inside [0,1]"),
+    "eps_L2": Key("eps", [0.5, 1.0, 1.5, 2.0], lo=0, min_len=1),
+    "aa_eps_Linf": Key("eps", [0.1], lo=0, hi=1, doc="AutoAttack runs at these eps (the headline); [] for none"),
+    "aa_eps_L2": Key("eps", [1.0], lo=0),
+    "autoattack": Key("choice", "standard", choices=AUTOATTACK_VERSIONS),
+    "pgd_steps": Key("int", 100, lo=1),
+    "pgd_restarts": Key("int", 1, lo=1),
+    "pgd_step_size": Key("float", 0.0, lo=0, doc="0: 2.5·eps/steps"),
+    "lip_points": Key("int", 512, lo=0, doc="points per source for the empirical Lipschitz lower bound; 0: all"),
 }
 
-SWEEP_AXES = ("dataset", "n_train", "label_noise", "model", "width", "recipe", "train_eps", "seed", "threat")
+DEFAULTS: dict = {key: k.default for key, k in SCHEMA.items()}
+SWEEP_AXES = tuple(key for key, k in SCHEMA.items() if k.sweep)
 
 # Settings that describe how the run is carried out, not what is measured: not part of cell_id.
 NOT_IN_CELL = ("description",)
@@ -92,7 +130,14 @@ def load_preset(name_or_path: str) -> dict:
     if name_or_path.endswith(".toml") or path.exists():
         if not path.is_file():
             raise SpecError(f"preset file '{name_or_path}' not found")
-        text, origin = path.read_text(), str(path)
+        origin = str(path)
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except OSError as exc:
+            raise SpecError(f"{origin}: cannot read the preset ({exc.strerror or type(exc).__name__})") from None
+        except UnicodeDecodeError as exc:
+            raise SpecError(f"{origin}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                            f"a preset is a UTF-8 TOML file") from None
     else:
         item = resources.files("bench.presets") / f"{name_or_path}.toml"
         if not item.is_file():
@@ -154,10 +199,10 @@ def build_spec(preset: str = "default", overrides: list[str] = ()) -> dict:
 def _normalize(spec: dict) -> dict:
     """Floats as floats (label_noise=0 and 0.0 name the same cell), eps lists sorted."""
     out = dict(spec)
-    for key, default in DEFAULTS.items():
-        if isinstance(default, float):
+    for key, k in SCHEMA.items():
+        if k.kind == "float":
             out[key] = [float(v) for v in out[key]] if isinstance(out[key], list) else float(out[key])
-        elif isinstance(default, list):
+        elif k.kind == "eps":
             out[key] = sorted(float(v) for v in out[key])
     return out
 
@@ -170,58 +215,93 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _in_range(k: Key, v) -> bool:
+    if k.lo is not None and (v <= k.lo if k.lo_open else v < k.lo):
+        return False
+    return k.hi is None or (v < k.hi if k.hi_open else v <= k.hi)
+
+
+def _plain(v) -> bool:
+    """A value an option table may hold: JSON-plain and finite (it becomes part of the cell's hash)."""
+    if isinstance(v, (str, bool)):
+        return True
+    if isinstance(v, int):
+        return -INT64_END <= v < INT64_END
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, list):
+        return all(_plain(e) for e in v)
+    if isinstance(v, dict):
+        return all(isinstance(kk, str) and _plain(e) for kk, e in v.items())
+    return False
+
+
+def check_value(key: str, v) -> None:
+    """One value of `key` against its declaration in SCHEMA; SpecError names the key and the value."""
+    k = SCHEMA[key]
+    bad = f"key '{key}': bad value {v!r}"
+    if k.kind == "str":
+        if not isinstance(v, str):
+            raise SpecError(f"{bad} (expected a string)")
+    elif k.kind == "choice":
+        if not isinstance(v, str) or v not in k.choices:
+            raise SpecError(f"key '{key}': unknown value {v!r} (known: {', '.join(k.choices)})")
+    elif k.kind == "table":
+        if not isinstance(v, dict):
+            raise SpecError(f"{bad} (expected an option table)")
+        for name, item in v.items():
+            if not _plain(item):
+                raise SpecError(f"key '{key}.{name}': bad value {item!r} (expected a finite number, string, bool "
+                                f"or a list/table of them)")
+    elif k.kind == "int":
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise SpecError(f"{bad} (expected an integer)")
+        if not _in_range(k, v) or not -INT64_END <= v < INT64_END:
+            raise SpecError(f"key '{key}': must be an integer {k.range_text()} and below 2**63, got {v}")
+    elif k.kind == "float":
+        if not _is_number(v):
+            raise SpecError(f"{bad} (expected a number)")
+        if not math.isfinite(v) or not _in_range(k, v):
+            raise SpecError(f"key '{key}': must be a finite number {k.range_text()}, got {v!r}")
+    elif k.kind == "eps":
+        if not isinstance(v, list) or not all(_is_number(e) for e in v):
+            raise SpecError(f"{bad} (expected a list of numbers)")
+        if len(v) < k.min_len:
+            raise SpecError(f"key '{key}': needs at least {k.min_len} eps, got an empty list")
+        for e in v:
+            if not math.isfinite(e) or not _in_range(k, e):
+                what = ", the pixel range" if k.hi == 1 else ""
+                raise SpecError(f"key '{key}': eps must be finite and {k.range_text()}{what}, got {e!r}")
+        if len(set(map(float, v))) != len(v):
+            raise SpecError(f"key '{key}': duplicate eps in {v}")
+    else:  # pragma: no cover - a declaration error
+        raise AssertionError(f"SCHEMA['{key}']: unknown kind {k.kind!r}")
+
+
 def validate(spec: dict) -> None:
-    """Type and range checks; unknown models and datasets are checked against their registries by the runner."""
-    for key, default in DEFAULTS.items():
-        values = _as_list(spec[key]) if key in SWEEP_AXES else [spec[key]]
-        if key in SWEEP_AXES and not values:
-            raise SpecError(f"key '{key}': empty list")
+    """Every key against SCHEMA (type, range, choices; lists only on sweep axes), then the rules between keys.
+
+    Unknown models and datasets are checked against their registries before any cell runs (bench.run.check_inputs).
+    """
+    for key in spec:
+        _check_key(key, "spec")
+    for key, k in SCHEMA.items():
+        value = spec[key]
+        if isinstance(value, list) and not k.sweep and k.kind != "eps":
+            raise SpecError(f"key '{key}': takes one value, not a list {value!r} "
+                            f"(lists are for the sweep axes: {', '.join(SWEEP_AXES)})")
+        if k.sweep and isinstance(value, list):
+            if not value:
+                raise SpecError(f"key '{key}': empty list")
+            values = value
+        else:
+            values = [value]
         for v in values:
-            if isinstance(default, bool):
-                ok = isinstance(v, bool)
-            elif isinstance(default, float):
-                ok = _is_number(v)
-            elif isinstance(default, int):
-                ok = isinstance(v, int) and not isinstance(v, bool)
-            elif isinstance(default, list):
-                ok = isinstance(v, list) and all(_is_number(e) for e in v)
-            else:
-                ok = isinstance(v, type(default))
-            if not ok:
-                raise SpecError(f"key '{key}': bad value {v!r} (expected {type(default).__name__})")
-    for w in _as_list(spec["width"]):
-        if w <= 0:
-            raise SpecError(f"key 'width': width must be > 0, got {w}")
-    for t in _as_list(spec["threat"]):
-        if t not in THREATS:
-            raise SpecError(f"key 'threat': unknown threat model '{t}' (known: {', '.join(THREATS)})")
-    for key in ("eps_Linf", "eps_L2", "aa_eps_Linf", "aa_eps_L2", "train_eps"):
-        for e in _as_list(spec[key]):
-            if e < 0:
-                raise SpecError(f"key '{key}': eps must be >= 0, got {e}")
-    for key in ("eps_Linf", "aa_eps_Linf", "train_eps"):
-        for e in _as_list(spec[key]):
-            if e > 1:
-                raise SpecError(f"key '{key}': eps {e} > 1 exceeds the [0,1] pixel range")
+            check_value(key, v)
     for threat in THREATS:
         missing = set(spec[f"aa_eps_{threat}"]) - set(spec[f"eps_{threat}"])
         if missing:
             raise SpecError(f"key 'aa_eps_{threat}': {sorted(missing)} not in eps_{threat}")
-    for v in _as_list(spec["label_noise"]):
-        if not 0 <= v < 1:
-            raise SpecError(f"key 'label_noise': must lie in [0, 1), got {v}")
-    for key in ("n_train", "n_test", "epochs", "batch_size", "pgd_steps", "pgd_restarts", "train_steps",
-                "lip_points", "train_eps_warmup"):
-        for v in _as_list(spec[key]):
-            if v < 0 or (v == 0 and key not in ("n_train", "n_test", "train_eps_warmup", "lip_points")):
-                raise SpecError(f"key '{key}': bad value {v}")
-    if spec["autoattack"] not in AUTOATTACK_VERSIONS:
-        raise SpecError(f"key 'autoattack': unknown version '{spec['autoattack']}' "
-                        f"(known: {', '.join(AUTOATTACK_VERSIONS)})")
-    if not 0 < spec["target_train_acc"] <= 1:
-        raise SpecError(f"key 'target_train_acc': must lie in (0, 1], got {spec['target_train_acc']}")
-    if spec["lr"] <= 0:
-        raise SpecError(f"key 'lr': must be > 0, got {spec['lr']}")
 
 
 def expand(spec: dict, entries: list = ()) -> list[dict]:

@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 
 RECIPES = ("erm", "pgd-at")
+OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     recipe: str = "erm"
     epochs: int = 30                  # maximum number of epochs
-    optimizer: str = "adam"           # "adam" or "sgd"
+    optimizer: str = "adam"           # one of OPTIMIZERS
     lr: float = 1e-3
     momentum: float = 0.9             # sgd only
     weight_decay: float = 0.0
@@ -60,7 +61,7 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown optimizer '{cfg.optimizer}' (known: adam, sgd)")
+    raise ValueError(f"unknown optimizer '{cfg.optimizer}' (known: {', '.join(OPTIMIZERS)})")
 
 
 def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
