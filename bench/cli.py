@@ -52,10 +52,18 @@ def _load_models(plugins: list[str]) -> None:
 def _bad_input_types() -> tuple:
     import datasets
     import models
+    from bench.device import DeviceError
     from bench.spec import SpecError
-    from bench.store import StoreBusy
+    from bench.store import StoreError
+    from reports.render import ReportError
     from reports.rows import RowsError
-    return SpecError, datasets.DatasetError, models.ModelError, RowsError, StoreBusy
+    return SpecError, datasets.DatasetError, models.ModelError, RowsError, StoreError, DeviceError, ReportError
+
+
+def _os_error_line(exc: OSError) -> str:
+    """A filesystem error as one line naming the path (the places that know better say more)."""
+    names = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    return f"{names}: {exc.strerror or type(exc).__name__}" if names else f"{type(exc).__name__}: {exc}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             return report_command(args, _console())
     except _bad_input_types() as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:  # permission, not a directory, read-only, ...: the path, never a traceback
+        print(f"error: {_one_line(_os_error_line(exc))}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except UnicodeDecodeError as exc:
+        print(f"error: input is not UTF-8 text ({exc.reason} at byte {exc.start})", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted: finished cells are in the store; re-run the same command to resume", file=sys.stderr)
@@ -82,15 +96,41 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def skipped_rows_warning(path, parsed) -> str | None:
+    """'warning: results.jsonl: skipped 1 torn last line and 2 malformed rows (lines 3, 7)', or None."""
+    parts = []
+    if parsed.torn_tail:
+        parts.append("1 torn last line")
+    if parsed.malformed:
+        n = len(parsed.malformed)
+        parts.append(f"{n} malformed row{'s' if n > 1 else ''} (line{'s' if n > 1 else ''} "
+                     f"{', '.join(map(str, parsed.malformed))})")
+    return f"warning: {path}: skipped {' and '.join(parts)}" if parts else None
+
+
 def report_command(args, console: Console) -> int:
     import reports
-    from reports.rows import read_rows
+    from bench.run import check_out_dir
+    from reports.rows import read_rows_file
+    check_out_dir(args.out)
     results = Path(args.out) / "results.jsonl"
     if not results.exists():
         print(f"error: {results}: no results file (run `python -m bench run --out {args.out}` first)",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    console.print(reports.console_table(read_rows(results)))
+    report_dir = Path(args.out) / "report"
+    if report_dir.exists() and not report_dir.is_dir():
+        print(f"error: {report_dir}: not a directory (the report is written there)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    parsed = read_rows_file(results, strict=False)
+    warning = skipped_rows_warning(results, parsed)
+    if warning:
+        print(warning, file=sys.stderr)
+    console.print(reports.console_table(parsed.rows))
     for path in reports.render(results, Path(args.out)):
         console.print(f"wrote {path}")
     return 0

@@ -53,13 +53,40 @@ def check_inputs(cells: list[dict], data_dir: str | None, load: bool = True) -> 
             models.load_checkpoint(model, cell["entry"]["checkpoint"], sha256=cell["entry"]["sha256"])
 
 
+def read_entries(paths: list[str]) -> list:
+    """The --entry files; the same file, or two files with one entry name, given twice is refused (their rows would
+    be indistinguishable)."""
+    import models
+    entries, seen_paths, seen_names = [], {}, {}
+    for path in paths:
+        real = str(Path(path).resolve())
+        if real in seen_paths:
+            also = "" if seen_paths[real] == path else f" (also as {seen_paths[real]})"
+            raise SpecError(f"--entry {path}: given twice{also}; each entry is evaluated once")
+        seen_paths[real] = path
+        entry = models.read_checkpoint_entry(path)
+        if entry.name in seen_names:
+            raise SpecError(f"--entry {path}: entry name '{entry.name}' is also used by {seen_names[entry.name]}")
+        seen_names[entry.name] = path
+        entries.append(entry)
+    return entries
+
+
+def check_out_dir(out: str) -> None:
+    """--out names a directory; '' would silently mean the current one."""
+    if not out:
+        raise SpecError("--out: empty path (name a results directory, e.g. --out results)")
+
+
 def run_command(args, console: Console) -> int:
     from bench.cli import _load_models
+    from bench.device import resolve_device
     preset, overrides = _split_args(args.args)
     spec = build_spec(preset, overrides)
+    check_out_dir(args.out)
+    resolve_device(args.device)  # an unknown or absent device is bad input, found before the store opens
     _load_models(args.plugin)
-    import models
-    entries = [models.read_checkpoint_entry(path) for path in args.entry]
+    entries = read_entries(args.entry)
     cells = expand(spec, entries)
     check_inputs(cells, args.data_dir, load=not args.dry_run)
     if args.dry_run:
@@ -82,16 +109,36 @@ def cell_summary(row: dict) -> str:
             f"({row['timings'].get('total', 0):.1f} s)")
 
 
+def check_out_folders(out_dir: Path) -> None:
+    """The logs and checkpoints folders, where they exist, are folders: checked before the store opens."""
+    from bench.store import StoreError
+    for name, what in (("logs", "the cells' logs"), ("checkpoints", "the trained checkpoints")):
+        folder = out_dir / name
+        if folder.is_symlink() and not folder.exists() or folder.exists() and not folder.is_dir():
+            raise StoreError(f"{folder}: not a directory ({what} go there)")
+
+
+def prepare_out_dir(out_dir: Path) -> Path:
+    """The logs folder, made before any cell runs; returns it."""
+    from bench.store import StoreError
+    log_dir = out_dir / "logs"
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"{log_dir}: cannot create the logs folder ({exc.strerror or type(exc).__name__})") from None
+    return log_dir
+
+
 def run_cells(cells: list[dict], out_dir: Path, console: Console, *, device="auto", data_dir=None) -> int:
     import reports
     from bench.runner import run_cell
     from bench.store import Store
+    check_out_folders(out_dir)
     with Store(out_dir) as store:
         done = store.finished()
         todo = [c for c in cells if cell_id(c) not in done]
         console.print(f"{len(cells)} cells: {len(cells) - len(todo)} already in {store.path}, {len(todo)} to run")
-        log_dir = out_dir / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
+        log_dir = prepare_out_dir(out_dir)
         failed = 0
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.fields[phase]}"))

@@ -15,8 +15,16 @@ from pathlib import Path
 from reports.rows import read_rows_file
 
 
-class StoreBusy(RuntimeError):
+class StoreError(RuntimeError):
+    """The results directory cannot be used (not a directory, not writable, a dangling link); names the path."""
+
+
+class StoreBusy(StoreError):
     """Another run holds the store's lock."""
+
+
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
 
 
 def _finite(obj):
@@ -36,21 +44,59 @@ class Store:
         self.path = self.dir / "results.jsonl"
         self._lock = None
 
+    def check(self) -> None:
+        """Read-only checks, before anything is created: the directory is one, the results file is a readable file
+        (not a dangling link, not a directory) whose rows parse. StoreError or RowsError name the path."""
+        if self.dir.exists() and not self.dir.is_dir():
+            raise StoreError(f"{self.dir}: not a directory (a results directory is needed)")
+        for parent in self.dir.parents:  # the nearest existing ancestor must be a directory
+            if parent.exists():
+                if not parent.is_dir():
+                    raise StoreError(f"{parent}: not a directory, so {self.dir} cannot be created")
+                break
+        if self.path.is_symlink() and not self.path.exists():
+            raise StoreError(f"{self.path}: dangling symlink (it points to {os.readlink(self.path)}, "
+                             f"which does not exist)")
+        if self.path.is_dir():
+            raise StoreError(f"{self.path}: is a directory, not a results file")
+        read_rows_file(self.path)  # a malformed row is a RowsError naming the file and line
+
     def __enter__(self) -> "Store":
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.dir / ".lock", "w")
+        """Check, then create the directory, take the lock and open the results file for append: every way the
+        store cannot be written shows here, as a StoreError naming the path, before any cell runs."""
+        self.check()
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{exc.filename or self.dir}: cannot create the results directory "
+                             f"({_os_reason(exc)})") from None
+        lock_path = self.dir / ".lock"
+        try:
+            self._lock = open(lock_path, "a")
+        except OSError as exc:
+            raise StoreError(f"{lock_path}: cannot open the lock file ({_os_reason(exc)})") from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self._lock.close()
+            self._close_lock()
             raise StoreBusy(f"{self.dir}: another run is writing this results store") from None
+        try:
+            with open(self.path, "ab"):
+                pass
+        except OSError as exc:
+            self._close_lock()
+            raise StoreError(f"{self.path}: cannot open the results file for append ({_os_reason(exc)})") from None
         return self
+
+    def _close_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def __exit__(self, *exc) -> None:
         if self._lock is not None:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
-            self._lock = None
+            self._close_lock()
 
     def rows(self) -> list[dict]:
         return read_rows_file(self.path).rows
