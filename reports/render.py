@@ -33,7 +33,7 @@ def render(results_path, out_dir, formats=FORMATS) -> list[Path]:
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ReportError(f"unknown report format {unknown[0]!r} (choose from {', '.join(FORMATS)})")
-    rows = [r for r in read_rows(results_path) if isinstance(r, dict)]
+    rows = read_rows(results_path, strict=False)  # malformed lines are skipped; the CLI says how many and where
     views = build_views(rows)
     report_dir = Path(out_dir) / "report"
     report_dir.mkdir(parents=True, exist_ok=True)

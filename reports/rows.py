@@ -1,7 +1,8 @@
 """Reading the results store (`results.jsonl`): the one reader shared by reports and by the runner's resume logic.
 
 The store is append-only JSON lines. A process killed mid-write can leave a torn last line; it is skipped (and
-counted), never fatal. A malformed line elsewhere means the file was edited or corrupted and is reported by line.
+counted), never fatal. A malformed line elsewhere means the file was edited or corrupted: the writer refuses such a
+store (RowsError naming the file and line); a report (strict=False) skips the line and records its number.
 """
 from __future__ import annotations
 
@@ -30,16 +31,19 @@ class RowsError(ValueError):
 class RowsFile:
     rows: list[dict] = field(default_factory=list)
     torn_tail: bool = False  # the last line was incomplete (a run killed while writing it)
+    malformed: list[int] = field(default_factory=list)  # line numbers skipped as not a JSON object (strict=False)
 
 
-def read_rows_file(path: str | Path) -> RowsFile:
+def read_rows_file(path: str | Path, strict: bool = True) -> RowsFile:
+    """Every row of a results file. strict: a malformed line other than a torn last one is a RowsError; otherwise
+    it is skipped and its line number listed in `malformed`."""
     path = Path(path)
     if not path.exists():
         return RowsFile()
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise RowsError(f"{path}: cannot read results file ({exc.strerror})") from None
+        raise RowsError(f"{path}: cannot read results file ({exc.strerror or type(exc).__name__})") from None
     lines = data.split(b"\n")
     out = RowsFile()
     for i, raw in enumerate(lines, start=1):
@@ -54,11 +58,14 @@ def read_rows_file(path: str | Path) -> RowsFile:
             if is_last and not data.endswith(b"\n"):
                 out.torn_tail = True
                 continue
+            if not strict:
+                out.malformed.append(i)
+                continue
             raise RowsError(f"{path}:{i}: malformed result row ({exc})") from None
         out.rows.append(row)
     return out
 
 
-def read_rows(path: str | Path) -> list[dict]:
+def read_rows(path: str | Path, strict: bool = True) -> list[dict]:
     """All complete rows of a results file (missing file: no rows; torn last line: skipped)."""
-    return read_rows_file(path).rows
+    return read_rows_file(path, strict).rows
