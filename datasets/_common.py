@@ -56,6 +56,9 @@ class DatasetMeta:
     seed: int = 0
     scale: float | None = None          # gauss only: x_pix = 0.5 + scale * x
     options: dict = field(default_factory=dict)
+    # where the data come from, as verified: "embedded" (shipped inside a package: mnist5k, digits), "synthetic"
+    # (gauss), "official" (files whose checksums match the official release), "unverified local files"
+    data_source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -131,14 +134,30 @@ def md5_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike):
-    """A binary file beside `path`: fsynced and renamed onto it when the block succeeds, removed when it fails."""
+    """A binary file beside `path`: fsynced and renamed onto it when the block succeeds, removed when it fails.
+    It gets the mode a plain open() would give (0666 minus the umask), not the temporary file's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=str(path.parent))
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             yield f
             f.flush()
             os.fsync(f.fileno())

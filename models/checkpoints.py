@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import tempfile
 import urllib.parse
 import urllib.request
@@ -57,12 +58,28 @@ def _check_sha(value, where: str) -> str:
     return value.strip().lower()
 
 
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def _atomic_output(target: Path):
-    """A binary file beside `target`: fsynced and renamed onto it when the block succeeds, removed when it fails."""
+    """A binary file beside `target`: fsynced and renamed onto it when the block succeeds, removed when it fails.
+    It gets the mode a plain open() would give (0666 minus the umask), not the temporary file's 0600."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -119,6 +136,20 @@ def _extract_state_dict(obj, where: str) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def _first_unsafe_global(path: Path, exc: Exception) -> str | None:
+    """The first global (module.name) a checkpoint needs beyond what a weights-only load allows, or None."""
+    finder = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if finder is not None:
+        try:
+            found = finder(path)
+            if found:
+                return str(found[0])
+        except Exception:  # not a zip checkpoint, or unreadable: fall back to the error's text
+            pass
+    match = re.search(r"(?:GLOBAL|global)\s+([\w.]+)", str(exc))
+    return match.group(1) if match else None
+
+
 def load_checkpoint(module: nn.Module, path: str | os.PathLike, sha256: str | None = None) -> nn.Module:
     """Load a checkpoint into ``module`` (in place; returns it).
 
@@ -137,9 +168,15 @@ def load_checkpoint(module: nn.Module, path: str | os.PathLike, sha256: str | No
             raise ModelError(f"{where}: sha256 mismatch (expected {want}, file has {got})")
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError) as e:
-        raise ModelError(f"{where}: cannot be read as a weights-only torch checkpoint: "
-                         f"{type(e).__name__}: {_one_line(e)}") from e
+    except Exception as e:  # any file can be handed in: whatever torch raises on it is one line
+        culprit = _first_unsafe_global(path, e) if isinstance(e, pickle.UnpicklingError) else None
+        if culprit:
+            raise ModelError(f"{where}: refused: the file holds Python objects beyond tensors (the first is "
+                             f"{culprit}); only weights (a state dict of tensors) are loaded, since unpickling "
+                             f"other objects can run code") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", str(e), re.S)
+        reason = _one_line(detail.group(1)) if detail else f"{type(e).__name__}: {_one_line(e)}"
+        raise ModelError(f"{where}: not a readable torch checkpoint of tensors ({reason})") from None
     sd = _extract_state_dict(obj, where)
     expected = module.state_dict()
     if sd and all(k.startswith("module.") for k in sd) and not any(k.startswith("module.") for k in expected):
@@ -213,6 +250,9 @@ def read_checkpoint_entry(toml_path: str | os.PathLike) -> CheckpointEntry:
         raise ModelError(f"{where}: cannot read: {_one_line(e)}") from e
     except _toml.TOMLDecodeError as e:
         raise ModelError(f"{where}: invalid TOML: {_one_line(e)}") from e
+    except UnicodeDecodeError as e:
+        raise ModelError(f"{where}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                         f"a checkpoint entry is a UTF-8 TOML file") from None
 
     unknown = sorted(set(data) - _ENTRY_KEYS)
     if unknown:

@@ -233,6 +233,8 @@ def load_plugin(spec: str) -> list[str]:
         msg = str(e)
         raise ModelError(msg if msg.startswith("cannot load model plugin") else
                          f"cannot load model plugin '{spec}': {msg}") from e
+    except SystemExit as e:  # a plugin must not end the process: it is refused like any other failure
+        raise ModelError(f"cannot load model plugin '{spec}': it called sys.exit({e.code!r}) while importing") from None
     except Exception as e:
         raise ModelError(f"cannot load model plugin '{spec}': {type(e).__name__}: {_one_line(e)}") from e
     return _new_names(before)
@@ -273,6 +275,8 @@ def load_entry_points(group: str = ENTRY_POINT_GROUP) -> list[str]:
         except ModelError as e:
             msg = str(e)
             raise ModelError(msg if msg.startswith(label) else f"{label} failed: {msg}") from e
+        except SystemExit as e:
+            raise ModelError(f"{label} failed: it called sys.exit({e.code!r}) while loading") from None
         except Exception as e:
             raise ModelError(f"{label} failed: {type(e).__name__}: {_one_line(e)}") from e
         _LOADED_EPS.add(key)
