@@ -167,7 +167,7 @@ def base_row(cell: dict) -> dict:
     """The identifying part of a row; the measured keys start as null so a failed row has every contract key."""
     return {
         "cell_id": cell_id(cell), "bench_version": __version__, "status": "failed", "error": None,
-        "dataset": cell["dataset"], "n_train": None, "n_test": None, "d": None, "d_eff": None,
+        "dataset": cell["dataset"], "data_source": None, "n_train": None, "n_test": None, "d": None, "d_eff": None,
         "label_noise": cell["label_noise"], "num_classes": None, "model": cell["model"], "family": None,
         "width": cell["width"], "params": None, "recipe": cell["recipe"], "train_eps": cell["train_eps"],
         "seed": cell["seed"], "device": None, "train_acc": None, "clean_acc": None, "threat": cell["threat"],
@@ -191,7 +191,8 @@ def run_cell(cell: dict, *, out_dir: Path, device_name: str = "auto", data_dir: 
             data = load_data(cell, data_dir)
         meta = data.meta
         row.update(n_train=len(data.y_train), n_test=len(data.y_test), d=meta.d, d_eff=meta.d_eff,
-                   num_classes=meta.num_classes, n_noisy=getattr(meta, "n_noisy", None))
+                   num_classes=meta.num_classes, n_noisy=getattr(meta, "n_noisy", None),
+                   data_source=getattr(meta, "data_source", None))
         entry = models.get_entry(cell["model"])
         torch.manual_seed(cell["seed"])
         model = models.get_model(cell["model"], in_shape=tuple(meta.in_shape), num_classes=meta.num_classes,

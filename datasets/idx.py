@@ -6,6 +6,7 @@ The payload must hold exactly prod(dims) items of the dtype (big-endian for mult
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from pathlib import Path
@@ -57,7 +58,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise DatasetError(f"{path}: truncated IDX header ({len(raw)} bytes, need {header})")
     dims = tuple(int(v) for v in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     dtype = IDX_DTYPES[code]
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(dims) * dtype.itemsize  # Python ints: a header of huge dims cannot wrap around to 0
     got = len(raw) - header
     if got != expected:
         kind = "truncated" if got < expected else "has trailing bytes"

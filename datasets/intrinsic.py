@@ -36,7 +36,7 @@ def _as_2d_float64(x: Any) -> np.ndarray:
     a = np.asarray(x)
     if a.ndim < 2:
         raise DatasetError(f"intrinsic_dimension: expected an array of shape (N, ...), got shape {a.shape}")
-    return a.reshape(a.shape[0], -1).astype(np.float64, copy=False)
+    return a.reshape(a.shape[0], math.prod(a.shape[1:])).astype(np.float64, copy=False)  # (0, ...) too
 
 
 def _subsample(n: int, max_points: int, seed: int) -> np.ndarray:
@@ -133,6 +133,8 @@ def dataset_d_eff(name: str, pool: np.ndarray, *, divisor: float = 1.0, k1: int 
     Cached in memory and in <cache_dir>/d_eff.json under a key made of the name and a fingerprint of the
     rows actually used, so changed data give a new entry."""
     pool = np.asarray(pool)
+    if len(pool) <= k2:
+        return float("nan")     # too few points for the estimator (an empty pool included)
     idx = _subsample(len(pool), max_points, seed)
     rows = np.ascontiguousarray(pool[idx])
     h = hashlib.blake2b(digest_size=12)

@@ -3,11 +3,17 @@
 Files (each optionally .gz): train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte,
 t10k-labels-idx1-ubyte, looked for in <data dir>/mnist/ and <data dir>/, where the data dir is the `data_dir`
 argument, else $BENCH_DATA, else the user's cache dir ($XDG_CACHE_HOME or ~/.cache, subfolder lawbench).
+
+Local files are checked against the official release's md5 (of the .gz file, or of its idx content): all four match
+-> data source "official"; otherwise they still load (a malformed file is refused), as "unverified local files".
 """
 from __future__ import annotations
 
+import gzip
+import hashlib
 import threading
 import urllib.error
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -16,7 +22,8 @@ import numpy as np
 from ._common import HOW_TO_POINT, DatasetError, candidate_dirs, data_root, download_dir, fetch_verified, file_key, md5_file
 from .idx import read_idx
 
-__all__ = ["MNIST_FILES", "MNIST_MD5", "MNIST_MIRRORS", "find_mnist_files", "load_mnist_arrays", "download_mnist"]
+__all__ = ["MNIST_FILES", "MNIST_MD5", "MNIST_RAW_MD5", "MNIST_MIRRORS", "OFFICIAL", "UNVERIFIED", "unofficial_files",
+           "find_mnist_files", "load_mnist_arrays", "download_mnist"]
 
 MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -33,12 +40,26 @@ MNIST_MD5 = {
     "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
 }
 
+# md5 of the official files' content (the idx bytes inside each .gz): verifies uncompressed files, and .gz files
+# compressed anew.
+MNIST_RAW_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+
+# What a row's data_source says of local MNIST files: all four match the official checksums, or not.
+OFFICIAL = "official"
+UNVERIFIED = "unverified local files"
+
 MNIST_MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "https://yann.lecun.com/exdb/mnist/",
 )
 
 _CACHE: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+_VERIFIED: dict[tuple, tuple[str, str]] = {}  # (files, checksum tables) -> (data source, note)
 _LOCK = threading.Lock()
 
 
@@ -68,14 +89,45 @@ def _check_pair(images: np.ndarray, labels: np.ndarray, img_path: Path, lab_path
         raise DatasetError(f"{img_path}: expected uint8 images of shape (N, 28, 28), got {images.dtype} {images.shape}")
     if labels.ndim != 1 or labels.dtype != np.uint8:
         raise DatasetError(f"{lab_path}: expected uint8 labels of shape (N,), got {labels.dtype} {labels.shape}")
+    if len(images) == 0:
+        raise DatasetError(f"{img_path}: holds 0 images (the header declares an empty set)")
     if len(labels) != len(images):
         raise DatasetError(f"{lab_path}: {len(labels)} labels but {img_path.name} has {len(images)} images")
     if len(labels) and labels.max() > 9:
         raise DatasetError(f"{lab_path}: label {int(labels.max())} out of range 0..9")
 
 
-def load_mnist_arrays(data_dir=None):
-    """(train images uint8 (N,28,28), train labels int64, test images, test labels, directory); cached in-process."""
+def _content_md5(path: Path) -> str:
+    if not path.name.endswith(".gz"):
+        return md5_file(path)
+    h = hashlib.md5(usedforsecurity=False)
+    try:
+        with gzip.open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except (OSError, EOFError, zlib.error):
+        return ""
+    return h.hexdigest()
+
+
+def unofficial_files(paths: Sequence[Path]) -> list[Path]:
+    """The files among `paths` that are not the official release: neither the .gz file's md5 (MNIST_MD5) nor the md5
+    of its idx content (MNIST_RAW_MD5) matches. Tables are looked up at call time."""
+    out = []
+    for path in paths:
+        if path.name.endswith(".gz") and md5_file(path) == MNIST_MD5.get(path.name):
+            continue
+        base = path.name[:-3] if path.name.endswith(".gz") else path.name
+        if _content_md5(path) != MNIST_RAW_MD5.get(base):
+            out.append(path)
+    return out
+
+
+def load_mnist_arrays(data_dir=None, *, with_source: bool = False):
+    """(train images uint8 (N,28,28), train labels int64, test images, test labels, directory); cached in-process.
+
+    with_source: also return what the checksums say, OFFICIAL or UNVERIFIED, and a note naming the first file that
+    is not the official one ("" when all are)."""
     paths, where = find_mnist_files(data_dir)
     key = file_key(paths)
     with _LOCK:
@@ -88,7 +140,19 @@ def load_mnist_arrays(data_dir=None):
         with _LOCK:
             _CACHE.clear()      # keep at most one copy of MNIST in memory
             _CACHE[key] = hit
-    return (*hit, where)
+    if not with_source:
+        return (*hit, where)
+    tables = (key, tuple(sorted(MNIST_MD5.items())), tuple(sorted(MNIST_RAW_MD5.items())))
+    with _LOCK:
+        verdict = _VERIFIED.get(tables)
+    if verdict is None:
+        other = unofficial_files(paths)
+        verdict = (UNVERIFIED, f"{other[0].name} does not match the official MNIST checksum") if other else \
+            (OFFICIAL, "")
+        with _LOCK:
+            _VERIFIED.clear()
+            _VERIFIED[tables] = verdict
+    return (*hit, where, *verdict)
 
 
 # ------------------------------------------------------------------------------------------------ download

