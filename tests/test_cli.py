@@ -27,6 +27,7 @@ def test_tiny_sweep_writes_contract_rows_and_prints_table(tiny_run):
     for row in rows:
         assert set(REQUIRED_KEYS) <= set(row)
         assert row["dataset"] == "mnist5k" and row["n_train"] == 200 and row["n_test"] == 40 and row["d"] == 784
+        assert row["data_source"] == "embedded"
         assert row["params"] == 784 * row["width"] + row["width"] + row["width"] * 10 + 10
         assert row["ratio"] == pytest.approx(row["params"] / (200 * 784))
         assert row["law_scale"] == pytest.approx((200 * 784 / row["params"]) ** 0.5)
