@@ -20,7 +20,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .pgd import AttackError, _project_l2, box_bounds, check_norm, predict
+from .pgd import AttackError, check_norm
+from .threat import check_attack
 
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 
@@ -54,6 +55,21 @@ class AAResult:
     x_adv: torch.Tensor
     flags: list = field(default_factory=list)
     info: dict = field(default_factory=dict)
+
+
+class _Connected(torch.nn.Module):
+    """Keeps the logits attached to the input in autograd: a model whose forward cuts the graph (a hard step,
+    a detached quantizer) gets exact zero gradients instead of crashing pyautoattack's gradient attacks."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z):
+        out = self.model(z)
+        if z.requires_grad and not out.requires_grad:  # parameters are frozen during the attack
+            out = out + 0.0 * z.reshape(z.shape[0], -1)[:, :1]
+        return out
 
 
 class _ImageView(torch.nn.Module):
@@ -140,8 +156,7 @@ def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
     """
     check_norm(norm)
     try:
-        from pyautoattack import AutoAttack
-        from pyautoattack import checks as aa_checks
+        import pyautoattack  # noqa: F401
     except ImportError as exc:  # pragma: no cover - dependency declared in pyproject
         raise AttackError("pyautoattack is not installed (pip install pyautoattack)") from exc
     if isinstance(version, str):
@@ -161,70 +176,21 @@ def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
     n_total = N if n_total is None else int(n_total)
     dev = x.device
     y = y.to(dev)
-    in_shape = tuple(x.shape[1:])
-    view = image_shape_for(in_shape)
-    if view is None:
-        net, xi = model, x.detach()
-    else:
-        d = math.prod(in_shape)
-        net = _ImageView(model, d, in_shape)
-        xf = x.detach().reshape(N, -1)
-        pad = view[1] * view[2] - d
-        xi = torch.cat([xf, xf.new_zeros(N, pad)], 1) if pad else xf
-        xi = xi.reshape(N, *view)
+    view = image_shape_for(tuple(x.shape[1:]))
     info = {"version": vname, "eps": float(eps), "norm": norm, "seed": int(seed), "n_attacked": N,
             "image_view": list(view) if view else None}
     if N == 0:
-        info.update(attacks=attacks or [], seconds=0.0, broken_by={}, warnings=[])
+        info.update(attacks=attacks or [], seconds=0.0, broken_by={}, warnings=[], check={})
         return AAResult(torch.zeros(0, dtype=torch.bool, device=dev), x.detach().clone(), [], info)
-    with torch.no_grad():
-        z = net(xi[:1])
-    C = int(num_classes or z.shape[1])
-
-    logger = logging.getLogger("auto-attack")
-    cap = _Capture(log)
-    old_level, old_prop = logger.level, logger.propagate
-    logger.addHandler(cap)
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
-    was_training = model.training
-    model.eval()
-    devices = [dev] if dev.type == "cuda" else []
-    try:
-        for k in aa_checks.funcs:  # pyautoattack never resets its global call counters
-            aa_checks.funcs[k] = 0
-        with torch.random.fork_rng(devices=devices), _frozen(model):
-            aa = AutoAttack(net, norm=norm, eps=float(eps), version=vname if attacks is None else "custom",
-                            device=dev, seed=int(seed), attacks=attacks)
-            ntc = max(1, min(9, C - 1))
-            aa.apgd_targeted.n_target_classes = ntc
-            aa.fab.n_target_classes = ntc
-            if attacks is not None:  # custom list: standard settings of each attack
-                aa.apgd.n_restarts = 1
-                aa.fab.n_restarts = 1
-                aa.apgd_targeted.n_restarts = 1
-                aa.square.n_queries = 5000
-            info["attacks"] = list(aa.attacks_to_run)
-            info["n_target_classes"] = ntc
-            x_adv_i, _ = aa.run_standard_evaluation(xi, y, batch_size=int(batch_size))
-    finally:
-        logger.removeHandler(cap)
-        logger.setLevel(old_level)
-        logger.propagate = old_prop
-        model.train(was_training)
-    # pyautoattack clips with x +- eps in floating point, which can overshoot eps by an ulp: project exactly (as
-    # our PGD does) and judge the projected example
-    x0 = x.detach().reshape(N, -1)
-    xa = x_adv_i.reshape(N, -1)[:, : x0.shape[1]].to(x0.dtype)
-    if norm == "Linf":
-        lo, hi = box_bounds(x0, float(eps), norm)
-        xa = torch.clamp(xa, lo, hi)
-    else:
-        xa = _project_l2(x0, torch.clamp(xa, 0.0, 1.0), float(eps))
-    x_adv = xa.reshape(x.shape).detach()
-    with torch.no_grad():
-        pred = predict(model, x_adv, batch_size)
-    robust = pred == y
+    run = _Run(model, norm, vname, attacks, int(batch_size), log, num_classes)
+    x_raw, cap = run(x, y, float(eps), int(seed))
+    info.update(attacks=run.attacks_run, n_target_classes=run.n_target_classes)
+    # One validation path: pyautoattack clips with x +- eps in float32 and may overshoot the ball by an ulp. An
+    # example that is no longer adversarial once projected into the exact ball is re-attacked at a slightly
+    # smaller eps, never silently counted robust.
+    checked = check_attack(model, x, y, x_raw, float(eps), norm,
+                           rerun=lambda idx, e, k: run(x[idx], y[idx], e, int(seed) + k)[0], batch=batch_size, log=log)
+    robust = ~checked.broken
     # Square check against the full evaluation set (pyautoattack's own threshold is relative to the subset)
     warnings = [w for w in cap.warnings if "Square Attack has decreased" not in w]
     sq = cap.broken_by.get("square", 0)
@@ -232,5 +198,71 @@ def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
         warnings.append(f"Square Attack has decreased the robust accuracy of {sq / n_total:.2%}")
     flags = flags_from_warnings(warnings)
     info.update(seconds=time.perf_counter() - t0, broken_by=dict(cap.broken_by), warnings=warnings,
-                log_lines=cap.lines, n_total=n_total)
-    return AAResult(robust=robust, x_adv=x_adv, flags=flags, info=info)
+                log_lines=cap.lines, n_total=n_total, check=checked.info)
+    return AAResult(robust=robust, x_adv=checked.x_adv, flags=flags, info=info)
+
+
+class _Run:
+    """One configured pyautoattack run: (x, y, eps) -> (raw examples like x, captured log). Raw means as
+    pyautoattack returns them: not yet checked against the exact ball."""
+
+    def __init__(self, model, norm, vname, attacks, batch_size, log, num_classes):
+        self.model, self.norm, self.vname, self.attacks = model, norm, vname, attacks
+        self.batch_size, self.log, self.num_classes = batch_size, log, num_classes
+        self.attacks_run: list = []
+        self.n_target_classes = None
+
+    def __call__(self, x, y, eps, seed):
+        from pyautoattack import AutoAttack
+        from pyautoattack import checks as aa_checks
+        model = self.model
+        N = x.shape[0]
+        dev = x.device
+        in_shape = tuple(x.shape[1:])
+        view = image_shape_for(in_shape)
+        if view is None:
+            net, xi = _Connected(model), x.detach()
+        else:
+            d = math.prod(in_shape)
+            net = _Connected(_ImageView(model, d, in_shape))
+            xf = x.detach().reshape(N, -1)
+            pad = view[1] * view[2] - d
+            xi = torch.cat([xf, xf.new_zeros(N, pad)], 1) if pad else xf
+            xi = xi.reshape(N, *view)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            z = net(xi[:1])
+        C = int(self.num_classes or z.shape[1])
+        logger = logging.getLogger("auto-attack")
+        cap = _Capture(self.log)
+        old_level, old_prop = logger.level, logger.propagate
+        logger.addHandler(cap)
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+        devices = [dev] if dev.type == "cuda" else []
+        try:
+            for k in aa_checks.funcs:  # pyautoattack never resets its global call counters
+                aa_checks.funcs[k] = 0
+            with torch.random.fork_rng(devices=devices), _frozen(model):
+                aa = AutoAttack(net, norm=self.norm, eps=float(eps),
+                                version=self.vname if self.attacks is None else "custom", device=dev,
+                                seed=seed, attacks=self.attacks)
+                ntc = max(1, min(9, C - 1))
+                aa.apgd_targeted.n_target_classes = ntc
+                aa.fab.n_target_classes = ntc
+                if self.attacks is not None:  # custom list: standard settings of each attack
+                    aa.apgd.n_restarts = 1
+                    aa.fab.n_restarts = 1
+                    aa.apgd_targeted.n_restarts = 1
+                    aa.square.n_queries = 5000
+                self.attacks_run = list(aa.attacks_to_run)
+                self.n_target_classes = ntc
+                x_adv_i, _ = aa.run_standard_evaluation(xi, y, batch_size=self.batch_size)
+        finally:
+            logger.removeHandler(cap)
+            logger.setLevel(old_level)
+            logger.propagate = old_prop
+            model.train(was_training)
+        x_raw = x_adv_i.reshape(N, -1)[:, : math.prod(in_shape)].to(x.dtype).reshape(x.shape).detach()
+        return x_raw, cap

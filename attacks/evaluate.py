@@ -9,6 +9,7 @@ import torch
 
 from .autoattack import run_autoattack
 from .pgd import AttackError, check_norm, pgd_sweep
+from .threat import check_attack
 
 
 @dataclass
@@ -72,10 +73,17 @@ def robust_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, nor
             log(f"pgd: {norm} eps={eps_list} steps={steps} restarts={restarts} on {x.shape[0]} points")
         pr = pgd_sweep(model, x, y, eps_list, norm=norm, steps=steps, step_size=step_size, restarts=restarts,
                        loss=loss, seed=seed, max_batch=max_batch, log=log)
-        t_pgd = time.perf_counter() - t0
         clean = pr.info["clean"]
-        pgd_robust = {e: pr.robust[i].clone() for i, e in enumerate(eps_list)}
-        x_adv = {e: pr.x_adv[i].clone() for i, e in enumerate(eps_list)}
+        pgd_robust, x_adv, checks = {}, {}, {}
+        for i, e in enumerate(eps_list):  # the one validation path, for our own examples too
+            rerun = (lambda idx, ek, k: pgd_sweep(model, x[idx], y[idx], [ek], norm=norm, steps=steps,
+                                                  step_size=step_size, restarts=restarts, loss=loss, seed=seed + k,
+                                                  max_batch=max_batch).x_adv[0])
+            ck = check_attack(model, x, y, pr.x_adv[i], e, norm, rerun=rerun, batch=max_batch, log=log)
+            pgd_robust[e], x_adv[e] = ~ck.broken, ck.x_adv
+            checks[e] = {"pgd": ck.info}
+        _monotone(eps_list, pgd_robust, x_adv)
+        t_pgd = time.perf_counter() - t0
         robust = {e: v.clone() for e, v in pgd_robust.items()}
         aa_robust: dict = {}
         flags: set = set()
@@ -88,6 +96,7 @@ def robust_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, nor
             res = run_autoattack(model, x[idx], y[idx], e, norm=norm, version=autoattack, seed=seed,
                                  batch_size=aa_batch_size, log=log, n_total=x.shape[0])
             flags.update(res.flags)
+            extra = _masking_restarts(model, x[idx], y[idx], e, norm, res, seed, aa_batch_size, log)
             broke = idx[~res.robust]
             for f in eps_list:  # monotone: an example inside the eps-ball lies in every larger ball
                 if f >= e and broke.numel():
@@ -97,6 +106,8 @@ def robust_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, nor
             aa_robust[e] = robust[e].clone()
             aa_info[e] = {k: v for k, v in res.info.items()}
             aa_info[e]["broken"] = int(broke.numel())
+            aa_info[e]["masking_restarts"] = extra
+            checks[e]["autoattack"] = res.info.get("check", {})
         t_aa = time.perf_counter() - t1
     finally:
         model.train(was_training)
@@ -104,10 +115,50 @@ def robust_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, nor
         "pgd": {k: v for k, v in pr.info.items() if k not in ("clean", "broken_step")},
         "autoattack": aa_info,
         "aa_eps": aa_list,
+        "check": checks,
+        "reattacked": {e: sum(c.get("reattacked", 0) for c in checks[e].values()) for e in eps_list},
         "n": int(x.shape[0]),
     }
     return RobustEval(clean=clean, pgd_robust=pgd_robust, aa_robust=aa_robust, robust=robust, x_adv=x_adv,
                       aa_flags=sorted(flags), timings={"pgd": t_pgd, "autoattack": t_aa}, info=info)
+
+
+# pyautoattack's own advice when these flags appear: run Square with more restarts
+MASKING_FLAGS = ("zero_gradients", "square_beats_whitebox", "randomized")
+MASKING_SQUARE_RESTARTS = 2
+
+
+def _masking_restarts(model, x, y, eps, norm, res, seed, batch_size, log) -> dict:
+    """Where AutoAttack saw signs of gradient masking, gradient-based attacks cannot be trusted on the survivors:
+    Square (black box) runs again with other seeds on them, so the pipeline does strictly more than AutoAttack
+    alone on every point it calls robust. Updates ``res`` in place; returns what it did."""
+    done = {"restarts": 0, "broken": 0}
+    if not set(res.flags) & set(MASKING_FLAGS) or "square" not in res.info.get("attacks", ()):
+        return done
+    for k in range(1, MASKING_SQUARE_RESTARTS + 1):
+        alive = res.robust.nonzero().flatten()
+        if alive.numel() == 0:
+            break
+        if log:
+            log(f"autoattack flags {res.flags}: Square restart {k} on {alive.numel()} survivors")
+        sq = run_autoattack(model, x[alive], y[alive], eps, norm=norm, version=["square"], seed=seed + 1000 * k,
+                            batch_size=batch_size, log=log)
+        got = alive[~sq.robust]
+        res.robust[got] = False
+        res.x_adv[got] = sq.x_adv[~sq.robust]
+        done["restarts"] += 1
+        done["broken"] += int(got.numel())
+    return done
+
+
+def _monotone(eps_list, robust: dict, x_adv: dict) -> None:
+    """A point broken at eps (a valid example inside that ball) is broken, with that example, at every larger eps."""
+    order = sorted(eps_list)
+    for a, b in zip(order, order[1:]):
+        carry = ~robust[a] & robust[b]
+        if bool(carry.any()):
+            robust[b][carry] = False
+            x_adv[b][carry] = x_adv[a][carry]
 
 
 def robust_mask_positions(broke: torch.Tensor, newly: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .threat import input_grad
 from .pgd import (AttackError, PGDResult, _auto_max_batch, _project_l2, _rand_start, _step, attack_loss, box_bounds,
                   check_loss, check_norm, eps_and_step_sizes, is_oom, pgd_sweep)
 
@@ -176,7 +177,7 @@ def _stacked_group(F_, M, shape, x0, y, lo, hi, alive, eps, alpha, norm, steps, 
         with torch.enable_grad():
             C = z.shape[-1]
             obj = (attack_loss(z.reshape(-1, C), yg.reshape(-1), loss) * valid.reshape(-1)).sum()
-            (g,) = torch.autograd.grad(obj, xs)
+            g = input_grad(obj, xs)
         counters["grad_rows"] += int(valid.sum())
         xs = xs.detach()
         B = xs.shape[1]

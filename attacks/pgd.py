@@ -21,11 +21,11 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-NORMS = ("Linf", "L2")
+from .threat import NORMS, box_bounds, input_grad
+from .threat import project_l2 as _project_l2
+
 LOSSES = ("ce", "margin", "dlr")
 
-# radius shrink for L2 projection so that rounding never pushes a norm above eps
-_L2_SHRINK = 1.0 - 2.0 ** -20
 
 
 class AttackError(ValueError):
@@ -72,37 +72,6 @@ def check_loss(loss: str) -> str:
 def default_step_size(eps: float, steps: int, norm: str = "Linf") -> float:
     """Madry's rule: 2.5 * eps / steps (reaches the boundary from any start with room to move)."""
     return 2.5 * float(eps) / max(int(steps), 1)
-
-
-def _round_down(value: float, dtype: torch.dtype) -> torch.Tensor:
-    """Largest number representable in ``dtype`` that is <= value (as a 0-d tensor)."""
-    t = torch.tensor(value, dtype=dtype)
-    if float(t) > value:
-        t = torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype))
-    return t
-
-
-def box_bounds(x0: torch.Tensor, eps: float, norm: str):
-    """Per-coordinate [lo, hi] so that any x in it satisfies fl(x - x0) in [-eps, eps] and x in [0, 1].
-
-    For Linf the bounds are nudged inwards until the float subtraction stays within eps; for L2 the box is [0,1].
-    """
-    if norm == "L2":
-        return torch.zeros_like(x0), torch.ones_like(x0)
-    e = _round_down(eps, x0.dtype).to(x0.device)
-    lo = torch.clamp(x0 - e, min=0.0)
-    hi = torch.clamp(x0 + e, max=1.0)
-    for _ in range(4):
-        bad = (x0 - lo) > e
-        if not bool(bad.any()):
-            break
-        lo = torch.where(bad, torch.nextafter(lo, x0), lo)
-    for _ in range(4):
-        bad = (hi - x0) > e
-        if not bool(bad.any()):
-            break
-        hi = torch.where(bad, torch.nextafter(hi, x0), hi)
-    return lo, hi
 
 
 def _other_max(z: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
@@ -160,13 +129,6 @@ def _rand_start(x0, lo, hi, eps, norm, gen):
     r = torch.rand((x0.shape[0], 1), generator=gen, device=x0.device, dtype=x0.dtype)
     g = g * (r * eps / g.norm(dim=1, keepdim=True).clamp_min(1e-12))
     return _project_l2(x0, x0 + g, eps)
-
-
-def _project_l2(x0, x, eps):
-    d = x - x0
-    n = d.norm(dim=1, keepdim=True)
-    factor = torch.clamp((eps * _L2_SHRINK) / n.clamp_min(1e-30), max=1.0)
-    return torch.clamp(x0 + d * factor, 0.0, 1.0)
 
 
 def _step(x, g, x0, lo, hi, alpha, eps, norm):
@@ -266,7 +228,7 @@ def _logits_and_grad(model, fast, xa, shape, ya, loss, ta):
     xa.requires_grad_(True)
     with torch.enable_grad():
         z = model(xa.view(-1, *shape))
-        (g,) = torch.autograd.grad(attack_loss(z, ya, loss, ta).sum(), xa)
+        g = input_grad(attack_loss(z, ya, loss, ta).sum(), xa)
     xa.requires_grad_(False)
     return z.detach(), g
 
@@ -563,7 +525,7 @@ def _sweep_joint(model, shape, x0, y, eps_sorted, alphas, norm, steps, restarts,
         with torch.enable_grad():
             zk, yk = (z, yr) if keep is None else (z[keep], yr[keep])
             tk = None if tg is None else (tg if keep is None else tg[keep])
-            (g,) = torch.autograd.grad(attack_loss(zk, yk, loss, tk).sum(), xa)
+            g = input_grad(attack_loss(zk, yk, loss, tk).sum(), xa)
         counters["grad_rows"] += xa.shape[0]
         xa = xa.detach()
         if keep is not None:

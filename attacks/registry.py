@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 
 from .autoattack import AA_ATTACKS, _ImageView, image_shape_for, run_autoattack
-from .pgd import AttackError, _project_l2, box_bounds, check_norm, pgd_sweep, predict
+from .pgd import AttackError, check_norm, pgd_sweep
+from .threat import check_attack
 
 
 @dataclass(frozen=True)
@@ -136,28 +137,10 @@ for _a in AA_ATTACKS:
 # ----------------------------------------------------------------------------------------------------------------
 # torchattacks adapters
 
-def _finish(model, x, y, x_adv, eps, norm, batch=None):
-    """Project onto the eps ball and [0,1] (exactly, as our PGD does) and judge."""
-    N = x.shape[0]
-    x0 = x.detach().reshape(N, -1)
-    xa = x_adv.detach().reshape(N, -1).to(x0.dtype)
-    if norm == "Linf":
-        lo, hi = box_bounds(x0, eps, norm)
-        xa = torch.clamp(xa, lo, hi)
-    else:
-        xa = _project_l2(x0, torch.clamp(xa, 0.0, 1.0), eps)
-    xa = xa.reshape(x.shape)
-    with torch.no_grad():
-        robust = predict(model, xa, batch) == y
-    return xa, robust
-
-
-def _ta_factory(cls_name: str, build: Callable, needs_image: bool = False):
-    def run(model, x, y, eps, *, norm, seed, log=None, **kw):
-        try:
-            import torchattacks
-        except ImportError as exc:  # pragma: no cover
-            raise AttackError("torchattacks is not installed") from exc
+def _ta_factory(cls_name: str, build: Callable, needs_image: bool = False, bounded: bool = True):
+    def raw(model, x, y, eps, norm, seed, kw):
+        """torchattacks' own output for (x, y) at eps, before any check."""
+        import torchattacks
         cls = getattr(torchattacks, cls_name)
         in_shape = tuple(x.shape[1:])
         # torchattacks assumes (N, C, H, W) (PGDL2 / CW reshape norms to 4-d, Square needs H == W)
@@ -176,14 +159,22 @@ def _ta_factory(cls_name: str, build: Callable, needs_image: bool = False):
         try:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
-                atk = build(cls, net, eps, norm, **kw)
-                xa = atk(xi, y)
+                xa = build(cls, net, eps, norm, **kw)(xi, y)
         finally:
             model.train(was)
-        if view is not None:
-            xa = xa.reshape(x.shape[0], -1)[:, : math.prod(in_shape)]
-        xa, robust = _finish(model, x, y, xa.reshape(x.shape), eps, norm)
-        return AttackOutput(robust, xa, {"attack": cls_name, "torchattacks_kw": kw})
+        return xa.reshape(x.shape[0], -1)[:, : math.prod(in_shape)].reshape(x.shape).detach()
+
+    def run(model, x, y, eps, *, norm, seed, log=None, **kw):
+        try:
+            import torchattacks  # noqa: F401
+        except ImportError as exc:  # pragma: no cover
+            raise AttackError("torchattacks is not installed") from exc
+        # Every output goes through the one check: projection into the exact ball, then a re-attack at a smaller
+        # eps where the projection is no longer adversarial (minimum-norm attacks take no eps: projected only)
+        rerun = (lambda idx, e, k: raw(model, x[idx], y[idx], e, norm, seed + k, kw)) if bounded else None
+        checked = check_attack(model, x, y, raw(model, x, y, eps, norm, seed, kw), eps, norm, rerun=rerun, log=log)
+        return AttackOutput(~checked.broken, checked.x_adv,
+                            {"attack": cls_name, "torchattacks_kw": kw, "check": checked.info})
 
     return run
 
@@ -235,7 +226,7 @@ for _name, _cls, _b, _norms, _bounded, _img, _desc in (
     ("ta-deepfool", "DeepFool", _b_free, ("L2",), False, False, "torchattacks DeepFool (minimum norm, projected)"),
 ):
     register_attack(_name, kind="torchattacks", norms=_norms, bounded=_bounded, description=_desc)(
-        _ta_factory(_cls, _b, _img))
+        _ta_factory(_cls, _b, _img, _bounded))
 # short aliases for the attacks we do not implement ourselves
 for _alias in ("fgsm", "cw", "deepfool", "square", "bim", "mifgsm", "fab"):
     _e = _REGISTRY[f"ta-{_alias}"]

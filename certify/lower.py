@@ -47,6 +47,14 @@ class LowerBound:
         return {"value": self.value, "method": self.method, "seconds": self.seconds, "details": self.details}
 
 
+def _input_grad(obj: torch.Tensor, x: torch.Tensor, **kw) -> torch.Tensor:
+    """d obj / d x; zero where the output does not depend differentiably on x (a non-differentiable step)."""
+    if not obj.requires_grad:
+        return torch.zeros_like(x)
+    (g,) = torch.autograd.grad(obj, x, allow_unused=True, **kw)
+    return torch.zeros_like(x) if g is None else g
+
+
 def _device_of(model: nn.Module):
     for t in list(model.parameters()) + list(model.buffers()):
         return t.device
@@ -142,7 +150,7 @@ def _local_jacobian(model, x: torch.Tensor, power_iters: int, max_exact_classes:
             return s, v
         rows = []
         for c in range(C):
-            (g,) = torch.autograd.grad(out[:, c].sum(), x, retain_graph=c + 1 < C)
+            g = _input_grad(out[:, c].sum(), x, retain_graph=c + 1 < C)
             rows.append(g.reshape(n, -1))
     J = torch.stack(rows, 1).double()                                  # (n, C, d)
     G = J @ J.transpose(1, 2)
@@ -218,7 +226,7 @@ def _lower(model, points, pairs, local_points, power_iters, search_starts, searc
                     raise CertifyError(f"model must return logits (N, C>=2), got shape {tuple(out.shape)}")
                 top2 = out.topk(2, dim=1).indices
                 margin = out.gather(1, top2[:, :1]) - out.gather(1, top2[:, 1:2])
-                (g,) = torch.autograd.grad(margin.sum(), xb)
+                g = _input_grad(margin.sum(), xb)
                 screen[s:s + batch_size] = g.detach().reshape(len(xb), -1).norm(dim=1).double().cpu() / math.sqrt(2)
         details["margin_grad_screen"] = float(screen.max())
         details["n_points"] = int(len(X))
@@ -302,7 +310,8 @@ def _lower(model, points, pairs, local_points, power_iters, search_starts, searc
                         best_a[better] = A.detach()[better]
                         best_b[better] = B.detach()[better]
                     obj = -(torch.log(num.clamp_min(1e-30)) - torch.log(den.clamp_min(1e-30))).sum()
-                    ga, gb = torch.autograd.grad(obj, (A, B))
+                    ga, gb = (torch.zeros_like(P) if g is None else g for g, P in
+                              zip(torch.autograd.grad(obj, (A, B), allow_unused=True), (A, B)))
                     with torch.no_grad():                    # plain Adam steps (no optimiser import)
                         step_no = _ + 1
                         for P, g, (m1, m2) in ((A, ga, moments[0]), (B, gb, moments[1])):

@@ -1,0 +1,195 @@
+"""The threat model: the exact eps ball, projection into it, and the one check every attack's output goes through.
+
+The ball is exact: ``x`` lies in it when ``|x - x0| <= eps`` (Linf, every coordinate) or ``||x - x0||_2 <= eps``
+(L2), computed in float64 from the stored values (the difference of two float32 numbers is exact in float64), and
+every coordinate lies in [0, 1]. An attack's example counts only when it lies in that ball and the model, in eval
+mode, misclassifies it. Attacks that clip with ``x0 +- eps`` in float32 can overshoot by an ulp; projecting such an
+example back may make it correctly classified again (a model that quantizes its input sits exactly on that edge).
+:func:`check_attack` never drops such a point silently: it re-attacks it at a slightly smaller eps, whose float
+output lies inside the ball, and counts it robust only when no valid example was found.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+NORMS = ("Linf", "L2")
+
+# radius shrink for L2 projection so that rounding never pushes a norm above eps
+L2_SHRINK = 1.0 - 2.0 ** -20
+# relative eps shrinks of the successive re-attacks (the first one already clears float32 rounding at any eps)
+REATTACK_SHRINKS = (2.0 ** -12, 2.0 ** -8, 2.0 ** -5)
+
+
+class ThreatError(ValueError):
+    """Bad threat-model argument."""
+
+
+def _round_down(value: float, dtype: torch.dtype) -> torch.Tensor:
+    """Largest number representable in ``dtype`` that is <= value (as a 0-d tensor)."""
+    t = torch.tensor(value, dtype=dtype)
+    if float(t) > value:
+        t = torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype))
+    return t
+
+
+def box_bounds(x0: torch.Tensor, eps: float, norm: str):
+    """Per-coordinate [lo, hi] in x0's dtype with every x in it inside the exact ball and [0, 1].
+
+    For Linf the bounds are nudged inwards until the float64 distance to x0 is at most eps; for L2 the box is [0,1].
+    """
+    if norm == "L2":
+        return torch.zeros_like(x0), torch.ones_like(x0)
+    e = _round_down(eps, x0.dtype).to(x0.device)
+    lo = torch.clamp(x0 - e, min=0.0)
+    hi = torch.clamp(x0 + e, max=1.0)
+    x64 = x0.double()
+    for _ in range(8):
+        bad = (x64 - lo.double()) > eps
+        if not bool(bad.any()):
+            break
+        lo = torch.where(bad, torch.nextafter(lo, x0), lo)
+    for _ in range(8):
+        bad = (hi.double() - x64) > eps
+        if not bool(bad.any()):
+            break
+        hi = torch.where(bad, torch.nextafter(hi, x0), hi)
+    return lo, hi
+
+
+def project_l2(x0: torch.Tensor, x: torch.Tensor, eps) -> torch.Tensor:
+    """Fast L2 projection (rows of flat tensors) with a small radius shrink; used inside attack loops."""
+    d = x - x0
+    n = d.norm(dim=1, keepdim=True)
+    factor = torch.clamp((eps * L2_SHRINK) / n.clamp_min(1e-30), max=1.0)
+    return torch.clamp(x0 + d * factor, 0.0, 1.0)
+
+
+def distance(x0: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-row distance in float64 (rows flattened)."""
+    d = x.detach().reshape(x.shape[0], -1).double() - x0.detach().reshape(x0.shape[0], -1).double()
+    return d.abs().amax(1) if norm == "Linf" else d.norm(dim=1)
+
+
+def inside(x0: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """Bool (N,): the row lies in the exact eps ball around x0 and in [0, 1]."""
+    if x.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.bool, device=x.device)
+    xf = x.detach().reshape(x.shape[0], -1)
+    in_box = (xf >= 0).all(1) & (xf <= 1).all(1)
+    return in_box & (distance(x0, x, norm) <= float(eps))
+
+
+def project(x0: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """Nearest-enough point of the exact ball (and [0,1]) in x0's dtype; rows already inside are left unchanged."""
+    N = x0.shape[0]
+    shape = x0.shape
+    a = x0.detach().reshape(N, -1)
+    b = x.detach().reshape(N, -1).to(a.dtype)
+    ok = inside(a, b, eps, norm)
+    if bool(ok.all()):
+        return b.reshape(shape).clone()
+    if norm == "Linf":
+        lo, hi = box_bounds(a, float(eps), norm)
+        out = torch.clamp(b, lo, hi)
+    else:
+        out = torch.clamp(b, 0.0, 1.0)
+        shrink = L2_SHRINK
+        for _ in range(8):
+            bad = ~inside(a, out, eps, norm)
+            if not bool(bad.any()):
+                break
+            d = (out[bad] - a[bad]).double()
+            n = d.norm(dim=1, keepdim=True).clamp_min(1e-300)
+            fac = torch.clamp(float(eps) * shrink / n, max=1.0)
+            out[bad] = torch.clamp(a[bad].double() + d * fac, 0.0, 1.0).to(a.dtype)
+            shrink *= 1.0 - 2.0 ** -16
+    out = torch.where(ok[:, None], b, out)
+    return out.reshape(shape)
+
+
+def input_grad(obj: torch.Tensor, x: torch.Tensor, **kw) -> torch.Tensor:
+    """d obj / d x, zero where the model's output does not depend differentiably on x (a non-differentiable step,
+    a quantizer with a detached path): such a model gets zero gradients, never a crash."""
+    if not obj.requires_grad:
+        return torch.zeros_like(x)
+    (g,) = torch.autograd.grad(obj, x, allow_unused=True, **kw)
+    return torch.zeros_like(x) if g is None else g
+
+
+@torch.no_grad()
+def misclassified(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+    """Bool (N,): argmax of the model in eval mode differs from y (the model's mode is restored)."""
+    was = model.training
+    model.eval()
+    try:
+        n = x.shape[0]
+        b = n if not batch else max(1, int(batch))
+        preds = [model(x[s:s + b]).argmax(1) for s in range(0, n, b)]
+    finally:
+        model.train(was)
+    pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=x.device)
+    return pred != y.to(pred.device)
+
+
+@dataclass
+class Checked:
+    """x_adv: every row inside the exact ball and [0,1]; broken: Bool (N,), misclassified at x_adv in eval mode.
+    info: claimed (the attack's raw output misclassified), lost (claimed, not valid after projection), reattacked,
+    recovered (re-attack found a valid example), unresolved (claimed, yet no valid example found), eps_tried."""
+
+    x_adv: torch.Tensor
+    broken: torch.Tensor
+    info: dict = field(default_factory=dict)
+
+
+def validate(model, x, y, x_raw, eps: float, norm: str, batch: int | None = None):
+    """(x_adv projected into the exact ball, broken mask, claimed mask) for one attack's raw output."""
+    x_raw = x_raw.detach().reshape(x.shape).to(x.dtype)
+    claimed = misclassified(model, x_raw, y, batch)
+    out = ~inside(x.reshape(x.shape[0], -1), x_raw, eps, norm)
+    x_adv = project(x, x_raw, eps, norm)
+    broken = claimed.clone()
+    if bool(out.any()):  # rows inside the ball are unchanged by the projection: judged once
+        broken[out] = misclassified(model, x_adv[out], y[out], batch)
+    return x_adv, broken, claimed
+
+
+def check_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, x_raw: torch.Tensor, eps: float,
+                 norm: str, rerun: Callable[[torch.Tensor, float, int], torch.Tensor] | None = None, *,
+                 batch: int | None = None, log: Callable[[str], None] | None = None) -> Checked:
+    """The one validation path of every attack's output.
+
+    x_raw: the attack's examples (like x). A point is broken when its example, projected into the exact ball, is
+    misclassified by the model in eval mode. A point whose raw example was misclassified but whose projection is
+    not ("lost") is re-attacked: ``rerun(idx, eps_k, k)`` returns raw examples for x[idx] at the slightly smaller
+    eps_k (shrinks REATTACK_SHRINKS; k = 1, 2, ... lets the attack vary its seed), which are validated against the
+    original ball in turn. Points still without a valid example go on to the next, smaller eps.
+    """
+    if norm not in NORMS:
+        raise ThreatError(f"norm must be one of {NORMS}, got {norm!r}")
+    x_adv, broken, claimed = validate(model, x, y, x_raw, eps, norm, batch)
+    lost = claimed & ~broken
+    info = {"claimed": int(claimed.sum()), "lost": int(lost.sum()), "reattacked": int(lost.sum()), "recovered": 0,
+            "unresolved": 0, "eps_tried": []}
+    todo = lost.nonzero().flatten()
+    for k, shrink in enumerate(REATTACK_SHRINKS if rerun is not None else (), start=1):
+        if todo.numel() == 0:
+            break
+        e_k = float(eps) * (1.0 - shrink)
+        info["eps_tried"].append(e_k)
+        if log:
+            log(f"check: {todo.numel()} example(s) left the exact {norm} ball of eps {eps:g} or stopped being "
+                f"adversarial after projection; re-attacking at eps {e_k:.8g}")
+        xr = rerun(todo, e_k, k)
+        xa_k, br_k, cl_k = validate(model, x[todo], y[todo], xr, eps, norm, batch)
+        got = todo[br_k]
+        broken[got] = True
+        x_adv[got] = xa_k[br_k]
+        info["recovered"] += int(br_k.sum())
+        todo = todo[~br_k]  # no valid example yet: a smaller eps and another seed
+    info["unresolved"] = int(lost.sum()) - info["recovered"]
+    return Checked(x_adv=x_adv, broken=broken, info=info)
