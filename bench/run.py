@@ -103,9 +103,10 @@ def cell_summary(row: dict) -> str:
     e = reports.headline_eps(row)
     k = eps_key(e) if e is not None else None
     pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"
+    sig = lambda v: "uncertified" if v is None else f"{v:.3g}"
     return (f"{row['model']} w={row['width']} seed={row['seed']} {row['threat']}: p={row['params']:,} "
             f"p/(n·d)={row['ratio']:.3g} clean {pct(row['clean_acc'])} robust@{e:g} {pct(row['robust_acc'].get(k))} "
-            f"cert {pct(row['cert_acc'].get(k))} lip [{row['lip_lower']:.3g}, {row['lip_upper']:.3g}] "
+            f"cert {pct(row['cert_acc'].get(k))} lip [{row['lip_lower']:.3g}, {sig(row['lip_upper'])}] "
             f"({row['timings'].get('total', 0):.1f} s)")
 
 

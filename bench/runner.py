@@ -116,7 +116,7 @@ def evaluate_model(model: torch.nn.Module, data: datasets.Split, cell: dict, dev
     robust_acc = {eps_key(e): acc(ev.robust[e]) for e in eps}
     with timer("lipschitz"):
         phase("Lipschitz bounds")
-        upper = certify.lipschitz_upper(model, tuple(data.meta.in_shape))
+        upper, refusal = _certified_upper(model, tuple(data.meta.in_shape))
         k = cell["lip_points"]
         points = [_subset(data.x_train, k).to(device), _subset(x_test, k)]
         pairs = []
@@ -125,18 +125,33 @@ def evaluate_model(model: torch.nn.Module, data: datasets.Split, cell: dict, dev
             points.append(_subset(adv, k))
             pairs.append((_subset(x_test, k), _subset(adv, k)))
         lower = certify.lipschitz_lower(model, points, pairs)
-    with timer("certify"):
-        phase("certified accuracy")
-        cert = certify.certified_accuracy(model, x_test, y_test, upper, eps, threat)
-    cert_acc = {eps_key(e): float(cert[e]) for e in eps}
+    cert_acc = {eps_key(e): None for e in eps}
+    if upper is not None:
+        with timer("certify"):
+            phase("certified accuracy")
+            cert = certify.certified_accuracy(model, x_test, y_test, upper, eps, threat)
+        cert_acc = {eps_key(e): float(cert[e]) for e in eps}
     return {
         "clean_acc": clean_acc, "pgd_acc": pgd_acc, "autoattack_acc": aa_acc, "robust_acc": robust_acc,
-        "cert_acc": cert_acc, "lip_upper": float(upper.value), "lip_lower": float(lower.value),
-        "lip_upper_method": upper.method, "lip_lower_method": lower.method,
+        "cert_acc": cert_acc, "lip_upper": None if upper is None else float(upper.value),
+        "lip_lower": float(lower.value),
+        "lip_upper_method": None if upper is None else upper.method, "lip_lower_method": lower.method,
         "lip_upper_linf": getattr(upper, "linf", None),
-        "lip_gap": float(upper.value) / float(lower.value) if lower.value > 0 else None,
+        "lip_gap": float(upper.value) / float(lower.value) if upper is not None and lower.value > 0 else None,
+        "uncertified": refusal,
         "aa_flags": list(ev.aa_flags), "aa_eps": list(cell["aa_eps"]),
+        "reattacked": {eps_key(e): int(n) for e, n in ev.info["reattacked"].items()},
+        "attack_check": {eps_key(e): c for e, c in ev.info["check"].items()},
     }
+
+
+def _certified_upper(model, in_shape):
+    """(bound, None), or (None, the reason) when certify refuses a layer it cannot verify exactly: the model is
+    still attacked and its row is ok, with lip_upper and cert_acc null and an `uncertified` flag."""
+    try:
+        return certify.lipschitz_upper(model, in_shape), None
+    except certify.CertifyError as exc:
+        return None, str(exc)
 
 
 def isoperimetry_constant(meta) -> float:
@@ -153,13 +168,14 @@ def check_invariants(row: dict) -> None:
         k = eps_key(e)
         chain = [("cert", row["cert_acc"][k]), ("robust", row["robust_acc"][k]), ("pgd", row["pgd_acc"][k]),
                  ("clean", row["clean_acc"])]
+        chain = [(name, v) for name, v in chain if v is not None]  # an uncertified row has no cert_acc
         aa = row["autoattack_acc"].get(k)
         if aa is not None and row["robust_acc"][k] > aa + INVARIANT_TOL:
             raise InvariantError(f"eps {k}: robust_acc {row['robust_acc'][k]} > autoattack_acc {aa}")
         for (lo_name, lo), (hi_name, hi) in zip(chain, chain[1:]):
             if lo > hi + INVARIANT_TOL:
                 raise InvariantError(f"eps {k}: {lo_name}_acc {lo} > {hi_name}_acc {hi}")
-    if row["lip_lower"] > row["lip_upper"] * (1 + 1e-6):
+    if row["lip_upper"] is not None and row["lip_lower"] > row["lip_upper"] * (1 + 1e-6):
         raise InvariantError(f"lip_lower {row['lip_lower']} > lip_upper {row['lip_upper']}")
 
 
@@ -215,6 +231,10 @@ def run_cell(cell: dict, *, out_dir: Path, device_name: str = "auto", data_dir: 
         row.update(certify.law_quantities(params, row["n_train"], meta.d, meta.d_eff, num_classes=meta.num_classes,
                                           label_noise=cell["label_noise"], c=isoperimetry_constant(meta)))
         row["flags"] = [] if row.get("law_applicable") else ["law-vacuous"]  # Theorem 3 says nothing at this n
+        if row.get("uncertified"):
+            row["flags"].append("uncertified")
+        if any(row.get("reattacked", {}).values()):
+            row["flags"].append("reattacked")
         check_invariants(row)
         row["status"] = "ok"
     except Exception as exc:  # a failed cell is recorded, not fatal
