@@ -24,7 +24,7 @@ import torch
 
 from .threat import input_grad
 from .pgd import (AttackError, PGDResult, _auto_max_batch, _project_l2, _rand_start, _step, attack_loss, box_bounds,
-                  check_loss, check_norm, eps_and_step_sizes, is_oom, pgd_sweep)
+                  alpha_at, check_loss, describe_step, check_norm, eps_and_step_sizes, is_oom, pgd_sweep)
 
 LAYOUTS = ("auto", "stacked", "sequential")
 
@@ -182,7 +182,7 @@ def _stacked_group(F_, M, shape, x0, y, lo, hi, alive, eps, alpha, norm, steps, 
         xs = xs.detach()
         B = xs.shape[1]
         xs = _step(xs.view(M * B, d), g.view(M * B, d), xg0.view(M * B, d), log_.view(M * B, d),
-                   hig.view(M * B, d), alpha, eps, norm).view(M, B, d)
+                   hig.view(M * B, d), alpha_at(alpha, t), eps, norm).view(M, B, d)
         cnt = valid.sum(1)
         Bn = int(cnt.max())
         if Bn <= 0.75 * B:  # re-compact the padded active set
@@ -362,7 +362,7 @@ def pgd_sweep_multi(models: Sequence[torch.nn.Module], x, y, eps, *, norm: str =
                 results.append(PGDResult(robust=robust[:, m].clone(), x_adv=x_adv[:, m].reshape(len(eps_list), N,
                                                                                                    *shape),
                                          info={"eps": eps_list, "norm": norm, "steps": int(steps),
-                                               "step_size": alphas, "restarts": int(restarts), "loss": loss,
+                                               "step_size": [describe_step(a) for a in alphas], "restarts": int(restarts), "loss": loss,
                                                "random_start": bool(random_start), "seed": int(seed),
                                                "clean": clean[m], "broken_step": brk[:, m],
                                                "max_batch": mb, "oom_backoffs": oom, "schedule": "stacked",

@@ -70,8 +70,33 @@ def check_loss(loss: str) -> str:
 
 
 def default_step_size(eps: float, steps: int, norm: str = "Linf") -> float:
-    """Madry's rule: 2.5 * eps / steps (reaches the boundary from any start with room to move)."""
+    """Madry's fixed step, 2.5 * eps / steps: adversarial training's default (pgd_perturb)."""
     return 2.5 * float(eps) / max(int(steps), 1)
+
+
+# The evaluation default: a large step decayed in stages (fractions of eps per quarter of the steps). A fixed small
+# step creeps towards one corner and stalls there; large early steps jump between corners of the box, and as the
+# early exit keeps any misclassified iterate, the exploration costs nothing; the small late steps then refine.
+DECAY_FRACTIONS = (0.5, 0.25, 0.125, 0.0625)
+
+
+def step_schedule(eps: float, steps: int) -> tuple:
+    """Per-step sizes of the default evaluation rule (DECAY_FRACTIONS of eps over equal stages)."""
+    n = max(int(steps), 1)
+    k = len(DECAY_FRACTIONS)
+    return tuple(float(eps) * DECAY_FRACTIONS[min(k - 1, t * k // n)] for t in range(n))
+
+
+def describe_step(alpha):
+    """A step rule for the record: the float, or the schedule's distinct sizes in order."""
+    if not isinstance(alpha, tuple):
+        return alpha
+    return {"decay": list(dict.fromkeys(alpha))}
+
+
+def alpha_at(alpha, t: int) -> float:
+    """Step size at step t: a fixed float, or a per-step schedule (tuple)."""
+    return alpha[min(t, len(alpha) - 1)] if isinstance(alpha, tuple) else alpha
 
 
 def _other_max(z: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
@@ -356,7 +381,7 @@ def _run_pgd_group(model, shape, x0, y, tgt, lo, hi, eps, alpha, norm, steps, lo
         if last:
             break
         counters["grad_rows"] += xa.shape[0]
-        xa = _step(xa, g, x0a, loa, hia, alpha, eps, norm)
+        xa = _step(xa, g, x0a, loa, hia, alpha_at(alpha, t), eps, norm)
         del g, z
         if alive is not None and (xa.shape[0] - n_alive) * 32 >= xa.shape[0]:
             keep = alive.nonzero().flatten()
@@ -475,10 +500,9 @@ def _sweep_joint(model, shape, x0, y, eps_sorted, alphas, norm, steps, restarts,
     lo, hi = torch.cat(lo_l), torch.cat(hi_l)
     tg = torch.cat(tg_l) if targeted else None
     eps_t = torch.tensor(eps_sorted, dtype=dt, device=dev)
-    al_t = torch.tensor(alphas, dtype=dt, device=dev)
+    al_t = torch.tensor([[alpha_at(a, t) for t in range(max(steps, 1))] for a in alphas], dtype=dt, device=dev)
     xr0, yr = x0[pt], y[pt]
     er = eps_t[kr][:, None]
-    ar = al_t[kr][:, None]
     if random_start:
         if norm == "Linf":
             u = torch.rand(xr0.shape, generator=gen, device=dev, dtype=dt)
@@ -529,9 +553,10 @@ def _sweep_joint(model, shape, x0, y, eps_sorted, alphas, norm, steps, restarts,
         counters["grad_rows"] += xa.shape[0]
         xa = xa.detach()
         if keep is not None:
-            xa, g, xr0, yr, lo, hi, pt, kr, er, ar = (v[keep] for v in (xa, g, xr0, yr, lo, hi, pt, kr, er, ar))
+            xa, g, xr0, yr, lo, hi, pt, kr, er = (v[keep] for v in (xa, g, xr0, yr, lo, hi, pt, kr, er))
             if tg is not None:
                 tg = tg[keep]
+        ar = al_t[kr, t][:, None]
         if norm == "Linf":
             xa = torch.clamp(xa.addcmul_(g.sign_(), ar), lo, hi)
         else:
@@ -551,18 +576,21 @@ def _sweep_joint(model, shape, x0, y, eps_sorted, alphas, norm, steps, restarts,
     return robust, x_adv, brk
 
 
-def eps_and_step_sizes(eps, step_size, steps: int, norm: str) -> tuple[list[float], list[float]]:
-    """The eps list (one eps or several) and one step size per eps (default 2.5·eps/steps), validated."""
+def eps_and_step_sizes(eps, step_size, steps: int, norm: str) -> tuple[list[float], list]:
+    """The eps list (one eps or several) and one step rule per eps, validated: a fixed float where step_size is
+    given, else the decayed schedule of :func:`step_schedule` (a tuple of per-step sizes)."""
     eps_list = [float(eps)] if isinstance(eps, (int, float)) else [float(e) for e in eps]
     if not eps_list:
         raise AttackError("eps list is empty")
     if any(e < 0 or not math.isfinite(e) for e in eps_list):
         raise AttackError(f"eps must be finite and >= 0, got {eps_list}")
     if step_size is None:
-        return eps_list, [default_step_size(e, steps, norm) for e in eps_list]
+        return eps_list, [step_schedule(e, steps) for e in eps_list]
     if isinstance(step_size, (int, float)):
         return eps_list, [float(step_size)] * len(eps_list)
-    alphas = [float(a) for a in step_size]
+    alphas = [tuple(float(v) for v in a) if isinstance(a, (tuple, list)) else float(a) for a in step_size]
+    if any((min(a) if isinstance(a, tuple) else a) < 0 for a in alphas):
+        raise AttackError(f"step sizes must be >= 0, got {step_size}")
     if len(alphas) != len(eps_list):
         raise AttackError("step_size list must have one entry per eps")
     return eps_list, alphas
@@ -664,7 +692,7 @@ def pgd_sweep(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     robust = robust_s[inv]
     x_adv = x_adv_s[inv].view(E, N, *shape)
     info = {
-        "eps": eps_list, "norm": norm, "steps": int(steps), "step_size": steps_list, "restarts": int(restarts),
+        "eps": eps_list, "norm": norm, "steps": int(steps), "step_size": [describe_step(a) for a in steps_list], "restarts": int(restarts),
         "loss": loss, "targeted": bool(targeted), "random_start": bool(random_start), "seed": int(seed),
         "clean": clean, "broken_step": brk_s[inv], "grad_rows": counters["grad_rows"],
         "fwd_rows": counters["fwd_rows"], "max_batch": mb, "oom_backoffs": oom,

@@ -161,6 +161,39 @@ def bench_pgd(model, x, y, eps, steps, repeats, dev, seed=0):
     }
 
 
+def small_cnn() -> torch.nn.Module:
+    """conv 16 5x5, pool, conv 32 5x5, pool, linear: the small CNN of the strength comparison (MNIST 28x28)."""
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 5), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(512, 10))
+
+
+def bench_strength(models: dict, x, y, eps, steps, seeds=(0, 1)) -> dict:
+    """Our PGD with its default step rule against torchattacks.PGD (alpha = eps/4, random start, same steps) on
+    each model: robust points summed over the same random-start seeds on both sides (one seed's start decides a
+    point or two either way). not_weaker: ours <= torchattacks at every eps."""
+    import torchattacks
+
+    from attacks import pgd_sweep
+    out = {}
+    for name, model in models.items():
+        ours = [0] * len(eps)
+        theirs = [0] * len(eps)
+        for seed in seeds:
+            r = pgd_sweep(model, x, y, list(eps), norm="Linf", steps=steps, restarts=1, seed=seed)
+            ours = [a + int(b) for a, b in zip(ours, r.robust.sum(1))]
+            torch.manual_seed(seed)
+            for i, e in enumerate(eps):
+                xa = torchattacks.PGD(model, eps=e, alpha=e / 4, steps=steps, random_start=True)(x, y)
+                with torch.no_grad():
+                    theirs[i] += int((model(xa).argmax(1) == y).sum())
+        n = x.shape[0] * len(seeds)
+        out[name] = {"acc_ours": {str(e): round(v / n, 4) for e, v in zip(eps, ours)},
+                     "acc_torchattacks": {str(e): round(v / n, 4) for e, v in zip(eps, theirs)},
+                     "not_weaker": all(a <= b for a, b in zip(ours, theirs)), "seeds": list(seeds)}
+    return out
+
+
 def bench_flops(widths, x, steps, repeats, dev, peak_fn, eps=0.002):
     """GFLOP/s of our PGD inner loop on MLPs of the given widths (labels = the model's own predictions, a tiny
     eps so almost every row runs every step); flops counted from the rows actually run."""
@@ -321,6 +354,13 @@ def main(argv=None) -> int:
                            cache, log)
     robust, hit2 = _trained(f"mlp{width}-pgdat0.1-{tag}{len(xtr)}", build(width),
                             lambda m: train(m, xtr, ytr, at, dev), cache, log)
+    cnn_erm, _ = _trained(f"cnn16-erm-{tag}{len(xtr)}", lambda: (torch.manual_seed(0), small_cnn().to(dev))[1],
+                          lambda m: train(m, xtr, ytr, TrainConfig(recipe="erm", epochs=1 if q else 3, seed=0), dev),
+                          cache, log)
+    cnn_at_cfg = TrainConfig(recipe="pgd-at", epochs=1 if q else 8, train_eps=0.2, train_norm="Linf", train_steps=10,
+                             train_eps_warmup=0 if q else 2, seed=0)
+    cnn_at, _ = _trained(f"cnn16-pgdat0.2-{tag}{len(xtr)}", lambda: (torch.manual_seed(0), small_cnn().to(dev))[1],
+                         lambda m: train(m, xtr, ytr, cnn_at_cfg, dev), cache, log)
     fam = []
     for s in range(n_models):
         cfg = TrainConfig(recipe="erm", epochs=1 if q else 3, seed=s)
@@ -353,6 +393,11 @@ def main(argv=None) -> int:
         "pgd_acc_robust_ours": r["acc_ours"], "pgd_acc_robust_torchattacks": r["acc_torchattacks"],
         "pgd_undefended": u, "pgd_robust": r,
     })
+    log("pgd strength with default settings: ours vs torchattacks.PGD (alpha eps/4) ...")
+    xs, ys = x[:min(n, 500)], y[:min(n, 500)]
+    st = bench_strength({"mlp-erm": undef, "mlp-pgdat": robust, "cnn-erm": cnn_erm, "cnn-pgdat": cnn_at},
+                        xs.reshape(-1, *in_shape), ys, DEFAULT_EPS, steps)
+    res["strength"] = st
     log("inner-loop throughput ...")
     fl = bench_flops(widths, x, min(steps, 40), repeats, dev, peak)
     res["flops"] = fl
@@ -371,6 +416,7 @@ def main(argv=None) -> int:
         "pgd_speedup_undefended>=5": res["pgd_speedup_undefended"] >= 5 and u["not_weaker"],
         "pgd_speedup_robust>=1": res["pgd_speedup_robust"] >= 1 and r["not_weaker"],
         "flops_fraction>=0.6": res["flops_fraction"] >= 0.6,
+        "pgd_default_not_weaker_than_torchattacks": all(v["not_weaker"] for v in st.values()),
     }
     if "aa_time_ratio" in res:
         res["targets"]["aa_time_ratio<=1"] = res["aa_time_ratio"] <= 1.0 and res["aa_acc_ours"] <= res["aa_acc_alone"]
@@ -394,6 +440,9 @@ def _print(res):
         t.add_row(f"pgd_speedup_{which}", f"{res[f'pgd_speedup_{which}']:.2f}x",
                   f"ours {p['seconds_ours']:.3f}s vs torchattacks {p['seconds_torchattacks']:.3f}s; acc ours "
                   f"{p['acc_ours']} / ta {p['acc_torchattacks']}")
+    for name, v in res["strength"].items():
+        t.add_row(f"pgd strength ({name})", "not weaker" if v["not_weaker"] else "WEAKER",
+                  f"default step rule, robust acc ours {v['acc_ours']} / torchattacks eps/4 {v['acc_torchattacks']}")
     for w, v in res["flops"].items():
         t.add_row(f"flops_fraction (width {w})", f"{v['fraction']:.2f}",
                   f"{v['gflops']} of {v['peak_gflops']} GFLOP/s float32 matmul")
