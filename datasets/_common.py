@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
+import secrets
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -105,7 +105,6 @@ def data_root(data_dir: str | os.PathLike | None = None) -> tuple[Path, str]:
     return cache_dir(), "the default cache dir"
 
 
-
 def download_dir(data_dir, name: str) -> Path:
     """<data dir>/<name>/, created for a download; a folder that cannot be made is a DatasetError naming it."""
     root, _ = data_root(data_dir)
@@ -134,30 +133,17 @@ def md5_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _umask() -> int:
-    """The process umask (read without changing it where /proc allows)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
-
-
 @contextmanager
 def atomic_output(path: str | os.PathLike):
     """A binary file beside `path`: fsynced and renamed onto it when the block succeeds, removed when it fails.
     It gets the mode a plain open() would give (0666 minus the umask), not the temporary file's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=str(path.parent))
+    # os.open with 0o666 lets the umask decide the mode, as for any new file (mkstemp: 0600)
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -17,7 +17,7 @@ import hashlib
 import os
 import pickle
 import re
-import tempfile
+import secrets
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
@@ -58,28 +58,15 @@ def _check_sha(value, where: str) -> str:
     return value.strip().lower()
 
 
-def _umask() -> int:
-    """The process umask (read without changing it where /proc allows)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
-
-
 @contextmanager
 def _atomic_output(target: Path):
     """A binary file beside `target`: fsynced and renamed onto it when the block succeeds, removed when it fails.
     It gets the mode a plain open() would give (0666 minus the umask), not the temporary file's 0600."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    # os.open with 0o666 lets the umask decide the mode, as for any new file (mkstemp: 0600)
+    tmp = str(target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
             yield f
             f.flush()
             os.fsync(f.fileno())
