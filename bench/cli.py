@@ -42,13 +42,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_models(plugins: list[str]) -> None:
-    import models
-    models.load_entry_points()
-    for name in plugins:
-        models.load_plugin(name)
-
-
 def _bad_input_types() -> tuple:
     import datasets
     import models

@@ -13,9 +13,9 @@ def list_command(args, console: Console) -> int:
     import attacks
     import datasets
     import models
-    from bench.cli import _load_models
+    from bench.plugins import load_models
     from bench.spec import list_presets
-    _load_models(args.plugin)
+    load_models(args.plugin)
     table = Table(title="models")
     for col in ("name", "family", "inputs", "datasets", "params at default widths"):
         table.add_column(col)

@@ -79,13 +79,13 @@ def check_out_dir(out: str) -> None:
 
 
 def run_command(args, console: Console) -> int:
-    from bench.cli import _load_models
+    from bench.plugins import load_models
     from bench.device import resolve_device
     preset, overrides = _split_args(args.args)
     spec = build_spec(preset, overrides)
     check_out_dir(args.out)
     resolve_device(args.device)  # an unknown or absent device is bad input, found before the store opens
-    _load_models(args.plugin)
+    load_models(args.plugin)
     entries = read_entries(args.entry)
     cells = expand(spec, entries)
     check_inputs(cells, args.data_dir, load=not args.dry_run)
