@@ -692,10 +692,12 @@ def pgd_sweep(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     robust = robust_s[inv]
     x_adv = x_adv_s[inv].view(E, N, *shape)
     info = {
-        "eps": eps_list, "norm": norm, "steps": int(steps), "step_size": [describe_step(a) for a in steps_list], "restarts": int(restarts),
+        "eps": eps_list, "norm": norm, "steps": int(steps), "step_size": [describe_step(a) for a in steps_list],
+        "restarts": int(restarts),
         "loss": loss, "targeted": bool(targeted), "random_start": bool(random_start), "seed": int(seed),
         "clean": clean, "broken_step": brk_s[inv], "grad_rows": counters["grad_rows"],
         "fwd_rows": counters["fwd_rows"], "max_batch": mb, "oom_backoffs": oom,
-        "seconds": time.perf_counter() - t_start, "schedule": schedule, "warm_start": bool(warm_start) and schedule == "sequential",
+        "seconds": time.perf_counter() - t_start, "schedule": schedule,
+        "warm_start": bool(warm_start) and schedule == "sequential",
     }
     return PGDResult(robust=robust, x_adv=x_adv, info=info)

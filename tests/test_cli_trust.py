@@ -39,7 +39,8 @@ def test_uncertifiable_model_is_attacked_and_flagged(tmp_path):
     (row,) = read_rows(out / "results.jsonl")
     assert row["status"] == "ok"
     assert row["lip_upper"] is None and set(row["cert_acc"].values()) == {None}
-    assert "uncertified" in row["flags"] and "Scaled" in row["uncertified"] and "overrides forward" in row["uncertified"]
+    assert "uncertified" in row["flags"]
+    assert "Scaled" in row["uncertified"] and "overrides forward" in row["uncertified"]
     assert row["robust_acc"]["0.1"] is not None and row["robust_acc"]["0.1"] <= row["clean_acc"]
     assert row["lip_lower"] > 0
     assert "uncertified" in res.stdout
