@@ -75,10 +75,12 @@ def robust_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, nor
                        loss=loss, seed=seed, max_batch=max_batch, log=log)
         clean = pr.info["clean"]
         pgd_robust, x_adv, checks = {}, {}, {}
+
+        def rerun(idx, ek, k):
+            return pgd_sweep(model, x[idx], y[idx], [ek], norm=norm, steps=steps, step_size=step_size,
+                             restarts=restarts, loss=loss, seed=seed + k, max_batch=max_batch).x_adv[0]
+
         for i, e in enumerate(eps_list):  # the one validation path, for our own examples too
-            rerun = (lambda idx, ek, k: pgd_sweep(model, x[idx], y[idx], [ek], norm=norm, steps=steps,
-                                                  step_size=step_size, restarts=restarts, loss=loss, seed=seed + k,
-                                                  max_batch=max_batch).x_adv[0])
             ck = check_attack(model, x, y, pr.x_adv[i], e, norm, rerun=rerun, batch=max_batch, log=log)
             pgd_robust[e], x_adv[e] = ~ck.broken, ck.x_adv
             checks[e] = {"pgd": ck.info}

@@ -21,15 +21,12 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .threat import NORMS, box_bounds, input_grad
+from .errors import AttackError
+from .threat import NORMS, box_bounds, check_norm, input_grad, predict
 from .threat import project_l2 as _project_l2
 
 LOSSES = ("ce", "margin", "dlr")
 
-
-
-class AttackError(ValueError):
-    """Bad attack argument (one clear line)."""
 
 
 @dataclass
@@ -56,12 +53,6 @@ class PGDResult:
 
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
-
-def check_norm(norm: str) -> str:
-    if norm not in NORMS:
-        raise AttackError(f"norm must be one of {NORMS}, got {norm!r}")
-    return norm
-
 
 def check_loss(loss: str) -> str:
     if loss not in LOSSES:
@@ -295,17 +286,6 @@ def pgd_perturb(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
 
 # ----------------------------------------------------------------------------------------------------------------
 # the sweep engine
-
-@torch.no_grad()
-def predict(model: torch.nn.Module, x: torch.Tensor, batch: int | None = None) -> torch.Tensor:
-    """Argmax predictions in batches of at most ``batch`` rows."""
-    n = x.shape[0]
-    b = n if not batch else max(1, int(batch))
-    out = []
-    for s in range(0, n, b):
-        out.append(model(x[s:s + b]).argmax(1))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=x.device)
-
 
 def _auto_max_batch(model, x, n) -> int:
     """Rows per pass: all points unless an estimate of activation memory says otherwise."""

@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from .errors import AttackError
+
 NORMS = ("Linf", "L2")
 
 # radius shrink for L2 projection so that rounding never pushes a norm above eps
@@ -24,8 +26,10 @@ L2_SHRINK = 1.0 - 2.0 ** -20
 REATTACK_SHRINKS = (2.0 ** -12, 2.0 ** -8, 2.0 ** -5)
 
 
-class ThreatError(ValueError):
-    """Bad threat-model argument."""
+def check_norm(norm: str) -> str:
+    if norm not in NORMS:
+        raise AttackError(f"norm must be one of {NORMS}, got {norm!r}")
+    return norm
 
 
 def _round_down(value: float, dtype: torch.dtype) -> torch.Tensor:
@@ -121,17 +125,22 @@ def input_grad(obj: torch.Tensor, x: torch.Tensor, **kw) -> torch.Tensor:
 
 
 @torch.no_grad()
+def predict(model: torch.nn.Module, x: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+    """Argmax predictions in batches of at most ``batch`` rows."""
+    n = x.shape[0]
+    b = n if not batch else max(1, int(batch))
+    out = [model(x[s:s + b]).argmax(1) for s in range(0, n, b)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=x.device)
+
+
 def misclassified(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int | None = None) -> torch.Tensor:
     """Bool (N,): argmax of the model in eval mode differs from y (the model's mode is restored)."""
     was = model.training
     model.eval()
     try:
-        n = x.shape[0]
-        b = n if not batch else max(1, int(batch))
-        preds = [model(x[s:s + b]).argmax(1) for s in range(0, n, b)]
+        pred = predict(model, x, batch)
     finally:
         model.train(was)
-    pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=x.device)
     return pred != y.to(pred.device)
 
 
@@ -169,8 +178,7 @@ def check_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, x_raw
     eps_k (shrinks REATTACK_SHRINKS; k = 1, 2, ... lets the attack vary its seed), which are validated against the
     original ball in turn. Points still without a valid example go on to the next, smaller eps.
     """
-    if norm not in NORMS:
-        raise ThreatError(f"norm must be one of {NORMS}, got {norm!r}")
+    check_norm(norm)
     x_adv, broken, claimed = validate(model, x, y, x_raw, eps, norm, batch)
     lost = claimed & ~broken
     info = {"claimed": int(claimed.sum()), "lost": int(lost.sum()), "reattacked": int(lost.sum()), "recovered": 0,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from attacks.pgd import NORMS
+from attacks.threat import NORMS
 from bench.train import OPTIMIZERS, RECIPES
 
 try:
