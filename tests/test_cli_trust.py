@@ -2,7 +2,7 @@
 an AutoAttack example lost to projection is re-attacked and recorded in the row."""
 import textwrap
 
-from conftest import TINY, bench_cli
+from conftest import ROOT, TINY, bench_cli
 from reports.rows import read_rows
 
 PLUGIN = textwrap.dedent('''
@@ -29,14 +29,20 @@ PLUGIN = textwrap.dedent('''
 ''')
 
 
-def test_uncertifiable_model_is_attacked_and_flagged(tmp_path):
+def _run_plugin_model(tmp_path, model: str):
+    """One tiny cell of a plugin model through the CLI: (completed process, its row)."""
     (tmp_path / "trust_plugin.py").write_text(PLUGIN)
     out = tmp_path / "out"
     over = [a for a in TINY if not a.startswith("width=")] + ["width=16"]
-    res = bench_cli("run", *over, "model=trust-scaled", "--plugin", "trust_plugin", "--out", str(out),
-                    env={"PYTHONPATH": f"{tmp_path}:{__import__('conftest').ROOT}"})
+    res = bench_cli("run", *over, f"model={model}", "--plugin", "trust_plugin", "--out", str(out),
+                    env={"PYTHONPATH": f"{tmp_path}:{ROOT}"})
     assert res.returncode == 0, res.stdout + res.stderr
     (row,) = read_rows(out / "results.jsonl")
+    return res, row
+
+
+def test_uncertifiable_model_is_attacked_and_flagged(tmp_path):
+    res, row = _run_plugin_model(tmp_path, "trust-scaled")
     assert row["status"] == "ok"
     assert row["lip_upper"] is None and set(row["cert_acc"].values()) == {None}
     assert "uncertified" in row["flags"]
@@ -47,13 +53,7 @@ def test_uncertifiable_model_is_attacked_and_flagged(tmp_path):
 
 
 def test_quantized_model_row_records_reattacks(tmp_path):
-    (tmp_path / "trust_plugin.py").write_text(PLUGIN)
-    out = tmp_path / "out"
-    over = [a for a in TINY if not a.startswith("width=")] + ["width=16"]
-    res = bench_cli("run", *over, "model=trust-quant", "--plugin", "trust_plugin", "--out", str(out),
-                    env={"PYTHONPATH": f"{tmp_path}:{__import__('conftest').ROOT}"})
-    assert res.returncode == 0, res.stdout + res.stderr
-    (row,) = read_rows(out / "results.jsonl")
+    _, row = _run_plugin_model(tmp_path, "trust-quant")
     assert row["status"] == "ok"
     check = row["attack_check"]["0.1"]["autoattack"]
     assert row["reattacked"]["0.1"] == check["reattacked"] + row["attack_check"]["0.1"]["pgd"]["reattacked"]
