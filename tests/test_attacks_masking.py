@@ -75,6 +75,7 @@ def test_quantized_model_at_the_rounding_edge_is_never_overestimated(quant, data
     # the mechanism is present: pyautoattack's examples overshoot the ball, and projecting them loses some
     assert float((xa - x).abs().max()) > TIE_EPS
     assert check["lost"] > 0 and ev.info["reattacked"][TIE_EPS] == check["lost"] + check_pgd_lost(ev)
+    assert check["recovered"] > 0  # the re-attack inside the ball found valid examples for lost points
     # ... yet every point pyautoattack breaks with an example inside the exact ball, we break too
     pyaa_valid = ~r_aa & inside(x, xa, TIE_EPS, "Linf")
     assert not bool((ours & pyaa_valid).any())
