@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import textwrap
+import urllib.request
 
 import pytest
 import torch
@@ -469,7 +470,7 @@ def test_checkpoint_round_trip(tmp_path, name, shape):
     torch.manual_seed(1)
     dst = get_model(name, in_shape=shape, num_classes=10, width=2)
     assert not _outputs_equal(src, dst, shape)
-    assert load_checkpoint(dst, path, sha256=models.sha256_file(path)) is dst
+    assert load_checkpoint(dst, path, sha256=hashlib.sha256(path.read_bytes()).hexdigest()) is dst
     assert all(torch.equal(v, dst.state_dict()[k]) for k, v in src.state_dict().items())
     assert _outputs_equal(src, dst, shape)
     assert torch.load(path, weights_only=True)["meta"] == {"width": 2, "note": "x"}
@@ -499,6 +500,7 @@ def test_save_checkpoint_failure_keeps_previous_file(tmp_path):
 def test_checkpoint_sha256_mismatch(tmp_path):
     m = get_model("mlp", in_shape=(4,), num_classes=2, width=2)
     path = save_checkpoint(m, tmp_path / "weights.pt")
+    assert models.sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
     with pytest.raises(ModelError) as ei:
         load_checkpoint(m, path, sha256="0" * 64)
     msg = _one_line(ei.value)
@@ -626,7 +628,7 @@ def test_checkpoint_entry_file_errors(tmp_path):
         models.list_checkpoint_entries(folder)
 
 
-def test_checkpoint_entry_url_download(tmp_path):
+def test_checkpoint_entry_url_download(tmp_path, monkeypatch):
     torch.manual_seed(0)
     src = get_model("mlp", in_shape=(6,), num_classes=3, width=4)
     remote = save_checkpoint(src, tmp_path / "remote" / "w.pt")
@@ -644,13 +646,32 @@ def test_checkpoint_entry_url_download(tmp_path):
         sha256 = "{digest}"
     """))
     assert e.is_url and e.checkpoint == url
+    # every download goes through urllib.request.urlopen: count the requests for our URL
+    requests = []
+    real_urlopen = urllib.request.urlopen
+
+    def counting_urlopen(req, *args, **kwargs):
+        requests.append(req if isinstance(req, str) else req.full_url)
+        return real_urlopen(req, *args, **kwargs)
+
+    monkeypatch.setattr(urllib.request, "urlopen", counting_urlopen)
     cache = tmp_path / "cache"
     local = e.local_path(cache)
+    assert requests == [url]
     assert local.parent == cache and local.read_bytes() == remote.read_bytes()
     assert sorted(os.listdir(cache)) == [local.name]
+    first = local.stat()
     m = models.build_from_entry(e, in_shape=(6,), num_classes=3, cache_dir=cache)
     assert _outputs_equal(src, m, (6,))
-    assert e.local_path(cache) == local  # cached: not downloaded again
+    assert e.local_path(cache) == local
+    # cached: neither build_from_entry nor the second local_path fetched it again, nor rewrote the file
+    assert requests == [url]
+    again = local.stat()
+    assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+    # a cached file that no longer matches its sha256 is not trusted: fetched again and replaced
+    local.write_bytes(b"corrupted cache")
+    assert e.local_path(cache) == local and requests == [url, url]
+    assert local.read_bytes() == remote.read_bytes() and sorted(os.listdir(cache)) == [local.name]
 
     with pytest.raises(ModelError) as ei:
         models.fetch_checkpoint(url, "f" * 64, cache_dir=tmp_path / "cache2")
