@@ -1,5 +1,6 @@
 """The three ways to add a model entry, through the CLI: a --plugin module, an installed package's entry point
 (group bench.models), and an external checkpoint TOML evaluated without training."""
+import hashlib
 import textwrap
 
 import pytest
@@ -74,8 +75,13 @@ def checkpoint(tmp_path_factory):
     return folder, path, accuracy(model, data.x_test, data.y_test)
 
 
+def _sha256(path) -> str:
+    """Computed here, independently of models.sha256_file."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _entry(folder, name="ext-mlp24", width=24, sha=None, path="mlp24.pt"):
-    sha = sha or models.sha256_file(folder / path)
+    sha = sha or _sha256(folder / path).upper()  # the entry may spell it in capitals; rows carry lowercase hex
     toml = folder / f"{name}.toml"
     toml.write_text(f'name = "{name}"\nmodel = "mlp"\nwidth = {width}\ndataset = "mnist5k"\n'
                     f'checkpoint = "{path}"\nsha256 = "{sha}"\n')
@@ -83,13 +89,14 @@ def _entry(folder, name="ext-mlp24", width=24, sha=None, path="mlp24.pt"):
 
 
 def test_checkpoint_entry_is_evaluated_without_training(checkpoint, tmp_path):
-    folder, _, clean = checkpoint
+    folder, path, clean = checkpoint
     res = bench_cli("run", *FAST, "--entry", str(_entry(folder)), "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr
     (row,) = read_rows(tmp_path / "results.jsonl")
     assert row["status"] == "ok" and row["model"] == "ext-mlp24" and row["architecture"] == "mlp"
     assert row["recipe"] == "external" and row["width"] == 24 and row["params"] == 784 * 24 + 24 + 24 * 10 + 10
     assert row["clean_acc"] == pytest.approx(clean)  # the very weights that were saved
+    assert row["checkpoint_sha256"] == _sha256(path) == _sha256(folder / "mlp24.pt")  # the file the entry named
     assert "train" not in row["timings"] and not (tmp_path / "checkpoints").exists()
     again = bench_cli("run", *FAST, "--entry", str(_entry(folder)), "--out", str(tmp_path))
     assert again.returncode == 0 and "1 already in" in again.stdout

@@ -271,7 +271,10 @@ def test_wrn16_block_structure_and_normalization():
     assert isinstance(g1[0], nn.Sequential)  # 16 -> 32 channels at k=2: projects with stride 1
     assert g1[0][2].shortcut.stride == (1, 1)
     assert isinstance(get_model("wrn16", in_shape=(3, 32, 32), num_classes=10, width=1)[2][0], Residual)
-    assert m[-5:].__len__() == 5 and isinstance(m[-3], nn.AdaptiveAvgPool2d)
+    # normalize, stem, three groups, then the head: BN, ReLU, global average pool, flatten, linear on 64k channels
+    assert [type(x) for x in m] == [Normalize, nn.Conv2d] + [nn.Sequential] * 3 + \
+        [nn.BatchNorm2d, nn.ReLU, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear]
+    assert m[-3].output_size in (1, (1, 1)) and (m[-1].in_features, m[-1].out_features) == (64 * 2, 10)
     assert get_model("wrn16", in_shape=(3, 32, 32), num_classes=10, width=1, normalize=False)[0].is_identity
     assert get_model("wrn16", in_shape=(1, 28, 28), num_classes=10, width=1)[0].is_identity
     with pytest.raises(ModelError, match="normalization"):

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import sys
 import xml.etree.ElementTree as ET
@@ -219,6 +220,38 @@ def test_render_writes_every_format_atomically(rendered):
     assert not [p for p in report.iterdir() if p.name.startswith(".")]  # no temp file left behind
     # the torn last line is skipped, the failed row kept
     assert len(read_rows(path)) == len(rows)
+
+
+def test_report_files_are_renamed_into_place(tmp_path, monkeypatch):
+    """Every report file is written to a temporary file beside it and renamed over the old one: a failure before the
+    rename (disk full, a killed process) leaves the previous report whole and no temporary file behind."""
+    path, rows = write_results(tmp_path)
+    real_replace = os.replace
+    moves = []
+
+    def spy(src, dst, *args, **kwargs):
+        moves.append((Path(src), Path(dst)))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", spy)
+    files = reports.render(path, tmp_path, formats=("md", "html", "csv"))
+    assert sorted(dst for _, dst in moves) == sorted(files) and len(files) == 3
+    assert all(src.parent == dst.parent and src.name.startswith(".") and src != dst for src, dst in moves)
+    before = {p.name: p.read_bytes() for p in files}
+
+    def full_disk(src, dst, *args, **kwargs):
+        if Path(dst).name == "leaderboard.html":
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))  # a different store: a different report
+    with pytest.raises(OSError, match="No space left"):
+        reports.render(path, tmp_path, formats=("md", "html", "csv"))
+    report = tmp_path / "report"
+    assert (report / "leaderboard.html").read_bytes() == before["leaderboard.html"]  # the old page, whole
+    assert (report / "leaderboard.md").read_bytes() != before["leaderboard.md"]  # written before the failure
+    assert sorted(p.name for p in report.iterdir()) == sorted(before)  # no temporary file left
 
 
 def test_markdown_leaderboard_numbers_match_rows(rendered):
