@@ -85,7 +85,7 @@ def test_pgd_perturb_plain_fixed_steps(model, data):
 
 
 def test_not_weaker_than_torchattacks(model, data):
-    torchattacks = pytest.importorskip("torchattacks")
+    import torchattacks  # a declared dependency: missing is a failure, not a skip
     _, _, x, y = data
     steps = 20
     for e in (0.05, 0.1):
@@ -251,7 +251,10 @@ def test_oom_backoff(model, data):
     r = attacks.pgd_sweep(rec, x, y, [0.05, 0.1], steps=10, seed=0)
     assert r.info["oom_backoffs"] >= 1 and r.info["max_batch"] <= 45
     _inside(r.x_adv[1], x, 0.1, "Linf")
-    assert 0 < float(r.robust[0].float().mean()) < 1
+    # the back-off retries the failed chunk faithfully: the same result as a run that used the final size throughout
+    same = attacks.pgd_sweep(model, x, y, [0.05, 0.1], steps=10, seed=0, max_batch=r.info["max_batch"])
+    assert same.info["oom_backoffs"] == 0
+    assert torch.equal(r.robust, same.robust) and torch.equal(r.x_adv, same.x_adv)
     rec2 = _Recorder(model, limit=0)
     with pytest.raises(torch.OutOfMemoryError):
         attacks.pgd_sweep(rec2, x, y, [0.1], steps=2)
@@ -275,7 +278,8 @@ def test_multimodel_stacked_equals_sequential(data, monkeypatch):
             for i, e in enumerate(eps):
                 _inside(ra.x_adv[i], x, e, norm)
     c = attacks.pgd_sweep_multi(models, x[:8], y[:8], [0.1], steps=5, layout="auto")
-    assert c.info["layout"] in ("stacked", "sequential") and "probe" in c.info["reason"]
+    probe = c.info["probe_seconds"]  # auto takes the layout its probe measured faster, and says so
+    assert c.info["layout"] == min(probe, key=probe.get) and "probe" in c.info["reason"]
     rec = _Recorder(models[0], limit=None)
     d = attacks.pgd_sweep_multi([rec, models[1]], x, y, [0.1], steps=5, layout="auto")
-    assert d.info["layout"] in ("stacked", "sequential")
+    assert d.info["layout"] == "sequential" and "not stackable" in d.info["reason"]
