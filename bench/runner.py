@@ -140,6 +140,7 @@ def evaluate_model(model: torch.nn.Module, data: datasets.Split, cell: dict, dev
         "lip_gap": float(upper.value) / float(lower.value) if upper is not None and lower.value > 0 else None,
         "uncertified": refusal,
         "aa_flags": list(ev.aa_flags), "aa_eps": list(cell["aa_eps"]),
+        "aa_attacks": {eps_key(e): list(i.get("attacks", [])) for e, i in ev.info["autoattack"].items()},
         "reattacked": {eps_key(e): int(n) for e, n in ev.info["reattacked"].items()},
         "attack_check": {eps_key(e): c for e, c in ev.info["check"].items()},
     }
@@ -189,7 +190,7 @@ def base_row(cell: dict) -> dict:
         "seed": cell["seed"], "device": None, "train_acc": None, "clean_acc": None, "threat": cell["threat"],
         "eps": list(cell["eps"]), "pgd_acc": None, "autoattack_acc": None, "robust_acc": None, "cert_acc": None,
         "lip_upper": None, "lip_lower": None, "ratio": None, "ratio_eff": None, "law_scale": None,
-        "aa_flags": [], "timings": {}, "cell": cell,
+        "aa_flags": [], "timings": {}, "autoattack": cell["autoattack"], "cell": cell,
     }
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from attacks.autoattack import AA_ATTACKS
 from attacks.threat import NORMS
 from bench.train import OPTIMIZERS, RECIPES
 
@@ -30,6 +31,7 @@ class SpecError(ValueError):
 
 THREATS = NORMS                                   # the attack engine's norms: the threat models a cell can use
 AUTOATTACK_VERSIONS = ("standard", "plus", "off")  # pyautoattack's versions, or none
+AUTOATTACK_NAMES = AA_ATTACKS                      # the attacks a custom AutoAttack run may list (in its order)
 INT64_END = 2 ** 63                                # ints are int64; torch.manual_seed takes a seed below this
 
 
@@ -38,7 +40,8 @@ class Key:
     """One spec key: its kind, default and range.
 
     kind: "str" (any string), "choice" (one of `choices`), "int", "float" (finite), "eps" (a list of finite floats,
-    each in the range, no duplicates), "table" (an option table of plain values). `lo`/`hi` bound a number (or each
+    each in the range, no duplicates), "table" (an option table of plain values), "choice_or_names" (one of
+    `choices`, or a non-empty list of distinct names from `names`, kept in its order). `lo`/`hi` bound a number (or each
     eps), inclusive unless `lo_open`/`hi_open`; every int also lies below INT64_END. `sweep`: the key may hold a list
     of values, one cell per value. `min_len`: the fewest entries an eps list may have.
     """
@@ -49,6 +52,7 @@ class Key:
     lo_open: bool = False
     hi_open: bool = False
     choices: tuple = ()
+    names: tuple = ()
     sweep: bool = False
     min_len: int = 0
     doc: str = ""
@@ -96,12 +100,15 @@ SCHEMA: dict[str, Key] = {
     "eps_L2": Key("eps", [0.5, 1.0, 1.5, 2.0], lo=0, min_len=1),
     "aa_eps_Linf": Key("eps", [0.1], lo=0, hi=1, doc="AutoAttack runs at these eps (the headline); [] for none"),
     "aa_eps_L2": Key("eps", [1.0], lo=0),
-    "autoattack": Key("choice", "standard", choices=AUTOATTACK_VERSIONS),
+    "autoattack": Key("choice_or_names", "standard", choices=AUTOATTACK_VERSIONS, names=AUTOATTACK_NAMES,
+                      doc="a pyautoattack version, off, or a list of its attacks run in that order, e.g. [apgd-ce]"),
     "pgd_steps": Key("int", 100, lo=1),
     "pgd_restarts": Key("int", 1, lo=1),
     "pgd_step_size": Key("float", 0.0, lo=0, doc="0: 2.5·eps/steps"),
     "lip_points": Key("int", 512, lo=0, doc="points per source for the empirical Lipschitz lower bound; 0: all"),
 }
+
+LIST_KINDS = ("eps", "choice_or_names")  # kinds whose one value may be a list
 
 DEFAULTS: dict = {key: k.default for key, k in SCHEMA.items()}
 SWEEP_AXES = tuple(key for key, k in SCHEMA.items() if k.sweep)
@@ -246,6 +253,18 @@ def check_value(key: str, v) -> None:
     elif k.kind == "choice":
         if not isinstance(v, str) or v not in k.choices:
             raise SpecError(f"key '{key}': unknown value {v!r} (known: {', '.join(k.choices)})")
+    elif k.kind == "choice_or_names":
+        if isinstance(v, list):
+            if not v:
+                raise SpecError(f"key '{key}': empty list (name at least one of: {', '.join(k.names)})")
+            for name in v:
+                if not isinstance(name, str) or name not in k.names:
+                    raise SpecError(f"key '{key}': unknown attack {name!r} in {v!r} (known: {', '.join(k.names)})")
+            if len(set(v)) != len(v):
+                raise SpecError(f"key '{key}': an attack is listed twice in {v!r}")
+        elif not isinstance(v, str) or v not in k.choices:
+            raise SpecError(f"key '{key}': unknown value {v!r} (known: {', '.join(k.choices)}, or a list of "
+                            f"{', '.join(k.names)})")
     elif k.kind == "table":
         if not isinstance(v, dict):
             raise SpecError(f"{bad} (expected an option table)")
@@ -287,7 +306,7 @@ def validate(spec: dict) -> None:
         _check_key(key, "spec")
     for key, k in SCHEMA.items():
         value = spec[key]
-        if isinstance(value, list) and not k.sweep and k.kind != "eps":
+        if isinstance(value, list) and not k.sweep and k.kind not in LIST_KINDS:
             raise SpecError(f"key '{key}': takes one value, not a list {value!r} "
                             f"(lists are for the sweep axes: {', '.join(SWEEP_AXES)})")
         if k.sweep and isinstance(value, list):
