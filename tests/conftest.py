@@ -10,14 +10,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A tiny sweep on the embedded MNIST-5k: two widths, few epochs, short attacks, cheap AutoAttack on few points.
+# A tiny sweep on the embedded MNIST-5k: two widths, few epochs, short attacks, and a custom AutoAttack of one
+# original attack (APGD-CE, well under a second here; the standard version costs 10-15 s per tiny cell, mostly
+# Square's 5000 queries). Tests that check plumbing use it; tests/test_cli.py's tiny_run keeps the standard version.
 TINY = ["n_train=200", "n_test=40", "width=[8,32]", "epochs=15", "pgd_steps=10", "eps_Linf=[0.05,0.1]",
-        "aa_eps_Linf=[0.1]", "lip_points=64"]
+        "aa_eps_Linf=[0.1]", "lip_points=64", "autoattack=[apgd-ce]"]
+
+# The suite shares its CPUs (a developer's other work, CI neighbours). Under contention OpenMP's spin-waiting makes a
+# two-thread torch up to 15x slower than one thread (a tiny cell's AutoAttack: 214 s instead of 14 s on a busy
+# 2-core machine), while the thread count changes no result the tests check. CLI subprocesses get one thread unless
+# the caller's environment sets OMP_NUM_THREADS; in-process runs use the `one_thread` fixture.
+SUBPROCESS_ENV = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 
 def bench_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None):
     """Run `python -m bench ...` in a fresh interpreter, as a user would."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = {**os.environ, **SUBPROCESS_ENV, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "bench", *args], cwd=cwd or ROOT, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
 
@@ -25,6 +33,18 @@ def bench_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: di
 @pytest.fixture
 def cli():
     return bench_cli
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (see SUBPROCESS_ENV), the previous setting restored afterwards."""
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def digits_split(n_train: int, test: slice):

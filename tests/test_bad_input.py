@@ -148,7 +148,7 @@ CASES = [
     ("eps-l2-inf", lambda c: [RUN, "threat=L2", "eps_L2=[1.0,inf]"], "eps_L2", False),
     ("seed-beyond-int64", lambda c: [RUN, "seed=1180591620717411303424"], "seed", False),
     ("seed-2-pow-63", lambda c: [RUN, "seed=9223372036854775808"], "seed", False),
-    ("device-bogus", lambda c: [RUN, "--device", "bogus"], "bogus", True),
+    ("device-bogus", lambda c: [RUN, "--device", "bogus"], "bogus", False),
     ("device-cuda-absent", lambda c: [RUN, "--device", "cuda"] if not has_cuda() else pytest.skip("CUDA present"),
      "cuda", False),
     ("device-meta", lambda c: [RUN, "--device", "meta"], "meta", False),
@@ -181,18 +181,28 @@ CASES = [
     ("aa-eps-not-in-sweep", lambda c: [RUN, "aa_eps_Linf=[0.7]"], "aa_eps_Linf", False),
     ("threat-unknown", lambda c: [RUN, "threat=L3"], "threat", False),
     ("autoattack-unknown", lambda c: [RUN, "autoattack=maybe"], "autoattack", False),
+    ("autoattack-unknown-attack", lambda c: [RUN, "autoattack=[apgd-ce,apgd-xx]"], "'apgd-xx'", False),
+    ("autoattack-empty-list", lambda c: [RUN, "autoattack=[]"], "autoattack", False),
+    ("autoattack-attack-twice", lambda c: [RUN, "autoattack=[square,square]"], "autoattack", False),
+    ("autoattack-list-with-version", lambda c: [RUN, "autoattack=[standard]"], "'standard'", False),
     ("data-option-nan", lambda c: [RUN, "dataset=gauss", "data_options.d=nan"], "data_options.d", False),
     ("unknown-key", lambda c: [RUN, "widht=3"], "widht", False),
     ("unknown-model", lambda c: [RUN, "model=resnet9000"], "resnet9000", False),
     ("unknown-dataset", lambda c: [RUN, "dataset=imagenet"], "imagenet", False),
+    ("unknown-preset-name", lambda c: [RUN, "no-such-preset"], "no-such-preset", False),
+    ("eps-linf-negative", lambda c: [RUN, "eps_Linf=[-0.1]"], "eps_Linf", False),
+    ("model-unfit-for-data", lambda c: [RUN, "dataset=gauss", "model=cnn"], "cnn", False),
+    ("model-option-unknown", lambda c: [RUN, "model_options.depth=3"], "depth", False),
     # the culprit named is the key at fault, not a key that refers to it
     ("eps-linf-nan-alone", lambda c: [RUN, "eps_Linf=[nan]"], "key 'eps_Linf'", False),
     # files given as input
     ("preset-missing", lambda c: [RUN, str(c.tmp / "nope.toml")], "nope.toml", False),
     ("preset-invalid-toml", lambda c: [RUN, str(c.write("bad.toml", "width = [1,\n"))], "bad.toml", False),
     ("preset-not-utf8", lambda c: [RUN, str(c.write("latin1.toml", b'description = "caf\xe9"\n'))],
-     "latin1.toml", True),
+     "latin1.toml", False),
     ("preset-bad-value", lambda c: [RUN, str(c.write("neg.toml", "momentum = -0.1\n"))], "momentum", False),
+    ("preset-autoattack-not-a-name", lambda c: [RUN, str(c.write("aa.toml", 'autoattack = ["apgd-ce", 3]\n'))],
+     "autoattack", False),
     ("entry-not-utf8", lambda c: [RUN, "--entry", str(c.write("latin1-entry.toml", b'name = "\xff"\n'))],
      "latin1-entry.toml", False),
     ("entry-missing", lambda c: [RUN, "--entry", str(c.tmp / "missing-entry.toml")], "missing-entry.toml", False),
@@ -355,6 +365,7 @@ def test_data_source_says_what_was_verified(tmp_path, monkeypatch):
 
 
 def test_schema_is_the_one_declaration():
+    import attacks.autoattack
     import attacks.pgd
     from bench import spec, train
     assert set(spec.DEFAULTS) == set(spec.SCHEMA)
@@ -362,6 +373,9 @@ def test_schema_is_the_one_declaration():
     assert spec.SCHEMA["recipe"].choices is train.RECIPES
     assert spec.SCHEMA["optimizer"].choices is train.OPTIMIZERS
     assert spec.SCHEMA["train_norm"].choices is attacks.pgd.NORMS is spec.SCHEMA["threat"].choices
+    assert spec.SCHEMA["autoattack"].names is attacks.autoattack.AA_ATTACKS  # the names run_autoattack accepts
     for key, k in spec.SCHEMA.items():  # every default passes its own declaration
         spec.check_value(key, k.default)
     assert spec.build_spec("default", [f"seed={2 ** 63 - 1}"])["seed"] == 2 ** 63 - 1  # the largest seed is fine
+    for name in attacks.autoattack.AA_ATTACKS:  # each attack run_autoattack accepts is a valid custom AutoAttack
+        assert spec.build_spec("default", [f"autoattack=[{name}]"])["autoattack"] == [name]
