@@ -223,14 +223,17 @@ def test_losses_values_and_margin_attack(model, data):
 class _Recorder(torch.nn.Module):
     """Wraps a model; records batch sizes and raises OutOfMemoryError above ``limit`` rows."""
 
-    def __init__(self, inner, limit=None):
+    def __init__(self, inner, limit=None, grad_only=False):
         super().__init__()
         self.inner = inner
         self.limit = limit
+        self.grad_only = grad_only  # only passes that need input gradients run out of memory (the attack's chunks)
         self.sizes = []
 
     def forward(self, x):
         self.sizes.append(x.shape[0])
+        if self.grad_only and not (torch.is_grad_enabled() and x.requires_grad):
+            return self.inner(x)
         if self.limit is not None and x.shape[0] > self.limit:
             raise torch.OutOfMemoryError(f"simulated: {x.shape[0]} rows > {self.limit}")
         return self.inner(x)
@@ -251,10 +254,13 @@ def test_oom_backoff(model, data):
     r = attacks.pgd_sweep(rec, x, y, [0.05, 0.1], steps=10, seed=0)
     assert r.info["oom_backoffs"] >= 1 and r.info["max_batch"] <= 45
     _inside(r.x_adv[1], x, 0.1, "Linf")
-    # the back-off retries the failed chunk faithfully: the same result as a run that used the final size throughout
-    same = attacks.pgd_sweep(model, x, y, [0.05, 0.1], steps=10, seed=0, max_batch=r.info["max_batch"])
+    # out of memory inside the attack's chunks: the failed chunk is retried at half size, never dropped; the result
+    # is the one of a run that used the final size throughout
+    chunked = attacks.pgd_sweep(_Recorder(model, limit=120, grad_only=True), x, y, [0.05, 0.1], steps=10, seed=0)
+    assert chunked.info["oom_backoffs"] >= 1 and chunked.info["max_batch"] <= 120
+    same = attacks.pgd_sweep(model, x, y, [0.05, 0.1], steps=10, seed=0, max_batch=chunked.info["max_batch"])
     assert same.info["oom_backoffs"] == 0
-    assert torch.equal(r.robust, same.robust) and torch.equal(r.x_adv, same.x_adv)
+    assert torch.equal(chunked.robust, same.robust) and torch.equal(chunked.x_adv, same.x_adv)
     rec2 = _Recorder(model, limit=0)
     with pytest.raises(torch.OutOfMemoryError):
         attacks.pgd_sweep(rec2, x, y, [0.1], steps=2)
