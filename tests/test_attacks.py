@@ -289,3 +289,27 @@ def test_multimodel_stacked_equals_sequential(data, monkeypatch):
     rec = _Recorder(models[0], limit=None)
     d = attacks.pgd_sweep_multi([rec, models[1]], x, y, [0.1], steps=5, layout="auto")
     assert d.info["layout"] == "sequential" and "not stackable" in d.info["reason"]
+
+
+@pytest.mark.parametrize("norm, eps", [("Linf", 0.2), ("L2", 1.0)])
+def test_default_step_rule_decays_from_half_eps_in_four_stages(norm, eps):
+    """A linear model whose margin gradient is one constant direction and which no step can break: every step moves
+    the iterate by exactly its step size, so after 4 steps it has moved eps*(1/2 + 1/4 + 1/8 + 1/16). A fixed step
+    (2.5*eps/steps would reach the sphere; torchattacks' eps/4 would sum to eps) or a reordered schedule moves
+    otherwise; an explicit step_size stays a fixed step."""
+    lin = torch.nn.Linear(64, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.stack([torch.ones(64), -torch.ones(64)]))
+        lin.bias.zero_()  # margin 64 at x, still > 0 after any step in the ball: never broken
+    x, y = torch.full((3, 64), 0.5), torch.zeros(3, dtype=torch.long)
+
+    def moved(**kw):
+        r = attacks.pgd_sweep(lin, x, y, [eps], norm=norm, steps=4, random_start=False, loss="margin", **kw)
+        assert bool(r.robust.all())
+        d = (r.x_adv[0] - x).reshape(3, -1).double()
+        return d.abs().amax(1) if norm == "Linf" else d.norm(dim=1)
+
+    assert torch.allclose(moved(), torch.full((3,), eps * 15 / 16, dtype=torch.float64), rtol=1e-5)
+    assert torch.allclose(moved(step_size=eps / 8), torch.full((3,), eps / 2, dtype=torch.float64), rtol=1e-5)
+    r = attacks.pgd_sweep(lin, x, y, [eps], norm=norm, steps=4, random_start=False)
+    assert r.info["step_size"] == [{"decay": [eps / 2, eps / 4, eps / 8, eps / 16]}]
