@@ -104,6 +104,11 @@ def test_masked_models_ours_at_most_pyautoattack(kind, eps, quant, step, data):
     assert int(ours.sum()) <= int(r_aa.sum()), (int(ours.sum()), int(r_aa.sum()))
     assert float(ours.float().mean()) < float((misclassified(model, x, y) == 0).float().mean())  # attacks bite
     assert "zero_gradients" in ev.aa_flags
+    # the flag triggers pyautoattack's advice: Square twice more, other seeds, on AutoAttack's survivors
+    from attacks.evaluate import MASKING_SQUARE_RESTARTS
+    done = ev.info["autoattack"][eps]["masking_restarts"]
+    assert done["restarts"] >= 1, done  # a restart stops early only when no survivor is left
+    assert done["restarts"] == MASKING_SQUARE_RESTARTS == 2 or int(ours.sum()) == 0, (done, int(ours.sum()))
 
 
 def test_graph_cutting_step_is_attacked_not_crashed(data):
