@@ -487,8 +487,8 @@ def _print(res):
         a = res["autoattack"]
         t.add_row("aa_time_ratio", f"{res['aa_time_ratio']:.2f}",
                   f"ours {a['seconds_ours']}s vs pyautoattack {a['seconds_alone']}s; robust acc ours {a['acc_ours']} "
-                  f"/ alone {a['acc_alone']} (eps {a['eps']}, {a['n']} points); pyautoattack breaks {a['verdict']['missed']} "
-                  f"we keep, we break {a['verdict']['extra']} it keeps")
+                  f"/ alone {a['acc_alone']} (eps {a['eps']}, {a['n']} points); pyautoattack breaks "
+                  f"{a['verdict']['missed']} we keep, we break {a['verdict']['extra']} it keeps")
     for k, v in res["multimodel"].items():
         t.add_row(f"multimodel_speedup ({k} pts/model)", f"{v['speedup_stacked']:.2f}x",
                   f"auto -> {v['auto_layout']}")

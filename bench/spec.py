@@ -104,7 +104,8 @@ SCHEMA: dict[str, Key] = {
                       doc="a pyautoattack version, off, or a list of its attacks run in that order, e.g. [apgd-ce]"),
     "pgd_steps": Key("int", 100, lo=1),
     "pgd_restarts": Key("int", 1, lo=1),
-    "pgd_step_size": Key("float", 0.0, lo=0, doc="0: the default rule, eps/2 decayed in four stages to eps/16; else a fixed step"),
+    "pgd_step_size": Key("float", 0.0, lo=0,
+                         doc="0: the default rule, eps/2 decayed in four stages to eps/16; else a fixed step"),
     "lip_points": Key("int", 512, lo=0, doc="points per source for the empirical Lipschitz lower bound; 0: all"),
 }
 
