@@ -102,12 +102,18 @@ def test_checkpoint_entry_is_evaluated_without_training(checkpoint, tmp_path):
     assert again.returncode == 0 and "1 already in" in again.stdout
 
 
-def test_checkpoint_entry_bad_sha_and_architecture_mismatch(checkpoint, tmp_path):
+def test_checkpoint_entry_bad_sha_and_architecture_mismatch(checkpoint, tmp_path, capsys):
+    """In process (bench.cli.main, as `python -m bench` calls it): the subprocess path is the test above."""
+    from bench.cli import main
     folder, _, _ = checkpoint
     for toml, culprit in ((_entry(folder, name="bad-sha", sha="0" * 64), "sha256"),
                           (_entry(folder, name="bad-arch", width=32), "mlp24.pt"),
                           (_entry(folder, name="missing", sha="1" * 64, path="nope.pt"), "nope.pt")):
-        res = bench_cli("run", *FAST, "--entry", str(toml), "--out", str(tmp_path))
-        lines = [l for l in res.stderr.splitlines() if l.strip()]
-        assert res.returncode == 2 and len(lines) == 1 and culprit in lines[0], res.stderr
+        try:
+            code = main(["run", *FAST, "--entry", str(toml), "--out", str(tmp_path)])
+        except SystemExit as exc:
+            code = exc.code
+        err = capsys.readouterr().err
+        lines = [l for l in err.splitlines() if l.strip()]
+        assert code == 2 and len(lines) == 1 and culprit in lines[0], err
         assert not (tmp_path / "results.jsonl").exists()
