@@ -23,18 +23,22 @@ test: $(STAMP) browser
 # its own build, like playwright's or puppeteer's, cannot be installed without internet). `make browser` installs it
 # when it is absent and can be installed here (apt-get, as root or with passwordless sudo); otherwise it prints one
 # line saying why and what to do, and `make test` goes on: those four tests then skip, saying so (under CI=true they
-# fail instead). Installing takes about a minute; when Chromium is present this costs nothing.
+# fail instead). Installing takes about 40 s; when Chromium is present this costs nothing.
+NO_APT := this system has no apt-get; install Chromium (\`chromium\` on PATH) to run the HTML leaderboard tests
+NO_ROOT := installing it needs root: run \`sudo make browser\` (or sudo apt-get install chromium)
+APT_FAILED := \`apt-get install chromium\` failed (output above); the HTML leaderboard tests skip (fail if CI=true)
+
 browser:
 	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then exit 0; fi; \
 	if ! command -v apt-get >/dev/null 2>&1; then \
-	  echo "make browser: Chromium is not installed and this system has no apt-get; install Chromium (\`chromium\` on PATH) to run the HTML leaderboard tests"; exit 0; fi; \
+	  echo "make browser: Chromium is not installed and $(NO_APT)"; exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then sudo=; \
 	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
-	else echo "make browser: Chromium is not installed and installing it needs root: run \`sudo make browser\` (or sudo apt-get install chromium)"; exit 0; fi; \
+	else echo "make browser: Chromium is not installed and $(NO_ROOT)"; exit 0; fi; \
 	echo "make browser: installing Debian's chromium for the HTML leaderboard tests"; \
 	if $$sudo apt-get update -qq >/dev/null && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	     --no-install-recommends chromium >/dev/null; then :; \
-	else echo "make browser: \`apt-get install chromium\` failed (output above); the HTML leaderboard tests will skip (and fail under CI=true)"; fi
+	else echo "make browser: $(APT_FAILED)"; fi
 
 perf: $(STAMP)
 	$(VENV)/bin/python -m bench perf

@@ -127,7 +127,8 @@ def expected_entries(rows):
         assert all(expected_headline(r) == h for r in rs)
         at = lambda name: mean_ci([r[name][key(h)] for r in rs])  # noqa: E731
         out[k] = dict(rows=rs, eps=h, params=rs[0]["params"], ratio=rs[0]["ratio"],
-                      ratio_eff=float(np.mean([r["ratio_eff"] for r in rs])), clean=mean_ci([r["clean_acc"] for r in rs]),
+                      ratio_eff=float(np.mean([r["ratio_eff"] for r in rs])),
+                      clean=mean_ci([r["clean_acc"] for r in rs]),
                       pgd=at("pgd_acc"), aa=at("autoattack_acc") if rs[0]["autoattack_acc"][key(h)] is not None
                       else (None, None), robust=at("robust_acc"), cert=at("cert_acc"),
                       lip_upper=mean_ci([r["lip_upper"] for r in rs]), lip_lower=mean_ci([r["lip_lower"] for r in rs]),
