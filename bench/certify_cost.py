@@ -32,8 +32,8 @@ def _trained_looking_batchnorm(model: torch.nn.Module) -> None:
 
 
 def main(argv=None) -> int:
-    from certify import lipschitz_upper
-    from models import count_params, get_model
+    from lawbench.certify import lipschitz_upper
+    from lawbench.models import count_params, get_model
     ap = argparse.ArgumentParser(prog="python -m bench perf --certify", description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the measurements to this file")
     ap.add_argument("--quick", action="store_true", help="only models under 300k parameters")

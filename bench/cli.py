@@ -43,13 +43,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _bad_input_types() -> tuple:
-    import datasets
-    import models
+    from lawbench import datasets
+    from lawbench import models
     from bench.device import DeviceError
     from bench.spec import SpecError
     from bench.store import StoreError
-    from reports.render import ReportError
-    from reports.rows import RowsError
+    from lawbench.reports.render import ReportError
+    from lawbench.reports.rows import RowsError
     return SpecError, datasets.DatasetError, models.ModelError, RowsError, StoreError, DeviceError, ReportError
 
 
@@ -106,9 +106,9 @@ def skipped_rows_warning(path, parsed) -> str | None:
 
 
 def report_command(args, console: Console) -> int:
-    import reports
+    from lawbench import reports
     from bench.run import check_out_dir
-    from reports.rows import read_rows_file
+    from lawbench.reports.rows import read_rows_file
     check_out_dir(args.out)
     results = Path(args.out) / "results.jsonl"
     if not results.exists():

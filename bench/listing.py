@@ -10,9 +10,9 @@ SHOW_SHAPES = {"mnist5k": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10)}
 
 
 def list_command(args, console: Console) -> int:
-    import attacks
-    import datasets
-    import models
+    from lawbench import attacks
+    from lawbench import datasets
+    from lawbench import models
     from bench.plugins import load_models
     from bench.spec import list_presets
     load_models(args.plugin)

@@ -125,7 +125,7 @@ def bench_pgd(model, x, y, eps, steps, repeats, dev, seed=0):
     """Our ascending sweep vs torchattacks.PGD once per eps; best-of-repeats wall times, interleaved."""
     import torchattacks
 
-    from attacks import pgd_sweep
+    from lawbench.attacks import pgd_sweep
     alphas = [2.5 * e / steps for e in eps]
 
     def ours():
@@ -175,7 +175,7 @@ def bench_strength(models: dict, x, y, eps, steps, seeds=(0, 1)) -> dict:
     the scale of a difference that the random start alone makes; within_noise: ours <= torchattacks + noise."""
     import torchattacks
 
-    from attacks import pgd_sweep
+    from lawbench.attacks import pgd_sweep
     out = {}
     for name, model in models.items():
         ours, theirs = [], []
@@ -203,8 +203,8 @@ def bench_strength(models: dict, x, y, eps, steps, seeds=(0, 1)) -> dict:
 def bench_flops(widths, x, steps, repeats, dev, peak_fn, eps=0.002):
     """GFLOP/s of our PGD inner loop on MLPs of the given widths (labels = the model's own predictions, a tiny
     eps so almost every row runs every step); flops counted from the rows actually run."""
-    from attacks import pgd_sweep
-    from models import get_model
+    from lawbench.attacks import pgd_sweep
+    from lawbench.models import get_model
     out = {}
     for w in widths:
         torch.manual_seed(0)
@@ -238,7 +238,7 @@ def _aa_alone(model, x, y, eps, dev, batch_size, seed=0):
 
 def _aa_ours(model, x, y, eps, steps, batch_size, seed=0):
     """Our pipeline at one eps: PGD sweep, then AutoAttack standard on the points PGD left."""
-    from attacks import robust_eval
+    from lawbench.attacks import robust_eval
     return robust_eval(model, x, y, norm="Linf", eps=[eps], steps=steps, restarts=1, autoattack="standard",
                        aa_eps=[eps], seed=seed, aa_batch_size=batch_size)
 
@@ -247,7 +247,7 @@ def aa_verdict(model, x, y, eps, robust_ours, robust_alone, x_alone) -> dict:
     """Point for point, ours against pyautoattack alone. missed: points pyautoattack breaks with a valid example
     (inside the exact ball and [0,1]) that ours counts robust; extra: points ours breaks that pyautoattack keeps.
     not_weaker: ours keeps no more points and misses none that pyautoattack validly breaks."""
-    from attacks.threat import inside
+    from lawbench.attacks.threat import inside
     valid = inside(x, x_alone, eps, "Linf")
     missed = ~robust_alone & valid & robust_ours
     extra = robust_alone & ~robust_ours
@@ -296,7 +296,7 @@ def bench_autoattack(model, x, y, eps, steps, dev, batch_size, log, seed=0, repe
 
 
 def bench_multimodel(models, x, y, eps, steps, repeats, dev, sizes):
-    from attacks import pgd_sweep_multi
+    from lawbench.attacks import pgd_sweep_multi
     out = {}
     for n in sizes:
         xs, ys = x[:n], y[:n]
@@ -364,8 +364,8 @@ def main(argv=None) -> int:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    from datasets import load_dataset
-    from models import count_params, get_model
+    from lawbench.datasets import load_dataset
+    from lawbench.models import count_params, get_model
 
     from bench.train import TrainConfig, train
 

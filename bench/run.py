@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bench.spec import SpecError, build_spec, cell_id, expand
-from reports.rows import eps_key
+from lawbench.reports.rows import eps_key
 
 
 def _split_args(items: list[str]) -> tuple[str, list[str]]:
@@ -29,8 +29,8 @@ def check_inputs(cells: list[dict], data_dir: str | None, load: bool = True) -> 
 
     Loading the data here costs nothing extra: the runner's in-process cache hands the same split to the cells.
     """
-    import datasets
-    import models
+    from lawbench import datasets
+    from lawbench import models
     from bench.runner import load_data
     known_data = datasets.list_datasets()
     for cell in cells:
@@ -56,7 +56,7 @@ def check_inputs(cells: list[dict], data_dir: str | None, load: bool = True) -> 
 def read_entries(paths: list[str]) -> list:
     """The --entry files; the same file, or two files with one entry name, given twice is refused (their rows would
     be indistinguishable)."""
-    import models
+    from lawbench import models
     entries, seen_paths, seen_names = [], {}, {}
     for path in paths:
         real = str(Path(path).resolve())
@@ -99,7 +99,7 @@ def run_command(args, console: Console) -> int:
 
 def cell_summary(row: dict) -> str:
     """One line per finished cell, so a run's log shows progress even where no live display renders."""
-    import reports
+    from lawbench import reports
     e = reports.headline_eps(row)
     k = eps_key(e) if e is not None else None
     pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"
@@ -131,7 +131,7 @@ def prepare_out_dir(out_dir: Path) -> Path:
 
 
 def run_cells(cells: list[dict], out_dir: Path, console: Console, *, device="auto", data_dir=None) -> int:
-    import reports
+    from lawbench import reports
     from bench.runner import run_cell
     from bench.store import Store
     check_out_folders(out_dir)

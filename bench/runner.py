@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 
-import attacks
-import certify
-import datasets
-import models
+from lawbench import attacks
+from lawbench import certify
+from lawbench import datasets
+from lawbench import models
 from bench import __version__
 from bench.device import resolve_device
 from bench.spec import cell_id, train_key
 from bench.train import TrainConfig, accuracy, train
-from reports.rows import eps_key
+from lawbench.reports.rows import eps_key
 
 INVARIANT_TOL = 1e-9
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from attacks.autoattack import AA_ATTACKS
-from attacks.threat import NORMS
+from lawbench.attacks.autoattack import AA_ATTACKS
+from lawbench.attacks.threat import NORMS
 from bench.train import OPTIMIZERS, RECIPES
 
 try:
@@ -354,7 +354,7 @@ def expand(spec: dict, entries: list = ()) -> list[dict]:
 
 def _entry_cells(spec: dict, entry) -> list[dict]:
     """Cells of an external checkpoint: identified by the entry's name and the checkpoint's sha256, not its path."""
-    import models
+    from lawbench import models
     path = str(entry.local_path())  # a URL is downloaded once into the cache and verified by its sha256
     if not Path(path).is_file():
         raise models.ModelError(f"{entry.source}: checkpoint file '{path}' not found")

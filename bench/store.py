@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-from reports.rows import read_rows_file
+from lawbench.reports.rows import read_rows_file
 
 
 class StoreError(RuntimeError):

@@ -70,7 +70,7 @@ def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
     if cfg.recipe not in RECIPES:
         raise ValueError(f"unknown recipe '{cfg.recipe}' (known: {', '.join(RECIPES)})")
     if cfg.recipe == "pgd-at":
-        from attacks import pgd_perturb  # the attack engine owns PGD; training only calls it
+        from lawbench.attacks import pgd_perturb  # the attack engine owns PGD; training only calls it
     device = torch.device(device)
     model.to(device)
     x, y = x.to(device), y.to(device)

@@ -1,10 +1,11 @@
 """Certified Lipschitz upper bounds, empirical lower bounds, certified accuracy and the law of robustness' quantities.
 
-    from certify import lipschitz_upper, lipschitz_lower, certified_accuracy, law_quantities
+    from lawbench.certify import lipschitz_upper, lipschitz_lower, certified_accuracy, law_quantities
 
-Imports torch and ``models.layers`` only (never bench, attacks or datasets). A model is bounded only when every module
-in it is an exact supported layer class (``supported_layers()``; the suite's ``Normalize`` and ``Residual`` by class
-identity) without hooks or forward overrides; anything else raises CertifyError naming the module's path.
+Imports torch and ``lawbench.models.layers`` only (never bench, attacks or datasets). A model is bounded only when
+every module in it is an exact supported layer class (``supported_layers()``; the suite's ``Normalize`` and
+``Residual`` by class identity) without hooks or forward overrides; anything else raises CertifyError naming the
+module's path.
 """
 from ._walk import CertifyError, check_model, supported_layers
 from .certified import certified_accuracy, certified_radii, parse_norm

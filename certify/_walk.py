@@ -1,10 +1,10 @@
 """Walk a model into a small program of linear operators, activations, max-pools and residual sums.
 
-A bound that ignores what a module really computes is not a bound, so a module is walked only when ``admit``
-can vouch for its forward: its class is a key of ``LAYERS`` (torch's own layers, or ``models.layers.Normalize`` /
-``models.layers.Residual``, matched by the class object, never by name or attributes) or a subclass that redefines
-nothing those classes define (no ``forward``, ``__call__``, helper, copy-path method or property), the instance
-shadows no method, and no forward or forward-pre hook is set on it or globally. Anything else raises one
+A bound that ignores what a module really computes is not a bound, so a module is walked only when ``admit`` can
+vouch for its forward: its class is a key of ``LAYERS`` (torch's own layers, or ``lawbench.models.layers.Normalize``
+/ ``lawbench.models.layers.Residual``, matched by the class object, never by name or attributes) or a subclass that
+redefines nothing those classes define (no ``forward``, ``__call__``, helper, copy-path method or property), the
+instance shadows no method, and no forward or forward-pre hook is set on it or globally. Anything else raises one
 CertifyError line naming the module's path (``model.2.branch.0``) and why. Each linear operator is recorded by its
 *linear part* (biases and mean shifts dropped: they do not change a Lipschitz constant) as a float64 callable.
 """
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import torch.nn.modules.module as torch_module
 from torch import nn
 
-from models.layers import Normalize, Residual
+from lawbench.models.layers import Normalize, Residual
 
 from ._linalg import conv_padding, maxpool_factor
 
@@ -270,7 +270,7 @@ def _display(cls: type) -> str:
 
 
 def supported_layers() -> list[str]:
-    """Display names of the supported layer classes, in table order (e.g. 'nn.Linear', 'models.layers.Residual')."""
+    """Display names of the supported layer classes, in table order ('nn.Linear', 'lawbench.models.layers.Residual')."""
     return [_display(c) for c in LAYERS]
 
 

@@ -1,6 +1,6 @@
 """Datasets for the law-of-robustness benchmark.
 
-    from datasets import load_dataset, list_datasets, DatasetError, Split, DatasetMeta, intrinsic_dimension
+    from lawbench.datasets import load_dataset, list_datasets, DatasetError, Split, DatasetMeta, intrinsic_dimension
     split = load_dataset("mnist5k", n_train=1000, label_noise=0.1, seed=0)
 
 Inputs are float32 in [0,1], (N,C,H,W) for images and (N,d) for vectors; labels are int64. Names: mnist5k (default,

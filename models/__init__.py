@@ -1,6 +1,6 @@
 """Model registry, built-in families (mlp, mlp-deep, cnn, wrn16), parameter counting, plugins and checkpoints.
 
-    from models import register_model, get_model, list_models, get_entry, count_params, ModelError
+    from lawbench.models import register_model, get_model, list_models, get_entry, count_params, ModelError
     model = get_model("mlp", in_shape=(1, 28, 28), num_classes=10, width=640)
 
 Imports torch only; never imports ``bench`` or other packages of the suite.

@@ -1,7 +1,7 @@
 """Built-in model families, each with a ``width`` capacity knob.
 
-Every builder returns an ``nn.Sequential`` made only of walkable modules (see :mod:`models.layers`), uses PyTorch's
-default initialization (deterministic given ``torch.manual_seed``) and maps inputs in [0, 1] to logits.
+Every builder returns an ``nn.Sequential`` made only of walkable modules (see :mod:`lawbench.models.layers`), uses
+PyTorch's default initialization (deterministic given ``torch.manual_seed``) and maps inputs in [0, 1] to logits.
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ import numbers
 import os
 import sys
 import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,9 +19,11 @@ import torch
 from torch import nn
 
 __all__ = ["ModelError", "ModelEntry", "register_model", "unregister_model", "list_models", "get_entry", "get_model",
-           "count_params", "param_count", "load_plugin", "load_entry_points", "ENTRY_POINT_GROUP"]
+           "count_params", "param_count", "load_plugin", "load_entry_points", "ENTRY_POINT_GROUP",
+           "LEGACY_ENTRY_POINT_GROUP"]
 
-ENTRY_POINT_GROUP = "bench.models"
+ENTRY_POINT_GROUP = "lawbench.models"
+LEGACY_ENTRY_POINT_GROUP = "bench.models"  # the group's name before the lawbench namespace; still read, deprecated
 _INPUTS = ("any", "image", "vector")
 
 
@@ -250,13 +253,27 @@ def _select_entry_points(group: str):
     return list(eps.get(group, ()))  # pragma: no cover - python < 3.10
 
 
-def load_entry_points(group: str = ENTRY_POINT_GROUP) -> list[str]:
+def load_entry_points(group: str | None = None, deprecated: Callable[[str], None] | None = None) -> list[str]:
     """Load every installed entry point of ``group``; returns the model names they registered.
 
     Each entry point's object is either a module (imported for its ``@register_model`` side effects) or a callable
     taking no arguments that registers models. Entry points already loaded are skipped, so calling this twice is
-    harmless. A broken entry point is a one-line :class:`ModelError` naming it.
+    harmless. A broken entry point is a one-line :class:`ModelError` naming it. group None: ENTRY_POINT_GROUP and
+    the deprecated LEGACY_ENTRY_POINT_GROUP, each entry point of which is also reported through ``deprecated`` (one
+    line; default: a FutureWarning).
     """
+    if group is None:
+        names = load_entry_points(ENTRY_POINT_GROUP)
+        for ep in _select_entry_points(LEGACY_ENTRY_POINT_GROUP):
+            if (LEGACY_ENTRY_POINT_GROUP, ep.name, ep.value) in _LOADED_EPS:
+                continue
+            msg = (f"model entry point '{ep.name} = {ep.value}' uses the deprecated group "
+                   f"'{LEGACY_ENTRY_POINT_GROUP}': rename it to '{ENTRY_POINT_GROUP}' in its package's pyproject.toml")
+            if deprecated is None:
+                warnings.warn(msg, FutureWarning, stacklevel=2)
+            else:
+                deprecated(msg)
+        return names + load_entry_points(LEGACY_ENTRY_POINT_GROUP)
     importlib.invalidate_caches()
     before = set(_REGISTRY)
     seen: set[tuple[str, str, str]] = set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,16 +19,23 @@ TINY = ["n_train=200", "n_test=40", "width=[8,32]", "epochs=15", "pgd_steps=10",
 
 # The suite shares its CPUs (a developer's other work, CI neighbours). Under contention OpenMP's spin-waiting makes a
 # two-thread torch up to 15x slower than one thread (a tiny cell's AutoAttack: 214 s instead of 14 s on a busy
-# 2-core machine), while the thread count changes no result the tests check. CLI subprocesses get one thread unless
-# the caller's environment sets OMP_NUM_THREADS; in-process runs use the `one_thread` fixture.
-SUBPROCESS_ENV = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+# 2-core machine); on a quiet 2-core machine the whole suite took 437 s on one thread and 455 s on two (tiny
+# models), and the thread count changes no result the tests check. So every test runs torch on one thread, in
+# process and in CLI subprocesses, unless the caller's environment sets OMP_NUM_THREADS.
+THREADS = int(os.environ.get("OMP_NUM_THREADS") or 1)
+SUBPROCESS_ENV = {"OMP_NUM_THREADS": str(THREADS)}
+
+
+# CLI subprocesses run from a folder of their own, never the repository root: the installed `bench` and `lawbench`
+# are what a user runs, and nothing may depend on the current directory.
+NEUTRAL_CWD = Path(tempfile.mkdtemp(prefix="lawbench-cwd-"))
 
 
 def bench_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None):
     """Run `python -m bench ...` in a fresh interpreter, as a user would."""
-    full_env = {**os.environ, **SUBPROCESS_ENV, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=cwd or ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    full_env = {**os.environ, **SUBPROCESS_ENV, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=cwd or NEUTRAL_CWD, capture_output=True,
+                          text=True, timeout=timeout, env=full_env)
 
 
 @pytest.fixture
@@ -35,16 +43,11 @@ def cli():
     return bench_cli
 
 
-@pytest.fixture
-def one_thread():
-    """torch on one thread for the test (see SUBPROCESS_ENV), the previous setting restored afterwards."""
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads():
+    """torch on THREADS threads for the whole session (see SUBPROCESS_ENV)."""
     import torch
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+    torch.set_num_threads(THREADS)
 
 
 def digits_split(n_train: int, test: slice):

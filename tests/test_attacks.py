@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-import attacks
-from attacks.pgd import attack_loss, box_bounds
+from lawbench import attacks
+from lawbench.attacks.pgd import attack_loss, box_bounds
 from conftest import digits_split, train_digits_mlp
 
 EPS_LINF = [0.1, 0.05, 0.2]
@@ -154,7 +154,7 @@ def test_joint_schedule_matches_sequential(model, data, targeted):
 
 @pytest.mark.parametrize("loss", ["ce", "margin", "dlr"])
 def test_fast_mlp_path_matches_autograd(model, data, loss, monkeypatch):
-    from attacks.pgd import _FastMLP, _logits_and_grad
+    from lawbench.attacks.pgd import _FastMLP, _logits_and_grad
     _, _, x, y = data
     xf = x.reshape(x.shape[0], -1).clone()
     fast = _FastMLP.build(model, (64,))

@@ -4,7 +4,7 @@ import logging
 import pytest
 import torch
 
-import attacks
+from lawbench import attacks
 from conftest import digits_split, train_digits_mlp
 
 
@@ -91,7 +91,7 @@ def _pyautoattack_alone(model, x, y, eps, *, seed, n_target_classes=9, attacks=N
     """Robust mask of pyautoattack used directly (images shaped 1x8x8 for Square), its examples judged after a
     projection into the exact ball (a raw example an ulp outside it does not count)."""
     from pyautoattack import AutoAttack
-    from attacks.threat import project
+    from lawbench.attacks.threat import project
     net = torch.nn.Sequential(torch.nn.Flatten(), model).eval()
     xi = x.reshape(-1, 1, 8, 8)
     with torch.random.fork_rng():

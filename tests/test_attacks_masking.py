@@ -13,8 +13,8 @@ import pytest
 import torch
 from pyautoattack import AutoAttack
 
-import attacks
-from attacks.threat import check_attack, inside, misclassified, project
+from lawbench import attacks
+from lawbench.attacks.threat import check_attack, inside, misclassified, project
 from conftest import digits_split, train_digits_mlp
 
 TIE_EPS = 0.1
@@ -105,7 +105,7 @@ def test_masked_models_ours_at_most_pyautoattack(kind, eps, quant, step, data):
     assert float(ours.float().mean()) < float((misclassified(model, x, y) == 0).float().mean())  # attacks bite
     assert "zero_gradients" in ev.aa_flags
     # the flag triggers pyautoattack's advice: Square twice more, other seeds, on AutoAttack's survivors
-    from attacks.evaluate import MASKING_SQUARE_RESTARTS
+    from lawbench.attacks.evaluate import MASKING_SQUARE_RESTARTS
     done = ev.info["autoattack"][eps]["masking_restarts"]
     assert done["restarts"] >= 1, done  # a restart stops early only when no survivor is left
     assert done["restarts"] == MASKING_SQUARE_RESTARTS == 2 or int(ours.sum()) == 0, (done, int(ours.sum()))
@@ -114,7 +114,7 @@ def test_masked_models_ours_at_most_pyautoattack(kind, eps, quant, step, data):
 def test_graph_cutting_step_is_attacked_not_crashed(data):
     """A forward that leaves the autograd graph (gradients do not exist at all): PGD sees zero gradients,
     AutoAttack runs through our adapter, Square breaks points, and the Lipschitz lower bound is computed."""
-    import certify
+    from lawbench import certify
     model = _model("cut", data)
     _, _, x, y = data
     ev = attacks.robust_eval(model, x[:40], y[:40], norm="Linf", eps=[0.3], steps=10, restarts=1)

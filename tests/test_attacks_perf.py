@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-import attacks
+from lawbench import attacks
 
 import bench.perf as perf
 

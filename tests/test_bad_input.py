@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import bench_cli
-from reports.rows import REQUIRED_KEYS
+from lawbench.reports.rows import REQUIRED_KEYS
 
 
 def valid_row() -> dict:
@@ -78,7 +78,7 @@ def entry_toml(ctx: Ctx, name: str, checkpoint: str, entry_name: str = "ext") ->
 def unsafe_checkpoint(ctx: Ctx) -> Path:
     import argparse
     import torch
-    import models
+    from lawbench import models
     model = models.get_model("mlp", in_shape=(1, 28, 28), num_classes=10, width=8)
     path = ctx.tmp / "unsafe.pt"
     torch.save({"state_dict": model.state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
@@ -325,9 +325,9 @@ def test_report_says_which_lines_it_skipped(tmp_path, capsys):
 
 def test_written_files_get_the_umask_mode(tmp_path):
     import torch
-    import models
-    from datasets._common import atomic_write_bytes as data_write
-    from reports._util import atomic_write_bytes as report_write
+    from lawbench import models
+    from lawbench.datasets._common import atomic_write_bytes as data_write
+    from lawbench.reports._util import atomic_write_bytes as report_write
     old = os.umask(0o022)
     try:
         data_write(tmp_path / "cache.json", b"{}")
@@ -343,8 +343,8 @@ def test_written_files_get_the_umask_mode(tmp_path):
 
 def test_data_source_says_what_was_verified(tmp_path, monkeypatch):
     import hashlib
-    from datasets import load_dataset
-    from datasets import mnist as mnist_mod
+    from lawbench.datasets import load_dataset
+    from lawbench.datasets import mnist as mnist_mod
     assert load_dataset("digits", n_train=50, n_test=20).meta.data_source == "embedded"
     assert load_dataset("gauss", n_train=30, n_test=30).meta.data_source == "synthetic"
     ctx = Ctx(tmp=tmp_path, out=tmp_path)
@@ -365,9 +365,9 @@ def test_data_source_says_what_was_verified(tmp_path, monkeypatch):
 
 
 def test_schema_is_the_one_declaration():
-    import attacks.autoattack
-    import attacks.pgd
     from bench import spec, train
+    from lawbench import attacks
+    from lawbench.attacks import autoattack as _aa, pgd as _pgd  # noqa: F401 - loaded as attributes of attacks
     assert set(spec.DEFAULTS) == set(spec.SCHEMA)
     assert spec.SWEEP_AXES == tuple(k for k, v in spec.SCHEMA.items() if v.sweep)
     assert spec.SCHEMA["recipe"].choices is train.RECIPES

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from bench.store import Store, StoreBusy
-from reports.rows import RowsError, read_rows, read_rows_file
+from lawbench.reports.rows import RowsError, read_rows, read_rows_file
 
 
 def test_append_then_read_back(tmp_path):

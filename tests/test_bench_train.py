@@ -1,7 +1,7 @@
 import torch
 
-import datasets
-import models
+from lawbench import datasets
+from lawbench import models
 from bench.train import TrainConfig, accuracy, train
 
 
@@ -35,7 +35,7 @@ def test_erm_stops_at_target_train_accuracy():
 
 
 def test_pgd_at_is_deterministic_and_more_robust_than_erm():
-    from attacks import pgd_perturb
+    from lawbench.attacks import pgd_perturb
     cfg = TrainConfig(recipe="pgd-at", epochs=8, train_eps=0.1, train_steps=5, seed=1)
     a, _, data = _trained(cfg)
     b, _, _ = _trained(cfg)

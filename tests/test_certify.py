@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from certify import CertifyError, certified_accuracy, certified_radii, lipschitz_lower, lipschitz_upper
-from certify._linalg import lapack_threads
-from models.layers import Normalize, Residual
+from lawbench.certify import CertifyError, certified_accuracy, certified_radii, lipschitz_lower, lipschitz_upper
+from lawbench.certify._linalg import lapack_threads
+from lawbench.models.layers import Normalize, Residual
 
 
 @pytest.fixture(autouse=True)

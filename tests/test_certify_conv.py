@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from certify import lipschitz_upper
-from certify._linalg import conv_l2_bound, conv_linf, conv_padding, lapack_threads, pool_norms, spectral_norm
+from lawbench.certify import lipschitz_upper
+from lawbench.certify._linalg import conv_l2_bound, conv_linf, conv_padding, lapack_threads, pool_norms, spectral_norm
 
 
 @pytest.fixture(autouse=True)

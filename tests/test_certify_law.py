@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from certify import CertifyError, isoperimetry_constant_gaussian, law_quantities
+from lawbench.certify import CertifyError, isoperimetry_constant_gaussian, law_quantities
 
 
 def test_ratios_and_scale_by_hand():

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import models
-from certify import CertifyError, certified_accuracy, certified_radii, lipschitz_upper, supported_layers
-from certify._linalg import lapack_threads
-from models.layers import Normalize, Residual
+from lawbench import models
+from lawbench.certify import CertifyError, certified_accuracy, certified_radii, lipschitz_upper, supported_layers
+from lawbench.certify._linalg import lapack_threads
+from lawbench.models.layers import Normalize, Residual
 
 
 @pytest.fixture(autouse=True)
@@ -311,8 +311,8 @@ def test_the_refusal_lists_the_supported_table():
     except CertifyError as e:
         msg = str(e)
     assert msg.endswith("supported: " + ", ".join(supported_layers()))
-    assert {"nn.Sequential", "nn.Linear", "nn.Conv2d", "models.layers.Normalize",
-            "models.layers.Residual"} <= set(supported_layers())
+    assert {"nn.Sequential", "nn.Linear", "nn.Conv2d", "lawbench.models.layers.Normalize",
+            "lawbench.models.layers.Residual"} <= set(supported_layers())
 
 
 # ------------------------------------------------------------------------------ the bound must fit the data

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import ROOT, SUBPROCESS_ENV, TINY, bench_cli
-from reports.rows import REQUIRED_KEYS, read_rows
+from lawbench.reports.rows import REQUIRED_KEYS, read_rows
 
 STANDARD_AA = ["apgd-ce", "apgd-t", "fab-t", "square"]  # pyautoattack's standard version, in its order
 
@@ -59,8 +59,8 @@ def parse_results_table(stdout: str) -> list[dict]:
 
 def load_trained(out, row):
     """The row's model rebuilt from its checkpoint, and the data split reloaded, independently of the runner."""
-    import datasets
-    import models
+    from lawbench import datasets
+    from lawbench import models
     data = datasets.load_dataset("mnist5k", n_train=row["n_train"], n_test=row["n_test"],
                                  label_noise=row["label_noise"], seed=row["seed"])
     model = models.get_model("mlp", in_shape=tuple(data.meta.in_shape), num_classes=10, width=row["width"])
@@ -140,7 +140,7 @@ def test_tiny_sweep_writes_contract_rows_and_prints_table(tiny_run):
     assert (out / "checkpoints").is_dir()
 
 
-def test_rerun_skips_finished_cells_and_adds_new_ones(tiny_run, capsys, one_thread):
+def test_rerun_skips_finished_cells_and_adds_new_ones(tiny_run, capsys):
     out, _ = tiny_run
     before = (out / "results.jsonl").read_bytes()
     first = read_rows(out / "results.jsonl")
@@ -166,11 +166,10 @@ def test_rerun_skips_finished_cells_and_adds_new_ones(tiny_run, capsys, one_thre
 
 # ------------------------------------------------------------------------------------------- invariant violations
 
-def test_invariant_violation_fails_the_cell_loudly_and_a_rerun_retries_it(tmp_path, capsys, monkeypatch,
-                                                                          one_thread):
+def test_invariant_violation_fails_the_cell_loudly_and_a_rerun_retries_it(tmp_path, capsys, monkeypatch):
     """Two cells are made to break an invariant (lip_lower > lip_upper at width 8, cert_acc > robust_acc at width 16,
     by corrupting what certify returns); the sweep goes on, the run exits 1, and a re-run retries only those."""
-    import certify
+    from lawbench import certify
     real_lower, real_cert = certify.lipschitz_lower, certify.certified_accuracy
 
     def width(model):
@@ -284,7 +283,7 @@ def test_resume_after_kills_at_random_instants_mid_write_included(tmp_path):
     (tmp_path / "wrapper.py").write_text(WRAPPER)
     out = tmp_path / "out"
     results = out / "results.jsonl"
-    env = {**os.environ, **SUBPROCESS_ENV, "PYTHONPATH": str(ROOT), "MIDWRITE_PAUSE": "0.3"}
+    env = {**os.environ, **SUBPROCESS_ENV, "MIDWRITE_PAUSE": "0.3"}
     rng = random.Random(20250101)
     kept = b""          # the complete lines on disk after the previous kill: never changed by later runs
     held_tail = None

@@ -3,12 +3,12 @@ an AutoAttack example lost to projection is re-attacked and recorded in the row.
 import textwrap
 
 from conftest import ROOT, TINY, bench_cli
-from reports.rows import read_rows
+from lawbench.reports.rows import read_rows
 
 PLUGIN = textwrap.dedent('''
     import torch
     from torch import nn
-    from models import register_model
+    from lawbench.models import register_model
 
     class Scaled(nn.ReLU):
         """A ReLU subclass that scales its output: certify must refuse to bound it."""
@@ -35,7 +35,7 @@ def _run_plugin_model(tmp_path, model: str, *extra: str):
     out = tmp_path / "out"
     over = [a for a in TINY if not a.startswith("width=")] + ["width=16", *extra]
     res = bench_cli("run", *over, f"model={model}", "--plugin", "trust_plugin", "--out", str(out),
-                    env={"PYTHONPATH": f"{tmp_path}:{ROOT}"})
+                    env={"PYTHONPATH": str(tmp_path)})
     assert res.returncode == 0, res.stdout + res.stderr
     (row,) = read_rows(out / "results.jsonl")
     return res, row
@@ -52,7 +52,7 @@ def _scaled_net(tmp_path, row):
 
 def test_uncertifiable_model_is_attacked_and_flagged(tmp_path):
     import torch
-    import datasets
+    from lawbench import datasets
     res, row = _run_plugin_model(tmp_path, "trust-scaled")
     assert row["status"] == "ok"
     assert row["lip_upper"] is None and set(row["cert_acc"].values()) == {None}

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-import datasets
-from datasets import DatasetError, intrinsic_dimension, list_datasets, load_dataset
-from datasets import cifar as cifar_mod
-from datasets import intrinsic as intrinsic_mod
-from datasets import mnist as mnist_mod
-from datasets._common import inject_label_noise, make_rng, stratified_indices
+from lawbench import datasets
+from lawbench.datasets import DatasetError, intrinsic_dimension, list_datasets, load_dataset
+from lawbench.datasets import cifar as cifar_mod
+from lawbench.datasets import intrinsic as intrinsic_mod
+from lawbench.datasets import mnist as mnist_mod
+from lawbench.datasets._common import inject_label_noise, make_rng, stratified_indices
 
 
 @pytest.fixture(autouse=True)
@@ -352,7 +352,7 @@ def test_mnist_idx_plain_and_gz(tmp_path, monkeypatch):
 
 
 def test_idx_other_dtype_codes(tmp_path):
-    from datasets.idx import read_idx
+    from lawbench.datasets.idx import read_idx
     a = np.arange(24, dtype=np.float32).reshape(2, 3, 4) - 5
     p = write_file(tmp_path / "f.idx", idx_bytes(a, 0x0D))
     assert np.array_equal(read_idx(p), a)

@@ -6,17 +6,17 @@ import textwrap
 import pytest
 import torch
 
-import datasets
-import models
+from lawbench import datasets
+from lawbench import models
 from bench.train import TrainConfig, accuracy, train
 from conftest import TINY, bench_cli
-from reports.rows import read_rows
+from lawbench.reports.rows import read_rows
 
 FAST = [*TINY, "autoattack=off", "width=[6]"]
 
 PLUGIN = textwrap.dedent('''
     from torch import nn
-    from models import register_model
+    from lawbench.models import register_model
 
     @register_model("{name}", family="plugin-mlp", default_widths=(6, 12))
     def build(in_shape, num_classes, width, **kw):
@@ -34,7 +34,7 @@ def _params(d, w, c=10):
 
 def test_plugin_module_entry(tmp_path):
     (tmp_path / "my_entries.py").write_text(PLUGIN.format(name="plugin-mlp2"))
-    env = {"PYTHONPATH": f"{tmp_path}:{bench_cli.__globals__['ROOT']}"}
+    env = {"PYTHONPATH": str(tmp_path)}
     res = bench_cli("list", "--plugin", "my_entries", env=env)
     assert res.returncode == 0 and "plugin-mlp2" in res.stdout, res.stderr
     res = bench_cli("run", *FAST, "model=plugin-mlp2", "--plugin", "my_entries", "--out", str(tmp_path / "out"),
@@ -53,10 +53,19 @@ def test_installed_package_entry_point(tmp_path):
     dist = tmp_path / "lawbench_extra-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: lawbench-extra\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[bench.models]\nextra = extra_entries\n")
-    env = {"PYTHONPATH": f"{tmp_path}:{bench_cli.__globals__['ROOT']}"}
+    (dist / "entry_points.txt").write_text("[lawbench.models]\nextra = extra_entries\n")
+    # a package still on the old group name is read too, with one deprecation line
+    (tmp_path / "old_entries.py").write_text(PLUGIN.format(name="ep-old-mlp2"))
+    old = tmp_path / "lawbench_old-0.1.dist-info"
+    old.mkdir()
+    (old / "METADATA").write_text("Metadata-Version: 2.1\nName: lawbench-old\nVersion: 0.1\n")
+    (old / "entry_points.txt").write_text("[bench.models]\nold = old_entries\n")
+    env = {"PYTHONPATH": str(tmp_path)}
     res = bench_cli("list", env=env)
-    assert res.returncode == 0 and "ep-mlp2" in res.stdout, res.stderr
+    assert res.returncode == 0 and "ep-mlp2" in res.stdout and "ep-old-mlp2" in res.stdout, res.stderr
+    warn = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(warn) == 1 and warn[0].startswith("warning: ") and "'old = old_entries'" in warn[0], res.stderr
+    assert "'bench.models'" in warn[0] and "'lawbench.models'" in warn[0]
     res = bench_cli("run", *FAST, "model=ep-mlp2", "--out", str(tmp_path / "out"), env=env)
     assert res.returncode == 0, res.stderr
     (row,) = read_rows(tmp_path / "out" / "results.jsonl")

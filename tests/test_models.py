@@ -14,12 +14,12 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-import models
-from models import (ModelError, check_structure, count_params, get_entry, get_model, list_models, load_checkpoint,
-                    load_entry_points, load_plugin, param_count, read_checkpoint_entry, register_model,
-                    save_checkpoint)
-from models import registry as _registry
-from models.layers import Normalize, Residual
+from lawbench import models
+from lawbench.models import (ModelError, check_structure, count_params, get_entry, get_model, list_models,
+                             load_checkpoint, load_entry_points, load_plugin, param_count, read_checkpoint_entry,
+                             register_model, save_checkpoint)
+from lawbench.models import registry as _registry
+from lawbench.models.layers import Normalize, Residual
 
 
 @pytest.fixture(autouse=True)
@@ -355,7 +355,7 @@ def test_normalize_and_residual_layers():
 def test_load_plugin_from_module(tmp_path, monkeypatch):
     (tmp_path / "lawbench_test_plugin_a.py").write_text(textwrap.dedent("""
         from torch import nn
-        from models import register_model
+        from lawbench.models import register_model
 
         @register_model("plugin-linear", family="linear", default_widths=(1,), description="plugin model")
         def linear(in_shape, num_classes, width, **kw):
@@ -378,7 +378,7 @@ def test_load_plugin_from_module(tmp_path, monkeypatch):
 
 def test_load_plugin_from_file_path(tmp_path):
     f = tmp_path / "myplugin.py"
-    f.write_text("from torch import nn\nfrom models import register_model\n"
+    f.write_text("from torch import nn\nfrom lawbench.models import register_model\n"
                  "@register_model('plugin-file')\n"
                  "def m(in_shape, num_classes, width):\n    return nn.Sequential(nn.Flatten())\n")
     assert load_plugin(str(f)) == ["plugin-file"]
@@ -393,7 +393,8 @@ def test_load_plugin_errors(tmp_path, monkeypatch):
     assert "lawbench_no_such_module_xyz" in msg and "ModuleNotFoundError" in msg
     (tmp_path / "lawbench_test_plugin_bad.py").write_text("import torch\nraise RuntimeError('plugin exploded\\n!')\n")
     (tmp_path / "lawbench_test_plugin_dup.py").write_text(
-        "from models import register_model\n@register_model('mlp')\ndef f(in_shape, num_classes, width):\n  pass\n")
+        "from lawbench.models import register_model\n@register_model('mlp')\n"
+        "def f(in_shape, num_classes, width):\n  pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ModelError, match=r"^cannot load model plugin 'lawbench_test_plugin_bad': RuntimeError: "
                                          r"plugin exploded !$"):
@@ -415,17 +416,19 @@ def _fake_distribution(root, name, entry_points: str):
 
 def test_load_entry_points(tmp_path, monkeypatch):
     (tmp_path / "lawbench_ep_mod.py").write_text(
-        "from torch import nn\nfrom models import register_model\n"
+        "from torch import nn\nfrom lawbench.models import register_model\n"
         "@register_model('ep-module-model')\n"
         "def m(in_shape, num_classes, width):\n    return nn.Sequential(nn.Flatten())\n")
     (tmp_path / "lawbench_ep_fn.py").write_text(
-        "from torch import nn\nimport models\n"
+        "from torch import nn\nfrom lawbench import models\n"
         "def register():\n"
         "    @models.register_model('ep-callable-model', family='epfam', default_widths=(3,))\n"
         "    def m(in_shape, num_classes, width):\n        return nn.Sequential(nn.Flatten())\n")
     _fake_distribution(tmp_path, "lawbench_fake_plugins", textwrap.dedent("""
-        [bench.models]
+        [lawbench.models]
         mod = lawbench_ep_mod
+
+        [bench.models]
         fn = lawbench_ep_fn:register
 
         [console_scripts]
@@ -433,9 +436,13 @@ def test_load_entry_points(tmp_path, monkeypatch):
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
-        assert load_entry_points() == ["ep-callable-model", "ep-module-model"]
+        said = []
+        assert load_entry_points(deprecated=said.append) == ["ep-module-model", "ep-callable-model"]
         assert get_entry("ep-callable-model").family == "epfam"
-        assert load_entry_points() == []  # already loaded: skipped, not a duplicate error
+        # the old group is still read, and said to be deprecated, once, naming the entry point and both groups
+        assert len(said) == 1 and "'fn = lawbench_ep_fn:register'" in said[0], said
+        assert "'bench.models'" in said[0] and "'lawbench.models'" in said[0]
+        assert load_entry_points(deprecated=said.append) == [] and len(said) == 1  # loaded: skipped, not said again
         assert load_entry_points("bench.other-group") == []
     finally:
         for mod in ("lawbench_ep_mod", "lawbench_ep_fn"):

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from scipy import stats  # an independent Student t for the expected intervals (declared in the test extra)
 
-import reports
-from reports.rows import REQUIRED_KEYS, read_rows
+from lawbench import reports
+from lawbench.reports.rows import REQUIRED_KEYS, read_rows
 
 D, N_TRAIN, N_TEST, NOISE, CLASSES = 784, 1000, 200, 0.2, 10
 THREAT_EPS = {"Linf": [0.05, 0.1, 0.2, 0.3], "L2": [0.5, 1.0, 1.5, 2.0]}
@@ -392,7 +392,7 @@ def series(ax, label):
 
 def test_plot_contents(rendered):
     _, _, rows, _ = rendered
-    from reports.plots import plot_accuracy_by_family, plot_lipschitz, plot_robust_vs_ratio
+    from lawbench.reports.plots import plot_accuracy_by_family, plot_lipschitz, plot_robust_vs_ratio
     views = reports.build_views(rows)
     expected = expected_entries(rows)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import reports
+from lawbench import reports
 from test_reports import ERROR, expected_entries, write_results
 
 
