@@ -239,8 +239,19 @@ def load_plugin(spec: str) -> list[str]:
     except SystemExit as e:  # a plugin must not end the process: it is refused like any other failure
         raise ModelError(f"cannot load model plugin '{spec}': it called sys.exit({e.code!r}) while importing") from None
     except Exception as e:
-        raise ModelError(f"cannot load model plugin '{spec}': {type(e).__name__}: {_one_line(e)}") from e
+        raise ModelError(f"cannot load model plugin '{spec}': {type(e).__name__}: {_one_line(e)}{_renamed(e)}") from e
     return _new_names(before)
+
+
+_LIBRARIES = ("attacks", "models", "datasets", "certify", "reports")
+
+
+def _renamed(exc: Exception) -> str:
+    """A hint for a plugin written against the old top-level names (`from models import register_model`)."""
+    name = getattr(exc, "name", None)
+    if isinstance(exc, ModuleNotFoundError) and name and name.split(".")[0] in _LIBRARIES:
+        return f" (the library is now lawbench.{name}: write `from lawbench.{name.split('.')[0]} import ...`)"
+    return ""
 
 
 _LOADED_EPS: set[tuple[str, str, str]] = set()
@@ -295,6 +306,6 @@ def load_entry_points(group: str | None = None, deprecated: Callable[[str], None
         except SystemExit as e:
             raise ModelError(f"{label} failed: it called sys.exit({e.code!r}) while loading") from None
         except Exception as e:
-            raise ModelError(f"{label} failed: {type(e).__name__}: {_one_line(e)}") from e
+            raise ModelError(f"{label} failed: {type(e).__name__}: {_one_line(e)}{_renamed(e)}") from e
         _LOADED_EPS.add(key)
     return _new_names(before)

@@ -9,6 +9,8 @@ import sys
 import textwrap
 import urllib.request
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -405,6 +407,19 @@ def test_load_plugin_errors(tmp_path, monkeypatch):
         load_plugin(str(tmp_path / "missing.py"))
     for mod in ("lawbench_test_plugin_bad", "lawbench_test_plugin_dup"):
         sys.modules.pop(mod, None)
+
+
+def test_plugin_on_the_old_top_level_names_is_told_the_new_one(tmp_path, monkeypatch):
+    """`from models import register_model` (before the lawbench namespace) fails with a hint naming the new path.
+    The repository root is taken off sys.path first: from there the bare folder would still import."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if Path(p or ".").resolve() != root])
+    (tmp_path / "lawbench_test_plugin_old.py").write_text("from models import register_model\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModelError) as ei:
+        load_plugin("lawbench_test_plugin_old")
+    msg = _one_line(ei.value)
+    assert "No module named 'models'" in msg and "`from lawbench.models import ...`" in msg, msg
 
 
 def _fake_distribution(root, name, entry_points: str):
