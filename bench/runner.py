@@ -86,6 +86,20 @@ def _train_or_load(model, data, cell, ckpt_dir: Path, device, phase) -> dict:
     return meta
 
 
+def training_fit(model: torch.nn.Module, data: datasets.Split, device) -> dict:
+    """The law's premise, measured after training in eval mode: accuracy on the labels trained on (flipped ones
+    included), the fraction of flipped labels the model reproduces (None without label noise), and whether it
+    interpolates: fits every training label."""
+    model.to(device).eval()
+    with torch.no_grad():
+        fit = attacks.predict(model, data.x_train.to(device), 1024) == data.y_train.to(device)
+    flipped = data.noisy_mask.to(device)
+    n_flipped = int(flipped.sum())
+    return {"train_acc": int(fit.sum()) / max(1, fit.numel()),
+            "noisy_fit": int(fit[flipped].sum()) / n_flipped if n_flipped else None,
+            "interpolates": bool(fit.all())}
+
+
 def _subset(x: torch.Tensor, k: int) -> torch.Tensor:
     return x[:k] if k else x
 
@@ -187,7 +201,8 @@ def base_row(cell: dict) -> dict:
         "dataset": cell["dataset"], "data_source": None, "n_train": None, "n_test": None, "d": None, "d_eff": None,
         "label_noise": cell["label_noise"], "num_classes": None, "model": cell["model"], "family": None,
         "width": cell["width"], "params": None, "recipe": cell["recipe"], "train_eps": cell["train_eps"],
-        "seed": cell["seed"], "device": None, "train_acc": None, "clean_acc": None, "threat": cell["threat"],
+        "seed": cell["seed"], "device": None, "train_acc": None, "noisy_fit": None, "interpolates": None,
+        "clean_acc": None, "threat": cell["threat"],
         "eps": list(cell["eps"]), "pgd_acc": None, "autoattack_acc": None, "robust_acc": None, "cert_acc": None,
         "lip_upper": None, "lip_lower": None, "ratio": None, "ratio_eff": None, "law_scale": None,
         "aa_flags": [], "timings": {}, "autoattack": cell["autoattack"], "cell": cell,
@@ -220,14 +235,14 @@ def run_cell(cell: dict, *, out_dir: Path, device_name: str = "auto", data_dir: 
             with timer("load"):
                 phase("loading checkpoint")
                 models.load_checkpoint(model, cell["entry"]["checkpoint"], sha256=cell["entry"]["sha256"])
-                row.update(train_acc=accuracy(model.to(device), data.x_train.to(device), data.y_train.to(device)),
-                           model=cell["entry"]["name"], architecture=cell["model"],
+                row.update(model=cell["entry"]["name"], architecture=cell["model"],
                            checkpoint_sha256=cell["entry"]["sha256"])
         else:
             with timer("train"):
                 trained = _train_or_load(model, data, cell, Path(out_dir) / "checkpoints", device, phase)
-            row.update(train_acc=trained["train_acc"], epochs_run=trained["epochs_run"],
-                       checkpoint_cached=trained["cached"], train_key=trained["train_key"])
+            row.update(epochs_run=trained["epochs_run"], checkpoint_cached=trained["cached"],
+                       train_key=trained["train_key"])
+        row.update(training_fit(model, data, device))
         row.update(evaluate_model(model, data, cell, device, timer, phase, log))
         row.update(certify.law_quantities(params, row["n_train"], meta.d, meta.d_eff, num_classes=meta.num_classes,
                                           label_noise=cell["label_noise"], c=isoperimetry_constant(meta)))

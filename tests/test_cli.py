@@ -164,6 +164,31 @@ def test_rerun_skips_finished_cells_and_adds_new_ones(tiny_run, capsys):
             assert row["aa_attacks"]["0.1"] == ["apgd-t", "apgd-ce"]
 
 
+# ------------------------------------------------------------------------------------------- the law's premise
+
+def test_rows_say_whether_the_model_interpolates_the_noisy_labels(tmp_path, capsys):
+    """With 20% flipped labels: a width-1 net fits neither the data nor the flips, a wide one trained long fits both.
+    train_acc, the fraction of flipped labels reproduced and `interpolates` are recomputed from the checkpoints."""
+    import torch
+    out = tmp_path / "out"
+    code, _, err = run_in_process(["run", "n_train=100", "n_test=20", "label_noise=0.2", "width=[1,256]",
+                                   "epochs=300", "pgd_steps=2", "eps_Linf=[0.05]", "aa_eps_Linf=[]", "autoattack=off",
+                                   "lip_points=16", "--out", str(out)], capsys)
+    assert code == 0, err
+    rows = {r["width"]: r for r in read_rows(out / "results.jsonl")}
+    for width, row in rows.items():
+        model, data = load_trained(out, row)
+        with torch.no_grad():
+            fit = model(data.x_train).argmax(1) == data.y_train
+        flipped = data.y_train != data.y_train_clean
+        assert int(flipped.sum()) == 20 == row["n_noisy"]
+        assert row["train_acc"] == pytest.approx(int(fit.sum()) / 100, abs=1e-12)
+        assert row["noisy_fit"] == pytest.approx(int(fit[flipped].sum()) / 20, abs=1e-12)
+        assert row["interpolates"] is bool(fit.all())
+    assert rows[256]["interpolates"] is True and rows[256]["noisy_fit"] == 1.0
+    assert rows[1]["interpolates"] is False and rows[1]["noisy_fit"] < 0.5
+
+
 # ------------------------------------------------------------------------------------------- invariant violations
 
 def test_invariant_violation_fails_the_cell_loudly_and_a_rerun_retries_it(tmp_path, capsys, monkeypatch):
