@@ -9,8 +9,8 @@ never imports torch or bench, so a report can be made on a machine without torch
 """
 from .console import console_table
 from .render import FORMATS, ReportError, render
-from .stats import law_constant, loglog_slope, mean_ci, t_quantile
+from .stats import law_envelope, loglog_slope, mean_ci, t_quantile
 from .table import build_views, headline_eps, ranking, row_flags, slope_summary
 
-__all__ = ["render", "console_table", "headline_eps", "loglog_slope", "law_constant", "mean_ci", "t_quantile",
+__all__ = ["render", "console_table", "headline_eps", "loglog_slope", "law_envelope", "mean_ci", "t_quantile",
            "build_views", "ranking", "row_flags", "slope_summary", "ReportError", "FORMATS"]

@@ -1,8 +1,9 @@
 """Plots from result rows (matplotlib, Agg / SVG canvases only; pyplot's global state is never touched).
 
 - robust_vs_ratio: robust accuracy per eps against p/(n·d), log x, a vertical mark at p = n·d; one panel per view.
-- lipschitz_vs_ratio: lip_upper and lip_lower against p/(n·d) on log-log axes with the law's C·sqrt(n·d/p) line,
-  C fitted by least squares in log space to lip_lower; one panel per view.
+- lipschitz_vs_ratio: lip_upper and lip_lower against p/(n·d) on log-log axes with the law's C·sqrt(n·d/p) line as a
+  lower envelope: the largest C under every interpolating row's lip_lower (the law is a lower bound); one panel per
+  view.
 - accuracy_by_family: clean, robust and certified accuracy (headline eps) against p/(n·d), one panel per view and family.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import matplotlib
 from matplotlib.figure import Figure
 
 from ._util import fmt_eps
-from .stats import law_constant, loglog_slope
+from .stats import law_envelope, loglog_slope
 from .table import Entry, Stat, View
 
 MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*", "h", "<", ">")
@@ -131,12 +132,13 @@ def plot_lipschitz(views: list[View]) -> Figure:
             _no_data(ax)
             ax.set_title(view.title)
             continue
-        c = law_constant(view.rows, "lip_lower")
-        if c is not None and xs_all:
-            lo, hi = min(xs_all), max(xs_all)
+        env = law_envelope(view.rows, "lip_lower")
+        if env["c"] is not None and xs_all:
+            c, lo, hi = env["c"], min(xs_all), max(xs_all)
             span = [lo / 1.5, hi * 1.5]
             ax.plot(span, [c / math.sqrt(x) for x in span], color="k", linestyle="--", linewidth=1,
-                    label=f"{c:.3g}·sqrt(n·d/p)")
+                    label=f"law's scale under every interpolating row ({env['interpolating']} of {env['rows']}): "
+                          f"{c:.3g}·sqrt(n·d/p)")
         _mark_ratio_one(ax)
         ax.set_xscale("log")
         ax.set_yscale("log")

@@ -166,7 +166,22 @@ def loglog_slope(rows, y: str = "lip_lower", confidence: float = 0.95) -> dict:
     return out
 
 
-def law_constant(rows, y: str = "lip_lower") -> float | None:
-    """C minimising sum (log y - log(C·sqrt(n·d/p)))^2, i.e. exp(mean(log y + log(p/(n·d))/2)); None without data."""
-    logs = [math.log(yv) + 0.5 * math.log(xv) for pts in loglog_points(rows, y).values() for xv, yv in pts]
-    return math.exp(float(np.mean(logs))) if logs else None
+def law_envelope(rows, y: str = "lip_lower") -> dict:
+    """The law's scale as a lower envelope: the largest C with y >= C·sqrt(n·d/p) at every interpolating ok row,
+    i.e. min of y·sqrt(p/(n·d)) over them. The law bounds models that fit their training labels, so rows that do not
+    say they interpolate are left out (a fit through all points would cross the data and read as a violation).
+    Returns {"c": C or None, "interpolating": rows used, "rows": ok rows with y}."""
+    used = total = 0
+    c = None
+    for row in rows:
+        if not isinstance(row, dict) or not is_ok(row):
+            continue
+        xv, yv = row_ratio(row), num(row.get(y))
+        if xv is None or yv is None or not (math.isfinite(xv) and math.isfinite(yv)) or xv <= 0 or yv <= 0:
+            continue
+        total += 1
+        if row.get("interpolates") is True:
+            used += 1
+            k = yv * math.sqrt(xv)
+            c = k if c is None else min(c, k)
+    return {"c": c, "interpolating": used, "rows": total}
