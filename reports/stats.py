@@ -114,15 +114,21 @@ def _fit(xs: np.ndarray, ys: np.ndarray) -> tuple[float, float, float | None]:
     return slope, intercept, se
 
 
-def loglog_points(rows, y: str = "lip_lower") -> dict:
-    """{seed: sorted list of distinct (p/(n·d), y) pairs} over ok rows with both values finite and positive."""
-    by_seed: dict = defaultdict(set)
+def _positive_points(rows, y: str):
+    """(row, p/(n·d), y) for every ok row with both values finite and positive: what a log-log axis can show."""
     for row in rows:
         if not isinstance(row, dict) or not is_ok(row):
             continue
         xv, yv = row_ratio(row), num(row.get(y))
         if xv is None or yv is None or not (math.isfinite(xv) and math.isfinite(yv)) or xv <= 0 or yv <= 0:
             continue
+        yield row, xv, yv
+
+
+def loglog_points(rows, y: str = "lip_lower") -> dict:
+    """{seed: sorted list of distinct (p/(n·d), y) pairs} over ok rows with both values finite and positive."""
+    by_seed: dict = defaultdict(set)
+    for row, xv, yv in _positive_points(rows, y):
         seed = row.get("seed")
         try:
             hash(seed)
@@ -173,12 +179,7 @@ def law_envelope(rows, y: str = "lip_lower") -> dict:
     Returns {"c": C or None, "interpolating": rows used, "rows": ok rows with y}."""
     used = total = 0
     c = None
-    for row in rows:
-        if not isinstance(row, dict) or not is_ok(row):
-            continue
-        xv, yv = row_ratio(row), num(row.get(y))
-        if xv is None or yv is None or not (math.isfinite(xv) and math.isfinite(yv)) or xv <= 0 or yv <= 0:
-            continue
+    for row, xv, yv in _positive_points(rows, y):
         total += 1
         if row.get("interpolates") is True:
             used += 1
