@@ -107,12 +107,29 @@ def plot_robust_vs_ratio(views: list[View]) -> Figure:
     return fig
 
 
+NOT_INTERPOLATING = "does not interpolate (outside the law's premise)"
+
+
+def _mark_not_interpolating(ax, ents, attr, marker, color, labelled: bool) -> bool:
+    """Hollow rings around the points of entries with a row that does not fit its training labels; one legend
+    entry per panel. Returns whether the label is now used."""
+    out = [e for e in ents if any(r.get("interpolates") is False for r in e.rows)]
+    xs, ys, _ = _series(out, lambda e: getattr(e, attr))
+    pts = [(x, y) for x, y in zip(xs, ys) if y > 0]
+    if not pts:
+        return labelled
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="none", marker=marker, markersize=9,
+            markerfacecolor="white", markeredgecolor=color, markeredgewidth=1.2, zorder=3,
+            label="_nolegend_" if labelled else NOT_INTERPOLATING)
+    return True
+
+
 def plot_lipschitz(views: list[View]) -> Figure:
     fig, axes = _figure(*_grid(len(views)))
     if not views:
         _no_data(axes[0])
     for ax, view in zip(axes, views):
-        drawn = False
+        drawn = marked = False
         xs_all = []
         for fi, fam in enumerate(_families(view)):
             ents = [e for e in view.entries if e.family == fam]
@@ -128,6 +145,7 @@ def plot_lipschitz(views: list[View]) -> Figure:
                             markersize=4, label=f"{fam} lip_{name}")
                 xs_all += xs
                 drawn = True
+                marked = _mark_not_interpolating(ax, ents, attr, marker, color, marked)
         if not drawn:
             _no_data(ax)
             ax.set_title(view.title)

@@ -416,6 +416,14 @@ def test_plot_contents(rendered):
         assert min(r["lip_lower"] / s for r, s in zip(fits, scale)) == pytest.approx(c, rel=1e-12)
         assert any(r["lip_lower"] < c * math.sqrt(r["n_train"] * r["d"] / r["params"]) for r in vr
                    if not r["interpolates"]), "the fixture should show a non-interpolating row under the line"
+        # and those points are marked: hollow rings at exactly the non-interpolating entries (mlp width 8 here)
+        from lawbench.reports.plots import NOT_INTERPOLATING
+        rings = [ln for ln in ax.get_lines() if ln.get_markerfacecolor() == "white"]
+        assert sum(ln.get_label() == NOT_INTERPOLATING for ln in rings) == 1
+        ringed = sorted(float(x) for ln in rings for x in ln.get_xdata())
+        outside = sorted({v["ratio"] for (t, lbl), v in expected.items() if t == view.key[1]
+                          and any(not r["interpolates"] for r in v["rows"])})
+        assert np.allclose(ringed, sorted(outside * 2))  # one ring on lip_upper, one on lip_lower
         assert any(ln.get_xdata()[0] == 1.0 and ln.get_label() == "p = n·d" for ln in ax.get_lines())
         lower = series(ax, "mlp lip_lower")
         exp = sorted((v["ratio"], v["lip_lower"][0]) for (t, lbl), v in expected.items()
