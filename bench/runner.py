@@ -20,11 +20,13 @@ from lawbench import datasets
 from lawbench import models
 from bench import __version__
 from bench.device import resolve_device
-from bench.spec import cell_id, train_key
+from bench import smooth
+from bench.spec import SMOOTH_KEYS, cell_id, train_key
 from bench.train import TrainConfig, accuracy, train
 from lawbench.reports.rows import eps_key
 
 INVARIANT_TOL = 1e-9
+SMOOTH_ROW_KEYS = ("smooth_penalty", "smooth_searched", "smooth_trace", "smooth_base", "smooth_output_scale")  # rows of the smooth recipe
 
 
 class InvariantError(AssertionError):
@@ -59,7 +61,18 @@ def load_data(cell: dict, data_dir: str | None) -> datasets.Split:
 
 
 def train_config(cell: dict) -> TrainConfig:
-    return TrainConfig(**{k: cell[k] for k in TrainConfig.__dataclass_fields__})
+    return TrainConfig(**{k: cell[k] for k in TrainConfig.__dataclass_fields__ if k in cell})
+
+
+def erm_cell(cell: dict) -> dict:
+    """The ERM cell a smooth cell starts from: the same data, model and training settings, recipe erm."""
+    return {**{k: v for k, v in cell.items() if k not in SMOOTH_KEYS}, "recipe": "erm"}
+
+
+def _write_meta(meta_path: Path, meta: dict) -> None:
+    tmp = meta_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, meta_path)
 
 
 def _train_or_load(model, data, cell, ckpt_dir: Path, device, phase) -> dict:
@@ -73,31 +86,42 @@ def _train_or_load(model, data, cell, ckpt_dir: Path, device, phase) -> dict:
         meta["cached"] = True
         return meta
     cfg = train_config(cell)
-    result = train(model, data.x_train, data.y_train, cfg, device,
-                   progress=lambda e, n, acc: phase(f"train epoch {e}/{n} acc {acc:.3f}"))
+    if cell["recipe"] == "smooth":  # ERM's interpolator first (its own checkpoint, shared with the ERM cell)
+        base = _train_or_load(model, data, erm_cell(cell), ckpt_dir, device, phase)
+        found = smooth.search(model, data.x_train, data.y_train, cfg, device,
+                              progress=lambda k, lam, ok, lip: phase(f"smooth stage {k} lambda {lam:.3g} "
+                                                                     f"{'fits' if ok else 'breaks the fit'}"))
+        meta = {"train_key": key, "epochs_run": base["epochs_run"], "train_acc": base["train_acc"],
+                "train_seconds": found.seconds, "smooth_base": base["train_key"], "smooth_penalty": found.penalty,
+                "smooth_searched": found.searched, "smooth_trace": found.trace,
+                "smooth_output_scale": found.output_scale}
+    else:
+        result = train(model, data.x_train, data.y_train, cfg, device,
+                       progress=lambda e, n, acc: phase(f"train epoch {e}/{n} acc {acc:.3f}"))
+        meta = {"train_key": key, "epochs_run": result.epochs_run, "train_acc": result.train_acc,
+                "train_seconds": result.seconds}
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     models.save_checkpoint(model, ckpt)
-    meta = {"train_key": key, "epochs_run": result.epochs_run, "train_acc": result.train_acc,
-            "train_seconds": result.seconds}
-    tmp = meta_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, meta_path)
+    _write_meta(meta_path, meta)
     meta["cached"] = False
     return meta
 
 
 def training_fit(model: torch.nn.Module, data: datasets.Split, device) -> dict:
     """The law's premise, measured after training in eval mode: accuracy on the labels trained on (flipped ones
-    included), the fraction of flipped labels the model reproduces (None without label noise), and whether it
-    interpolates: fits every training label."""
+    included), the fraction of flipped labels the model reproduces (None without label noise), whether it
+    interpolates (fits every training label) and its smallest logit margin on them (the output scale its
+    Lipschitz constant is measured at; negative where a label is missed)."""
     model.to(device).eval()
+    x, y = data.x_train.to(device), data.y_train.to(device)
     with torch.no_grad():
-        fit = attacks.predict(model, data.x_train.to(device), 1024) == data.y_train.to(device)
+        margin = torch.cat([smooth.margins(model(x[i:i + 1024]), y[i:i + 1024]) for i in range(0, len(x), 1024)])
+    fit = margin > 0
     flipped = data.noisy_mask.to(device)
     n_flipped = int(flipped.sum())
     return {"train_acc": int(fit.sum()) / max(1, fit.numel()),
             "noisy_fit": int(fit[flipped].sum()) / n_flipped if n_flipped else None,
-            "interpolates": bool(fit.all())}
+            "interpolates": bool(fit.all()), "train_margin": float(margin.min()) if len(margin) else None}
 
 
 def _subset(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -242,6 +266,7 @@ def run_cell(cell: dict, *, out_dir: Path, device_name: str = "auto", data_dir: 
                 trained = _train_or_load(model, data, cell, Path(out_dir) / "checkpoints", device, phase)
             row.update(epochs_run=trained["epochs_run"], checkpoint_cached=trained["cached"],
                        train_key=trained["train_key"])
+            row.update({k: trained[k] for k in SMOOTH_ROW_KEYS if k in trained})
         row.update(training_fit(model, data, device))
         row.update(evaluate_model(model, data, cell, device, timer, phase, log))
         row.update(certify.law_quantities(params, row["n_train"], meta.d, meta.d_eff, num_classes=meta.num_classes,

@@ -93,6 +93,13 @@ SCHEMA: dict[str, Key] = {
     "train_steps": Key("int", 10, lo=1),
     "train_step_size": Key("float", 0.0, lo=0, doc="0: 2.5·eps/steps"),
     "train_eps_warmup": Key("int", 0, lo=0),
+    "smooth_margin": Key("float", 1.0, lo=0, lo_open=True, doc="smooth only: logit margin each training point keeps"),
+    "smooth_lambda": Key("float", 1e-3, lo=0, lo_open=True, doc="smooth only: the search's first penalty"),
+    "smooth_growth": Key("float", 4.0, lo=1, lo_open=True, doc="smooth only: penalty factor between stages"),
+    "smooth_stages": Key("int", 6, lo=1, doc="smooth only: most growth stages"),
+    "smooth_epochs": Key("int", 50, lo=1, doc="smooth only: fine-tuning epochs per stage"),
+    "smooth_refine": Key("int", 1, lo=0, doc="smooth only: bisection steps after the first penalty that breaks the fit"),
+    "smooth_lr": Key("float", 0.0, lo=0, doc="smooth only: fine-tuning learning rate; 0: lr"),
     "seed": Key("int", 0, lo=0, sweep=True),
     # evaluation
     "threat": Key("choice", "Linf", choices=THREATS, sweep=True),
@@ -117,9 +124,10 @@ SWEEP_AXES = tuple(key for key, k in SCHEMA.items() if k.sweep)
 # Settings that describe how the run is carried out, not what is measured: not part of cell_id.
 NOT_IN_CELL = ("description",)
 
+SMOOTH_KEYS = tuple(key for key in SCHEMA if key.startswith("smooth_"))  # set only in cells of the smooth recipe
 TRAIN_KEYS = ("dataset", "data_options", "n_train", "label_noise", "model", "width", "model_options", "recipe",
               "epochs", "optimizer", "lr", "momentum", "weight_decay", "batch_size", "target_train_acc", "train_eps",
-              "train_norm", "train_steps", "train_step_size", "train_eps_warmup", "seed")
+              "train_norm", "train_steps", "train_step_size", "train_eps_warmup", "seed") + SMOOTH_KEYS
 
 
 def list_presets() -> dict[str, str]:
@@ -347,6 +355,9 @@ def expand(spec: dict, entries: list = ()) -> list[dict]:
         cell["aa_eps"] = sorted(cell.pop(f"aa_eps_{threat}")) if cell["autoattack"] != "off" else []
         if cell["recipe"] != "pgd-at":
             cell["train_eps"] = 0.0
+        if cell["recipe"] != "smooth":  # other recipes ignore them: their cells (and ids) do not change with them
+            for key in SMOOTH_KEYS:
+                cell.pop(key)
         cells.append(cell)
     unique = {cell_id(c): c for c in cells}  # non-pgd-at recipes collapse the train_eps axis
     return list(unique.values())
@@ -383,4 +394,4 @@ def cell_id(cell: dict) -> str:
 
 def train_key(cell: dict) -> str:
     """Identifies the trained weights: cells differing only in evaluation settings share one checkpoint."""
-    return _digest({k: cell.get(k) for k in TRAIN_KEYS})
+    return _digest({k: cell[k] for k in TRAIN_KEYS if k in cell})

@@ -1,4 +1,5 @@
-"""Training recipes: `erm` (train to interpolation) and `pgd-at` (Madry adversarial training).
+"""Training recipes: `erm` (train to interpolation), `pgd-at` (Madry adversarial training) and `smooth` (the
+smoothest interpolator a penalty search finds from ERM's, see bench.smooth; the runner chains the two).
 
 Every random choice (initialization is seeded by the caller, batch order and PGD random starts here) flows from the
 config's seed through local generators, so a cell trains to the same weights on CPU every time.
@@ -12,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-RECIPES = ("erm", "pgd-at")
+RECIPES = ("erm", "pgd-at", "smooth")
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -31,6 +32,13 @@ class TrainConfig:
     train_steps: int = 10
     train_step_size: float = 0.0      # 0: 2.5·eps/steps (Madry et al.)
     train_eps_warmup: int = 0         # pgd-at: epochs over which eps ramps up linearly from 0
+    smooth_margin: float = 1.0        # smooth: the logit margin every training point is asked to keep
+    smooth_lambda: float = 1e-3       # smooth: the first penalty of the search
+    smooth_growth: float = 4.0        # smooth: factor between penalties while the model still interpolates
+    smooth_stages: int = 6            # smooth: most growth stages
+    smooth_epochs: int = 50           # smooth: fine-tuning epochs per stage
+    smooth_refine: int = 1            # smooth: bisection steps after the first penalty that breaks the fit
+    smooth_lr: float = 0.0            # smooth: fine-tuning learning rate; 0: lr
     seed: int = 0
 
     def as_dict(self) -> dict:
