@@ -53,6 +53,30 @@ def check_inputs(cells: list[dict], data_dir: str | None, load: bool = True) -> 
             models.load_checkpoint(model, cell["entry"]["checkpoint"], sha256=cell["entry"]["sha256"])
 
 
+def resolve_widths(cells: list[dict], data_dir: str | None) -> None:
+    """Cells with target_params get the width whose exact parameter count is closest to it (ties: the smaller
+    width), found by bisection on the model's count (monotone in width for every width family)."""
+    from lawbench import models
+    from bench.runner import load_data
+    for cell in cells:
+        target = cell.get("target_params")
+        if not target:
+            continue
+        meta = load_data(cell, data_dir).meta
+        count = lambda w: models.param_count(cell["model"], in_shape=tuple(meta.in_shape),  # noqa: E731
+                                             num_classes=meta.num_classes, width=w, **cell["model_options"])
+        lo, hi = 1, 1
+        while count(hi) < target:
+            lo, hi = hi, hi * 2
+            if hi > 1 << 24:
+                raise SpecError(f"key 'target_params': {target:,} parameters need a {cell['model']} wider than "
+                                f"{1 << 24:,}")
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if count(mid) < target else (lo, mid)
+        cell["width"] = min((lo, hi), key=lambda w: (abs(count(w) - target), w))
+
+
 def read_entries(paths: list[str]) -> list:
     """The --entry files; the same file, or two files with one entry name, given twice is refused (their rows would
     be indistinguishable)."""
@@ -88,6 +112,7 @@ def run_command(args, console: Console) -> int:
     load_models(args.plugin)
     entries = read_entries(args.entry)
     cells = expand(spec, entries)
+    resolve_widths(cells, args.data_dir)
     check_inputs(cells, args.data_dir, load=not args.dry_run)
     if args.dry_run:
         for cell in cells:

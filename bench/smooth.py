@@ -121,7 +121,7 @@ def _stage(model, x, y, cfg, lam: float, stage: int, norms: OperatorNorms) -> bo
     """Fine-tune in place for cfg.smooth_epochs epochs at penalty lam; the model ends at the last epoch that still
     interpolates (a fresh optimizer's first steps can knock a point over that later epochs win back). Returns
     whether any epoch did."""
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.smooth_lr or cfg.lr)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.smooth_lr or cfg.lr / 10)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 7 + stage)
     kept = None
     for _ in range(cfg.smooth_epochs):

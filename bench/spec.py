@@ -73,11 +73,15 @@ SCHEMA: dict[str, Key] = {
     "dataset": Key("str", "mnist5k", sweep=True, doc="a name in the dataset registry (checked against it)"),
     "data_options": Key("table", {}, doc="dataset-specific options, e.g. gauss: d, num_classes"),
     "n_train": Key("int", 0, lo=0, sweep=True, doc="0: the dataset's whole training pool"),
+    "d": Key("int", 0, lo=0, sweep=True, doc="input dimension of synthetic data (gauss), the data_options.d sweep "
+                                             "axis; 0: the dataset's own"),
     "n_test": Key("int", 0, lo=0, doc="0: the dataset's whole test set"),
     "label_noise": Key("float", 0.0, lo=0, hi=1, hi_open=True, sweep=True),
     # model
     "model": Key("str", "mlp", sweep=True, doc="a name in the model registry (checked after plugins load)"),
     "width": Key("int", 64, lo=0, lo_open=True, sweep=True),
+    "target_params": Key("int", 0, lo=0, sweep=True, doc="0: off; else each cell's width is the one whose parameter "
+                                                         "count is closest to this (fixed p while d varies)"),
     "model_options": Key("table", {}),
     # training
     "recipe": Key("choice", "erm", choices=RECIPES, sweep=True),
@@ -99,7 +103,7 @@ SCHEMA: dict[str, Key] = {
     "smooth_stages": Key("int", 6, lo=1, doc="smooth only: most growth stages"),
     "smooth_epochs": Key("int", 50, lo=1, doc="smooth only: fine-tuning epochs per stage"),
     "smooth_refine": Key("int", 1, lo=0, doc="smooth only: bisection steps after the first penalty that breaks the fit"),
-    "smooth_lr": Key("float", 0.0, lo=0, doc="smooth only: fine-tuning learning rate; 0: lr"),
+    "smooth_lr": Key("float", 0.0, lo=0, doc="smooth only: fine-tuning learning rate; 0: lr / 10"),
     "seed": Key("int", 0, lo=0, sweep=True),
     # evaluation
     "threat": Key("choice", "Linf", choices=THREATS, sweep=True),
@@ -326,6 +330,11 @@ def validate(spec: dict) -> None:
             values = [value]
         for v in values:
             check_value(key, v)
+    if _as_list(spec["d"]) != [0] and "d" in spec["data_options"]:
+        raise SpecError("key 'd': also set as data_options.d; give the input dimension once")
+    if _as_list(spec["target_params"]) != [0] and isinstance(spec["width"], list) and len(spec["width"]) > 1:
+        raise SpecError("key 'target_params': chooses each cell's width; drop the width list "
+                        f"{spec['width']} (or set target_params=0)")
     for threat in THREATS:
         missing = set(spec[f"aa_eps_{threat}"]) - set(spec[f"eps_{threat}"])
         if missing:
@@ -355,6 +364,11 @@ def expand(spec: dict, entries: list = ()) -> list[dict]:
         cell["aa_eps"] = sorted(cell.pop(f"aa_eps_{threat}")) if cell["autoattack"] != "off" else []
         if cell["recipe"] != "pgd-at":
             cell["train_eps"] = 0.0
+        d = cell.pop("d")
+        if d:  # the d axis is the dataset's d option: a cell names it there, as data_options.d=... would
+            cell["data_options"] = {**cell["data_options"], "d": d}
+        if not cell["target_params"]:  # a cell sized by its width alone: no key, so its id is as before
+            cell.pop("target_params")
         if cell["recipe"] != "smooth":  # other recipes ignore them: their cells (and ids) do not change with them
             for key in SMOOTH_KEYS:
                 cell.pop(key)

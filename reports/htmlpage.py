@@ -202,9 +202,10 @@ def _slopes(view: View) -> str:
     for y, scope, res in slope_rows(view):
         rows.append("<tr>" + "".join(f'<td class="{c}">{esc(v)}</td>' for c, v in (
             ("text", y), ("text", scope), ("num", fmt_slope(res)), ("num", fmt_ci(res)),
-            ("num", res["n_seeds"]), ("num", res["n_points"]))) + "</tr>")
+            ("num", res["n_seeds"]), ("num", res["n_points"]), ("num", res["n_excluded"]))) + "</tr>")
     return ('<div class="scroll"><table class="slopes"><thead><tr><th>bound</th><th>scope</th><th>slope</th>'
-            '<th>95% CI</th><th>seeds</th><th>points</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table></div>")
+            '<th>95% CI</th><th>seeds</th><th>interpolating points</th><th>left out (not interpolating)</th></tr>'
+            '</thead><tbody>' + "".join(rows) + "</tbody></table></div>")
 
 
 def _failed(rows) -> str:

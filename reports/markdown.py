@@ -3,15 +3,17 @@ from __future__ import annotations
 
 from tabulate import tabulate
 
-from ._util import MISSING, fmt_ci, fmt_eps, fmt_int, fmt_slope, text
+from ._util import MISSING, fmt_ci, fmt_eps, fmt_int, fmt_pct, fmt_ratio, fmt_sig, fmt_slope, fmt_width, num, text
 from .columns import LEADERBOARD, RANKING, Column
 from .table import View, failed_rows, ranking, view_context
-from .stats import loglog_slope
+from .stats import law_envelope, loglog_slope
+from . import law
 
 PLOT_TITLES = {
     "robust_vs_ratio": "Robust accuracy per eps against p/(n·d)",
     "lipschitz_vs_ratio": "Lipschitz bounds against p/(n·d) with the law's sqrt(n·d/p) line",
     "accuracy_by_family": "Clean, robust and certified accuracy per family",
+    "frontier": "ERM against the smoothest interpolator found: Lipschitz bounds and robust accuracy",
 }
 
 
@@ -70,10 +72,109 @@ def interval_note(res: dict) -> str:
 
 
 def slope_table(view: View) -> str:
-    body = [[y, scope, fmt_slope(res), fmt_ci(res), str(res["n_seeds"]), str(res["n_points"]), interval_note(res)]
-            for y, scope, res in slope_rows(view)]
-    return md_table(["bound", "scope", "slope", "95% CI", "seeds", "points", "interval"], body,
-                    ["left", "left", "right", "right", "right", "right", "left"])
+    body = [[y, scope, fmt_slope(res), fmt_ci(res), str(res["n_seeds"]), str(res["n_points"]),
+             str(res["n_excluded"]), interval_note(res)] for y, scope, res in slope_rows(view)]
+    return md_table(["bound", "scope", "slope", "95% CI", "seeds", "interpolating points", "left out (not "
+                     "interpolating)", "interval"], body,
+                    ["left", "left", "right", "right", "right", "right", "right", "left"])
+
+
+def _arrow(a, b, fmt) -> str:
+    """'ERM → smooth' in one cell."""
+    return f"{fmt(a)} → {fmt(b)}"
+
+
+def _count(point, recipe) -> str:
+    k, n = law.interp_count(point, recipe)
+    return f"{k}/{n}"
+
+
+def frontier_table(points) -> str:
+    """One line per width: p, p/(n·d), then 'ERM → smooth' for the rows that interpolate, their smallest training
+    margin, lip_upper, lip_lower and robust accuracy at each eps (means over seeds)."""
+    eps = law.frontier_eps(points)
+    headers = ["width", "p", "p/(n·d)", "interpolating", "train margin", "lip_upper", "lip_lower"]
+    headers += [f"robust @{fmt_eps(e)}" for e in eps]
+    body = []
+    for pt in points:
+        stat = lambda key: (law.point_stat(pt, "erm", lambda r: num(r.get(key))),  # noqa: E731
+                            law.point_stat(pt, "smooth", lambda r: num(r.get(key))))
+        cells = [fmt_width(pt.width), fmt_int(pt.params), fmt_ratio(pt.ratio),
+                 f"{_count(pt, 'erm')} → {_count(pt, 'smooth')}", _arrow(*stat("train_margin"), fmt_sig),
+                 _arrow(*stat("lip_upper"), fmt_sig), _arrow(*stat("lip_lower"), fmt_sig)]
+        cells += [_arrow(law.robust_at(pt, "erm", e), law.robust_at(pt, "smooth", e), fmt_pct) for e in eps]
+        body.append(cells)
+    return md_table(headers, body, ["right"] * len(headers))
+
+
+def frontier_notes(key, points) -> list[str]:
+    rows = [r for pt in points for rs in pt.rows.values() for r in rs]
+    env = law_envelope(rows, "lip_lower")
+    lines = []
+    if env["c"] is not None:
+        lines.append(f"The law's scale under every interpolating row's lip_lower ({env['interpolating']} of "
+                     f"{env['rows']} rows): {env['c']:.3g}·sqrt(n·d/p), the largest such C.")
+    else:
+        lines.append("No row interpolates: the law says nothing about these models.")
+    bounds = sorted({round(num(r.get("law_bound")), 12) for r in rows if r.get("law_applicable") is True
+                     and num(r.get("law_bound")) is not None})
+    flags = sorted({text(r.get("law_flag")) for r in rows if text(r.get("law_flag"))})
+    if bounds:
+        lines.append(f"Theorem 3's explicit bound: {', '.join(f'{b:.3g}' for b in bounds)} (Lipschitz, law's units).")
+    elif flags:
+        lines.append(f"Theorem 3's explicit bound is vacuous here: {flags[0].split(':', 1)[-1].strip()}.")
+    bought = False
+    for e in law.frontier_eps(points):
+        start = law.smooth_buys_robustness_from(points, e)
+        if start is not None:
+            bought = True
+            lines.append(f"At eps {fmt_eps(e)} the smooth models are more robust than ERM's from p = "
+                         f"{fmt_int(start.params)} (width {text(start.width)}) on.")
+    if not bought:
+        lines.append("At no eps are the smooth models more robust than ERM's from some width on.")
+    return lines
+
+
+def exponent_table(rows) -> str:
+    """a, b, c of log Lip = a·log p + b·log n + c·log d + const per study, beside the law's (−1/2, +1/2, +1/2)."""
+    body = []
+    for y in ("lip_upper", "lip_lower"):
+        for dim in ("d", "d_eff"):
+            for res in law.fit_exponents(rows, y=y, dim=dim):
+                if dim == "d_eff" and "d" not in res.varied:
+                    continue  # with d fixed, d_eff is one constant too: the same a and b, no c
+                cells = [law.study_title(res.key), y, dim]
+                for v in ("p", "n", "d"):
+                    if v not in res.varied or v not in res.coef:
+                        cells.append("not varied" if v not in res.varied else MISSING)
+                        continue
+                    h = res.half.get(v)
+                    ci = "" if h is None else f" [{res.coef[v] - h:.3f}, {res.coef[v] + h:.3f}]"
+                    cells.append(f"{res.coef[v]:.3f}{ci}")
+                cells += [str(res.n_seeds), str(res.n_points), {"seeds": "t-interval over seeds",
+                          "regression": "one seed, regression s.e."}.get(res.method, "too few points")]
+                body.append(cells)
+    headers = ["study", "bound", "dimension", "a (p; law −0.5)", "b (n; law +0.5)", "c (d; law +0.5)", "seeds",
+               "points", "interval"]
+    return md_table(headers, body, ["left", "left", "left", "right", "right", "right", "right", "right", "left"])
+
+
+def law_section(rows) -> list[str]:
+    """The frontier per (data, threat, family, noise, n, d) and the exponents per study, over interpolating rows."""
+    out = ["## The law: smoothest interpolators and exponents", "",
+           "Only rows that fit every training label (noisy ones included) enter a fit: the law bounds interpolating "
+           "models. Frontier cells read ERM → smooth (means over seeds); the smooth recipe fits at a smallest "
+           "training margin of 1, ERM at whatever margin it stopped with. Exponents: per seed, OLS of log Lip on the "
+           "logs of the variables that vary, Lipschitz constants in the law's units (synthetic Gaussian data: "
+           "times the data's scale, so inputs have norm about 1 at every d).", ""]
+    frontiers = law.frontier_points(rows)
+    for key, points in frontiers.items():
+        out += [f"### Frontier: {md_escape(law.frontier_title(key))}", "", frontier_table(points), ""]
+        out += ["\n".join(f"- {md_escape(line)}" for line in frontier_notes(key, points)), ""]
+    if not frontiers:
+        out += ["No frontier: run the erm and smooth recipes on the same cells (e.g. `python -m bench run law`).", ""]
+    out += ["### Exponents of log Lip = a·log p + b·log n + c·log d + const", "", exponent_table(rows), ""]
+    return out
 
 
 def failed_table(rows) -> str:
@@ -110,7 +211,10 @@ def render_markdown(rows, views: list[View], *, source: str = "results.jsonl", p
                                prefix=("Rank", [str(r) if r is not None else MISSING for r, _ in ranked])), ""]
         out += ["### Leaderboard", "", _columns_table(LEADERBOARD, view.entries), ""]
         out += ["### Log-log slope of the Lipschitz bounds against p/(n·d)", "",
-                "The law's scale sqrt(n·d/p) has slope −0.5.", "", slope_table(view), ""]
+                "The law's scale sqrt(n·d/p) has slope −0.5. Fitted over the rows that interpolate their training "
+                "labels only (the law bounds no other model); rows that do not are counted, not fitted.", "",
+                slope_table(view), ""]
+    out += law_section(rows)
     if plots and plot_ext:
         out += ["## Plots", ""]
         for name in plots:

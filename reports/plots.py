@@ -5,6 +5,7 @@
   lower envelope: the largest C under every interpolating row's lip_lower (the law is a lower bound); one panel per
   view.
 - accuracy_by_family: clean, robust and certified accuracy (headline eps) against p/(n·d), one panel per view and family.
+- frontier: ERM against the smooth recipe per frontier: Lipschitz bounds with the law's envelope, robust accuracy.
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ import matplotlib
 from matplotlib.figure import Figure
 
 from ._util import fmt_eps
+from . import law
 from .stats import law_envelope, loglog_slope
 from .table import Entry, Stat, View
 
 MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*", "h", "<", ">")
-PLOT_NAMES = ("robust_vs_ratio", "lipschitz_vs_ratio", "accuracy_by_family")
+PLOT_NAMES = ("robust_vs_ratio", "lipschitz_vs_ratio", "accuracy_by_family", "frontier")
 
 
 def _grid(n: int, max_cols: int = 2) -> tuple[int, int]:
@@ -200,10 +202,76 @@ def plot_accuracy_by_family(views: list[View]) -> Figure:
     return fig
 
 
+def _frontier_series(points, recipe: str, get):
+    pts = []
+    for pt in points:
+        v = law.point_stat(pt, recipe, get)
+        if pt.ratio is not None and pt.ratio > 0 and v is not None and math.isfinite(v) and v > 0:
+            pts.append((pt.ratio, v))
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_frontier(views: list[View]) -> Figure:
+    """Per frontier (same data, family, noise, n and d): left, lip_upper and lip_lower of ERM (solid) and of the
+    smooth recipe (dashed) against p/(n·d), log-log, with the law's lower envelope under every interpolating row's
+    lip_lower; right, robust accuracy of both at each eps."""
+    rows = [r for v in views for r in v.rows]
+    frontiers = law.frontier_points(rows)
+    fig, axes = _figure(max(1, len(frontiers)), 2, w=6.0, h=4.2)
+    if not frontiers:
+        _no_data(axes[0], "no frontier: run the erm and smooth recipes on the same cells")
+        axes[1].set_visible(False)
+        return fig
+    for i, (key, points) in enumerate(frontiers.items()):
+        ax, ax_r = axes[2 * i], axes[2 * i + 1]
+        xs_all = []
+        for recipe, style, face in (("erm", "-", None), ("smooth", "--", "white")):
+            for attr, color in (("lip_upper", "C3"), ("lip_lower", "C0")):
+                xs, ys = _frontier_series(points, recipe, lambda r, a=attr: r.get(a) if isinstance(
+                    r.get(a), (int, float)) else None)
+                if xs:
+                    ax.plot(xs, ys, linestyle=style, marker="o", color=color, markerfacecolor=face or color,
+                            markersize=5, linewidth=1.3, label=f"{recipe} {attr}")
+                    xs_all += xs
+        pts_rows = [r for pt in points for rs in pt.rows.values() for r in rs]
+        env = law_envelope(pts_rows, "lip_lower")
+        if env["c"] is not None and xs_all:
+            span = [min(xs_all) / 1.5, max(xs_all) * 1.5]
+            ax.plot(span, [env["c"] / math.sqrt(x) for x in span], color="k", linestyle=":", linewidth=1.2,
+                    label=f"law's envelope {env['c']:.3g}·sqrt(n·d/p) ({env['interpolating']}/{env['rows']} "
+                          f"interpolating)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("p / (n·d)")
+        ax.set_ylabel("Lipschitz constant (L2, logits)")
+        ax.set_title(f"{law.frontier_title(key)}: ERM vs smooth", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        eps_list = law.frontier_eps(points)
+        cmap = matplotlib.colormaps["viridis"]
+        for ei, e in enumerate(eps_list):
+            color = cmap(0.1 + 0.8 * ei / max(1, len(eps_list) - 1))
+            for recipe, style, face in (("erm", "-", None), ("smooth", "--", "white")):
+                xs, ys = [], []
+                for pt in points:
+                    v = law.robust_at(pt, recipe, e)
+                    if v is not None and pt.ratio:
+                        xs.append(pt.ratio)
+                        ys.append(100 * v)
+                if xs:
+                    ax_r.plot(xs, ys, linestyle=style, marker="o", color=color, markerfacecolor=face or color,
+                              markersize=4, linewidth=1.2, label=f"{recipe} eps={fmt_eps(e)}")
+        _accuracy_axes(ax_r, "robust accuracy (%)")
+        ax_r.set_title("robust accuracy: ERM (solid) vs smooth (dashed)", fontsize=9)
+        ax_r.legend(fontsize=6, ncols=2)
+    return fig
+
+
 PLOTTERS = {
     "robust_vs_ratio": plot_robust_vs_ratio,
     "lipschitz_vs_ratio": plot_lipschitz,
     "accuracy_by_family": plot_accuracy_by_family,
+    "frontier": plot_frontier,
 }
 
 

@@ -138,16 +138,22 @@ def loglog_points(rows, y: str = "lip_lower") -> dict:
     return {s: sorted(pts) for s, pts in by_seed.items()}
 
 
-def loglog_slope(rows, y: str = "lip_lower", confidence: float = 0.95) -> dict:
-    """Slope of log(y) against log(p/(n·d)) with a `confidence` interval.
+def loglog_slope(rows, y: str = "lip_lower", confidence: float = 0.95, interpolating_only: bool = True) -> dict:
+    """Slope of log(y) against log(p/(n·d)) with a `confidence` interval, over the rows that interpolate their
+    training labels (`interpolates` true; the law speaks of no other model) unless interpolating_only is False.
 
     The fit runs per seed (each seed needs two distinct ratios); with several fitted seeds the result is the mean
     slope ± a Student-t interval over seeds; with one, the regression's own standard-error interval (needs three
     points; with two the interval is None). The law of robustness predicts a slope near -1/2 for lip_lower when the
     models interpolate noisy data.
 
-    Returns dict(slope, ci_low, ci_high, n_seeds, n_points, method, confidence, intercept) with None where undefined.
+    Returns dict(slope, ci_low, ci_high, n_seeds, n_points, method, confidence, intercept, n_excluded: the ok rows
+    with a value left out because they do not interpolate) with None where undefined.
     """
+    rows = [r for r in rows if isinstance(r, dict)]
+    kept = [r for r in rows if not interpolating_only or r.get("interpolates") is True]
+    excluded = sum(1 for _ in _positive_points(rows, y)) - sum(1 for _ in _positive_points(kept, y))
+    rows = kept
     per_seed = []
     for seed, pts in loglog_points(rows, y).items():
         xs = np.log(np.array([p[0] for p in pts]))
@@ -157,7 +163,8 @@ def loglog_slope(rows, y: str = "lip_lower", confidence: float = 0.95) -> dict:
         slope, intercept, se = _fit(xs, ys)
         per_seed.append((seed, slope, intercept, se, len(pts)))
     out = dict(slope=None, ci_low=None, ci_high=None, n_seeds=len(per_seed),
-               n_points=sum(p[4] for p in per_seed), method="none", confidence=confidence, intercept=None, y=y)
+               n_points=sum(p[4] for p in per_seed), method="none", confidence=confidence, intercept=None, y=y,
+               n_excluded=excluded)
     if not per_seed:
         return out
     if len(per_seed) >= 2:

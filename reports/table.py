@@ -24,7 +24,8 @@ def headline_eps(row: dict) -> float | None:
 
 
 def row_flags(row: dict) -> list[str]:
-    """The row's own flags (AutoAttack's `aa_flags`, a `flags` list if present) and the report's consistency checks:
+    """The row's own flags (AutoAttack's `aa_flags`, a `flags` list if present), `not-interpolating` for a row that
+    does not fit its training labels (the law's slopes leave it out), and the report's consistency checks:
     cert_acc ≤ robust_acc ≤ pgd_acc ≤ clean_acc at every eps and lip_lower ≤ lip_upper."""
     flags: list[str] = []
     for key in ("aa_flags", "flags"):
@@ -33,6 +34,8 @@ def row_flags(row: dict) -> list[str]:
             flags.extend(text(f) for f in raw if text(f))
         elif text(raw):
             flags.append(text(raw))
+    if row.get("interpolates") is False:  # outside the law's premise: it does not fit its training labels
+        flags.append("not-interpolating")
     clean = num(row.get("clean_acc"))
     for e in row_eps(row):
         cert, rob, pgd = (acc_at(row, k, e) for k in ("cert_acc", "robust_acc", "pgd_acc"))
@@ -281,11 +284,13 @@ def slope_summary(rows, y: str = "lip_lower") -> list[str]:
             if len(groups) > 1:
                 title += f" · {model} {recipe}" + (f"@{train_eps:g}" if train_eps else "") + f" noise {noise:g} n={n}"
             res = loglog_slope(group, y=y)
+            fitted = f"{res['n_points']} of {res['n_points'] + res['n_excluded']} rows interpolate"
             if res["slope"] is None:
-                lines.append(f"{title}: {y} slope against p/(n·d) needs two widths per seed")
+                lines.append(f"{title}: {y} slope against p/(n·d) needs two interpolating widths per seed "
+                             f"({fitted})")
                 continue
             ci = ("" if res["ci_low"] is None else f", 95% CI [{res['ci_low']:.3f}, {res['ci_high']:.3f}]")
             seeds = f"{res['n_seeds']} seed{'s' if res['n_seeds'] != 1 else ''}"
-            lines.append(f"{title}: {y} ∝ (p/(n·d))^{res['slope']:.3f}{ci} ({seeds}, {res['n_points']} points; "
-                         f"the law's scale: -0.5)")
+            lines.append(f"{title}: {y} ∝ (p/(n·d))^{res['slope']:.3f}{ci} over interpolating rows ({seeds}; "
+                         f"{fitted}; the law's scale: -0.5)")
     return lines

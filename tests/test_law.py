@@ -13,7 +13,7 @@ from test_cli import run_in_process
 
 # Gaussian d=16, n=200, 20% flipped labels: widths 256 and 1024 (p/(n·d) 1.5 and 6) interpolate under ERM.
 LAW_TINY = ["law", "width=[256,1024]", "seed=[0,1]", "label_noise=0.2", "n_train=200", "n_test=100",
-            "data_options.d=16", "recipe=[erm,smooth]", "pgd_steps=5", "eps_L2=[0.5]", "smooth_epochs=100",
+            "d=16", "recipe=[erm,smooth]", "pgd_steps=5", "eps_L2=[0.5]", "smooth_epochs=100",
             "lip_points=64"]
 
 
@@ -85,7 +85,9 @@ def test_smooth_rows_record_the_search(law_run):
 def test_smooth_rerun_reuses_both_checkpoints(law_run, capsys, tmp_path):
     """A second run with one more seed trains only that seed's cells; the smooth cell of a new seed reuses its ERM
     cell's checkpoint (trained once, shared)."""
-    out, rows = law_run
+    import shutil
+    out = tmp_path / "copy"
+    shutil.copytree(law_run[0], out)  # the module's store stays as the other tests read it
     code, stdout, err = run_in_process(["run", *LAW_TINY, "width=256", "seed=[0,1,2]", "--out", str(out)], capsys)
     assert code == 0, err
     assert "2 cells: " not in stdout and "6 cells: 4 already in" in stdout
@@ -95,3 +97,60 @@ def test_smooth_rerun_reuses_both_checkpoints(law_run, capsys, tmp_path):
     smooth = next(r for r in new if r["recipe"] == "smooth")
     assert smooth["smooth_base"] == erm["train_key"] and smooth["train_key"] != erm["train_key"]
     assert erm["checkpoint_cached"] is False and smooth["checkpoint_cached"] is False
+
+
+def _md_tables(md: str, heading: str) -> list[dict]:
+    """The GitHub table right after `heading`, read back as {header: cell}."""
+    lines = md.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith(heading))
+    while not lines[i].startswith("|"):
+        i += 1
+    header = [c.strip() for c in lines[i].strip("|").split("|")]
+    out = []
+    for line in lines[i + 2:]:
+        if not line.startswith("|"):
+            break
+        out.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")))))
+    return out
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values)
+
+
+def test_report_frontier_and_exponents_read_back_against_the_rows(law_run):
+    """The frontier table's 'ERM → smooth' cells are the seeds' means of the rows; the envelope lies under every
+    interpolating row and touches one; the p exponent is the mean over seeds of independent per-seed fits."""
+    import numpy as np
+    from lawbench import reports
+    out, rows = law_run
+    reports.render(out / "results.jsonl", out, formats=("md", "png"))
+    md = (out / "report" / "leaderboard.md").read_text()
+    table = _md_tables(md, "### Frontier: gauss · L2 · mlp · noise 0.2 · n=200 · d=16")
+    assert [t["width"] for t in table] == ["256", "1024"]
+    for t in table:
+        width = int(t["width"])
+        for key, column in (("lip_upper", "lip_upper"), ("lip_lower", "lip_lower"), ("train_margin", "train margin")):
+            erm, smooth = (float(v) for v in t[column].split(" → "))
+            for recipe, shown in (("erm", erm), ("smooth", smooth)):
+                mean = _mean([r[key] for r in rows if r["width"] == width and r["recipe"] == recipe])
+                assert shown == pytest.approx(mean, rel=1e-3), (width, key, recipe)
+        assert t["interpolating"] == "2/2 → 2/2"
+        erm, smooth = (float(v) for v in t["robust @0.5"].split(" → "))
+        assert erm == pytest.approx(100 * _mean([r["robust_acc"]["0.5"] for r in rows if r["width"] == width
+                                                 and r["recipe"] == "erm"]), abs=0.006)
+    note = next(line for line in md.splitlines() if "law's scale under every interpolating" in line)
+    c = float(note.split(": ")[1].split("·")[0])
+    margins = [r["lip_lower"] / math.sqrt(1 / r["ratio"]) for r in rows if r["interpolates"]]
+    assert min(margins) >= c * (1 - 1e-3) and min(margins) == pytest.approx(c, rel=1e-3)
+    exps = _md_tables(md, "### Exponents")
+    line = next(t for t in exps if t["study"] == "gauss · L2 · mlp · erm · noise 0.2" and t["bound"] == "lip_upper")
+    assert line["b (n; law +0.5)"] == "not varied" and line["c (d; law +0.5)"] == "not varied"
+    per_seed = []
+    for seed in (0, 1):
+        pts = [(math.log(r["params"]), math.log(r["lip_upper"] * r["data_scale"])) for r in rows
+               if r["recipe"] == "erm" and r["seed"] == seed]
+        per_seed.append(np.polyfit(*zip(*pts), 1)[0])
+    assert float(line["a (p; law −0.5)"].split()[0]) == pytest.approx(np.mean(per_seed), abs=6e-4)
+    assert (out / "report" / "frontier.png").stat().st_size > 10_000

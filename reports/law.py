@@ -1,0 +1,200 @@
+"""The law's analyses over result rows: the ERM-versus-smooth frontier per width, the law's lower envelope, and the
+exponents of log Lip = a·log p + b·log n + c·log d + const with confidence intervals over seeds.
+
+Lipschitz constants are compared in the law's units: a row's `data_scale` (the synthetic Gaussian data's pixel map,
+x_pix = 0.5 + data_scale·x with x of norm about 1) turns a pixel-space constant into one on x, so a d sweep keeps
+the law's normalisation; rows without it (real images) are used as measured. Only ok rows that interpolate their
+training labels enter a fit: the law speaks of nothing else.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._util import acc_at, is_ok, num, row_eps, row_ratio, text
+from .stats import mean_ci, t_quantile
+
+LAW_EXPONENTS = {"p": -0.5, "n": 0.5, "d": 0.5}
+RECIPES = ("erm", "smooth")
+
+
+def law_units(row: dict, y: str) -> float | None:
+    """The row's `y` (a Lipschitz bound) in the law's units: times data_scale where the row has one."""
+    v = num(row.get(y))
+    scale = num(row.get("data_scale"))
+    if v is None:
+        return None
+    return v * scale if scale else v
+
+
+def interpolating(rows) -> list[dict]:
+    """The ok rows that fit every training label (`interpolates` true): the rows the law speaks of."""
+    return [r for r in rows if isinstance(r, dict) and is_ok(r) and r.get("interpolates") is True]
+
+
+def study_key(row: dict) -> tuple:
+    """What a study holds fixed: data set, threat model, model family, recipe and label noise; p, n and d vary."""
+    return (text(row.get("dataset")), text(row.get("threat")), text(row.get("family")) or text(row.get("model")),
+            text(row.get("recipe")), num(row.get("label_noise")))
+
+
+# ---------------------------------------------------------------------------------------------------- exponents
+
+@dataclass
+class Exponents:
+    """The fitted exponents of one study: per variable (p, n, d) the mean over seeds and the CI half-width, or
+    None where the variable does not vary within a seed."""
+    key: tuple
+    y: str
+    dim: str                         # "d" or "d_eff"
+    coef: dict = field(default_factory=dict)      # variable -> mean exponent
+    half: dict = field(default_factory=dict)      # variable -> CI half-width (None: not enough seeds or points)
+    n_seeds: int = 0
+    n_points: int = 0
+    method: str = "none"
+    varied: tuple = ()
+
+
+def _design(rows, y: str, dim: str):
+    pts = []
+    for r in rows:
+        p, n, d, v = num(r.get("params")), num(r.get("n_train")), num(r.get(dim)), law_units(r, y)
+        if None in (p, n, d, v) or min(p, n, d, v) <= 0 or not all(map(math.isfinite, (p, n, d, v))):
+            continue
+        pts.append((math.log(p), math.log(n), math.log(d), math.log(v)))
+    return np.array(pts, dtype=float).reshape(-1, 4)
+
+
+def fit_exponents(rows, y: str = "lip_upper", dim: str = "d", confidence: float = 0.95) -> list[Exponents]:
+    """Per study (see study_key), OLS of log y on the logs of whichever of p, n, d vary, per seed over its
+    interpolating rows; with several seeds the exponents' mean and Student-t interval over seeds, with one the
+    regression's own standard errors. `dim` = "d_eff" puts the intrinsic dimension in place of d."""
+    studies: dict = defaultdict(lambda: defaultdict(list))
+    for r in interpolating(rows):
+        studies[study_key(r)][text(r.get("seed"))].append(r)
+    out = []
+    names = ("p", "n", "d")
+    for key in sorted(studies, key=repr):
+        per_seed = {s: _design(rs, y, dim) for s, rs in studies[key].items()}
+        varied = tuple(v for i, v in enumerate(names)
+                       if any(len(np.unique(np.round(X[:, i], 9))) > 1 for X in per_seed.values() if len(X)))
+        res = Exponents(key, y, dim, varied=varied)
+        fits = []
+        for X in per_seed.values():
+            cols = [names.index(v) for v in varied]
+            if not cols or len(X) < len(cols) + 1:
+                continue
+            A = np.column_stack([X[:, cols], np.ones(len(X))])
+            if np.linalg.matrix_rank(A) < A.shape[1]:
+                continue
+            beta, *_ = np.linalg.lstsq(A, X[:, 3], rcond=None)
+            dof = len(X) - A.shape[1]
+            se = None
+            if dof > 0:
+                resid = X[:, 3] - A @ beta
+                cov = float(resid @ resid) / dof * np.linalg.inv(A.T @ A)
+                se = np.sqrt(np.diag(cov))[:-1]
+            fits.append((beta[:-1], se, dof, len(X)))
+        res.n_seeds, res.n_points = len(fits), sum(f[3] for f in fits)
+        for j, v in enumerate(varied):
+            if len(fits) >= 2:
+                res.coef[v], res.half[v] = mean_ci([f[0][j] for f in fits], confidence)
+                res.method = "seeds"
+            elif fits:
+                beta, se, dof, _ = fits[0]
+                res.coef[v] = float(beta[j])
+                res.half[v] = None if se is None else t_quantile(0.5 + confidence / 2, dof) * float(se[j])
+                res.method = "regression"
+        out.append(res)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- frontier
+
+def frontier_key(row: dict) -> tuple:
+    """One frontier: the rows that differ only in width (p), recipe and seed."""
+    return (text(row.get("dataset")), text(row.get("threat")), text(row.get("family")) or text(row.get("model")),
+            num(row.get("label_noise")), num(row.get("n_train")), num(row.get("d")))
+
+
+@dataclass
+class FrontierPoint:
+    """One width of one frontier: per recipe the rows (over seeds) and their means."""
+    width: object
+    params: float | None
+    ratio: float | None
+    rows: dict                       # recipe -> rows
+
+
+def _mean(rows, get):
+    vals = [v for v in (get(r) for r in rows) if v is not None]
+    return mean_ci(vals)[0] if vals else None
+
+
+def frontier_points(rows) -> dict[tuple, list[FrontierPoint]]:
+    """{frontier_key: points sorted by p} over ok rows of the erm and smooth recipes, for frontiers where both ran."""
+    grouped: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in rows:
+        if isinstance(r, dict) and is_ok(r) and text(r.get("recipe")) in RECIPES:
+            grouped[frontier_key(r)][num(r.get("width"))][text(r.get("recipe"))].append(r)
+    out = {}
+    for key in sorted(grouped, key=repr):
+        recipes = {rec for by_recipe in grouped[key].values() for rec in by_recipe}
+        if recipes != set(RECIPES):
+            continue
+        pts = [FrontierPoint(w, _mean(sum(rs.values(), []), lambda r: num(r.get("params"))),
+                             _mean(sum(rs.values(), []), row_ratio), dict(rs))
+               for w, rs in grouped[key].items()]
+        out[key] = sorted(pts, key=lambda p: (p.params is None, p.params or 0))
+    return out
+
+
+def point_stat(point: FrontierPoint, recipe: str, get) -> float | None:
+    return _mean(point.rows.get(recipe, []), get)
+
+
+def interp_count(point: FrontierPoint, recipe: str) -> tuple[int, int]:
+    rs = point.rows.get(recipe, [])
+    return sum(1 for r in rs if r.get("interpolates") is True), len(rs)
+
+
+def frontier_eps(points: list[FrontierPoint]) -> list[float]:
+    eps = sorted({e for p in points for rs in p.rows.values() for r in rs for e in row_eps(r)})
+    return eps
+
+
+def robust_at(point: FrontierPoint, recipe: str, eps: float) -> float | None:
+    return point_stat(point, recipe, lambda r: acc_at(r, "robust_acc", eps))
+
+
+def smooth_buys_robustness_from(points: list[FrontierPoint], eps: float) -> FrontierPoint | None:
+    """The smallest width from which the smooth models' robust accuracy at eps exceeds ERM's at it and every larger
+    width (means over seeds); None when it never does."""
+    start = None
+    for pt in points:
+        e, s = robust_at(pt, "erm", eps), robust_at(pt, "smooth", eps)
+        if e is not None and s is not None and s > e:
+            start = start or pt
+        else:
+            start = None
+    return start
+
+
+# ------------------------------------------------------------------------------------------------- rendering
+
+def frontier_title(key: tuple) -> str:
+    dataset, threat, family, noise, n, d = key
+    parts = [dataset or "?", threat or "?", family or "?"]
+    parts.append(f"noise {noise:g}" if noise is not None else "noise ?")
+    parts.append(f"n={n:g}" if n is not None else "n=?")
+    parts.append(f"d={d:g}" if d is not None else "d=?")
+    return " · ".join(parts)
+
+
+def study_title(key: tuple) -> str:
+    dataset, threat, family, recipe, noise = key
+    return " · ".join([dataset or "?", threat or "?", family or "?", recipe or "?",
+                       f"noise {noise:g}" if noise is not None else "noise ?"])
