@@ -124,6 +124,16 @@ def training_fit(model: torch.nn.Module, data: datasets.Split, device) -> dict:
             "interpolates": bool(fit.all()), "train_margin": float(margin.min()) if len(margin) else None}
 
 
+def unit_margin_bounds(row: dict) -> dict:
+    """The Lipschitz bounds at the output scale where the smallest training margin is 1 (bound / train_margin), for
+    an interpolating row: a classifier's logits scale freely without changing a prediction, so constants of two
+    models compare only at equal margins (the smooth recipe's rows are at margin 1 already). None elsewhere."""
+    m = row.get("train_margin")
+    ok = row.get("interpolates") and m is not None and m > 0
+    scale = lambda v: None if not ok or v is None else v / m  # noqa: E731
+    return {"lip_upper_unit_margin": scale(row.get("lip_upper")), "lip_lower_unit_margin": scale(row.get("lip_lower"))}
+
+
 def _subset(x: torch.Tensor, k: int) -> torch.Tensor:
     return x[:k] if k else x
 
@@ -269,6 +279,7 @@ def run_cell(cell: dict, *, out_dir: Path, device_name: str = "auto", data_dir: 
             row.update({k: trained[k] for k in SMOOTH_ROW_KEYS if k in trained})
         row.update(training_fit(model, data, device))
         row.update(evaluate_model(model, data, cell, device, timer, phase, log))
+        row.update(unit_margin_bounds(row))
         row.update(certify.law_quantities(params, row["n_train"], meta.d, meta.d_eff, num_classes=meta.num_classes,
                                           label_noise=cell["label_noise"], c=isoperimetry_constant(meta)))
         row["flags"] = [] if row.get("law_applicable") else ["law-vacuous"]  # Theorem 3 says nothing at this n

@@ -93,7 +93,8 @@ def frontier_table(points) -> str:
     """One line per width: p, p/(n·d), then 'ERM → smooth' for the rows that interpolate, their smallest training
     margin, lip_upper, lip_lower and robust accuracy at each eps (means over seeds)."""
     eps = law.frontier_eps(points)
-    headers = ["width", "p", "p/(n·d)", "interpolating", "train margin", "lip_upper", "lip_lower"]
+    headers = ["width", "p", "p/(n·d)", "interpolating", "train margin", "lip_upper", "lip_lower",
+               "lip_upper at margin 1", "lip_lower at margin 1"]
     headers += [f"robust @{fmt_eps(e)}" for e in eps]
     body = []
     for pt in points:
@@ -101,7 +102,8 @@ def frontier_table(points) -> str:
                             law.point_stat(pt, "smooth", lambda r: num(r.get(key))))
         cells = [fmt_width(pt.width), fmt_int(pt.params), fmt_ratio(pt.ratio),
                  f"{_count(pt, 'erm')} → {_count(pt, 'smooth')}", _arrow(*stat("train_margin"), fmt_sig),
-                 _arrow(*stat("lip_upper"), fmt_sig), _arrow(*stat("lip_lower"), fmt_sig)]
+                 _arrow(*stat("lip_upper"), fmt_sig), _arrow(*stat("lip_lower"), fmt_sig),
+                 _arrow(*stat("lip_upper_unit_margin"), fmt_sig), _arrow(*stat("lip_lower_unit_margin"), fmt_sig)]
         cells += [_arrow(law.robust_at(pt, "erm", e), law.robust_at(pt, "smooth", e), fmt_pct) for e in eps]
         body.append(cells)
     return md_table(headers, body, ["right"] * len(headers))
@@ -109,11 +111,11 @@ def frontier_table(points) -> str:
 
 def frontier_notes(key, points) -> list[str]:
     rows = [r for pt in points for rs in pt.rows.values() for r in rs]
-    env = law_envelope(rows, "lip_lower")
+    env = law_envelope(rows, "lip_lower_unit_margin")
     lines = []
     if env["c"] is not None:
-        lines.append(f"The law's scale under every interpolating row's lip_lower ({env['interpolating']} of "
-                     f"{env['rows']} rows): {env['c']:.3g}·sqrt(n·d/p), the largest such C.")
+        lines.append(f"The law's scale under every interpolating row's lip_lower at margin 1 ({env['interpolating']} "
+                     f"of {env['rows']} rows): {env['c']:.3g}·sqrt(n·d/p), the largest such C.")
     else:
         lines.append("No row interpolates: the law says nothing about these models.")
     bounds = sorted({round(num(r.get("law_bound")), 12) for r in rows if r.get("law_applicable") is True
@@ -164,7 +166,8 @@ def law_section(rows) -> list[str]:
     out = ["## The law: smoothest interpolators and exponents", "",
            "Only rows that fit every training label (noisy ones included) enter a fit: the law bounds interpolating "
            "models. Frontier cells read ERM → smooth (means over seeds); the smooth recipe fits at a smallest "
-           "training margin of 1, ERM at whatever margin it stopped with. Exponents: per seed, OLS of log Lip on the "
+           "training margin of 1, ERM at whatever margin it stopped with, so the two compare at margin 1 (a "
+           "classifier's logits scale freely: bound / smallest training margin). Exponents: per seed, OLS of log Lip on the "
            "logs of the variables that vary, Lipschitz constants in the law's units (synthetic Gaussian data: "
            "times the data's scale, so inputs have norm about 1 at every d).", ""]
     frontiers = law.frontier_points(rows)

@@ -212,9 +212,9 @@ def _frontier_series(points, recipe: str, get):
 
 
 def plot_frontier(views: list[View]) -> Figure:
-    """Per frontier (same data, family, noise, n and d): left, lip_upper and lip_lower of ERM (solid) and of the
-    smooth recipe (dashed) against p/(n·d), log-log, with the law's lower envelope under every interpolating row's
-    lip_lower; right, robust accuracy of both at each eps."""
+    """Per frontier (same data, family, noise, n and d): left, lip_upper and lip_lower at training margin 1 of ERM
+    (solid) and of the smooth recipe (dashed) against p/(n·d), log-log, with the law's lower envelope under every
+    interpolating row's lip_lower; right, robust accuracy of both at each eps."""
     rows = [r for v in views for r in v.rows]
     frontiers = law.frontier_points(rows)
     fig, axes = _figure(max(1, len(frontiers)), 2, w=6.0, h=4.2)
@@ -226,15 +226,15 @@ def plot_frontier(views: list[View]) -> Figure:
         ax, ax_r = axes[2 * i], axes[2 * i + 1]
         xs_all = []
         for recipe, style, face in (("erm", "-", None), ("smooth", "--", "white")):
-            for attr, color in (("lip_upper", "C3"), ("lip_lower", "C0")):
+            for attr, color in (("lip_upper_unit_margin", "C3"), ("lip_lower_unit_margin", "C0")):
                 xs, ys = _frontier_series(points, recipe, lambda r, a=attr: r.get(a) if isinstance(
                     r.get(a), (int, float)) else None)
                 if xs:
                     ax.plot(xs, ys, linestyle=style, marker="o", color=color, markerfacecolor=face or color,
-                            markersize=5, linewidth=1.3, label=f"{recipe} {attr}")
+                            markersize=5, linewidth=1.3, label=f"{recipe} {attr.replace('_unit_margin', '')}")
                     xs_all += xs
         pts_rows = [r for pt in points for rs in pt.rows.values() for r in rs]
-        env = law_envelope(pts_rows, "lip_lower")
+        env = law_envelope(pts_rows, "lip_lower_unit_margin")
         if env["c"] is not None and xs_all:
             span = [min(xs_all) / 1.5, max(xs_all) * 1.5]
             ax.plot(span, [env["c"] / math.sqrt(x) for x in span], color="k", linestyle=":", linewidth=1.2,
@@ -243,8 +243,8 @@ def plot_frontier(views: list[View]) -> Figure:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("p / (n·d)")
-        ax.set_ylabel("Lipschitz constant (L2, logits)")
-        ax.set_title(f"{law.frontier_title(key)}: ERM vs smooth", fontsize=9)
+        ax.set_ylabel("Lipschitz constant at training margin 1")
+        ax.set_title(f"{law.frontier_title(key)}: ERM (solid) vs smooth (dashed)", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
         eps_list = law.frontier_eps(points)

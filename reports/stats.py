@@ -147,12 +147,14 @@ def loglog_slope(rows, y: str = "lip_lower", confidence: float = 0.95, interpola
     points; with two the interval is None). The law of robustness predicts a slope near -1/2 for lip_lower when the
     models interpolate noisy data.
 
-    Returns dict(slope, ci_low, ci_high, n_seeds, n_points, method, confidence, intercept, n_excluded: the ok rows
-    with a value left out because they do not interpolate) with None where undefined.
+    Returns dict(slope, ci_low, ci_high, n_seeds, n_points, method, confidence, intercept, n_interpolating: the ok
+    rows with a value that entered, n_excluded: those left out because they do not interpolate) with None where
+    undefined.
     """
     rows = [r for r in rows if isinstance(r, dict)]
     kept = [r for r in rows if not interpolating_only or r.get("interpolates") is True]
-    excluded = sum(1 for _ in _positive_points(rows, y)) - sum(1 for _ in _positive_points(kept, y))
+    used = sum(1 for _ in _positive_points(kept, y))
+    excluded = sum(1 for _ in _positive_points(rows, y)) - used
     rows = kept
     per_seed = []
     for seed, pts in loglog_points(rows, y).items():
@@ -164,7 +166,7 @@ def loglog_slope(rows, y: str = "lip_lower", confidence: float = 0.95, interpola
         per_seed.append((seed, slope, intercept, se, len(pts)))
     out = dict(slope=None, ci_low=None, ci_high=None, n_seeds=len(per_seed),
                n_points=sum(p[4] for p in per_seed), method="none", confidence=confidence, intercept=None, y=y,
-               n_excluded=excluded)
+               n_interpolating=used, n_excluded=excluded)
     if not per_seed:
         return out
     if len(per_seed) >= 2:

@@ -284,7 +284,7 @@ def slope_summary(rows, y: str = "lip_lower") -> list[str]:
             if len(groups) > 1:
                 title += f" · {model} {recipe}" + (f"@{train_eps:g}" if train_eps else "") + f" noise {noise:g} n={n}"
             res = loglog_slope(group, y=y)
-            fitted = f"{res['n_points']} of {res['n_points'] + res['n_excluded']} rows interpolate"
+            fitted = f"{res['n_interpolating']} of {res['n_interpolating'] + res['n_excluded']} rows interpolate"
             if res["slope"] is None:
                 lines.append(f"{title}: {y} slope against p/(n·d) needs two interpolating widths per seed "
                              f"({fitted})")

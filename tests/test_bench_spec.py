@@ -6,8 +6,10 @@ from bench.spec import SpecError, build_spec, cell_id, expand, list_presets, par
 def test_default_preset_expands_to_width_family():
     spec = build_spec()
     cells = expand(spec)
-    assert [c["width"] for c in cells] == spec["width"]
-    assert all(c["dataset"] == "mnist5k" and c["threat"] == "Linf" for c in cells)
+    for recipe in ("erm", "smooth"):  # the law's setting: ERM beside the smoothest interpolator, on noisy labels
+        assert [c["width"] for c in cells if c["recipe"] == recipe] == spec["width"]
+    assert all(c["dataset"] == "mnist5k" and c["threat"] == "Linf" and c["label_noise"] == 0.1 for c in cells)
+    assert all(("smooth_epochs" in c) == (c["recipe"] == "smooth") for c in cells)
     assert len({cell_id(c) for c in cells}) == len(cells)
 
 
@@ -41,7 +43,7 @@ def test_threat_axis_keeps_each_threats_own_eps():
 
 
 def test_train_eps_axis_collapses_for_erm():
-    cells = expand(build_spec("default", ["width=8", "train_eps=[0.1,0.2]"]))
+    cells = expand(build_spec("default", ["width=8", "recipe=erm", "train_eps=[0.1,0.2]"]))
     assert len(cells) == 1 and cells[0]["train_eps"] == 0.0
     cells = expand(build_spec("default", ["width=8", "recipe=pgd-at", "train_eps=[0.1,0.2]"]))
     assert sorted(c["train_eps"] for c in cells) == [0.1, 0.2]

@@ -49,6 +49,7 @@ def test_smooth_recipe_interpolates_below_erm_at_every_width_and_seed(law_run):
         assert smooth["lip_upper"] < erm["lip_upper"], (erm["width"], erm["seed"], smooth["lip_upper"],
                                                         erm["lip_upper"])
         assert smooth["train_margin"] == pytest.approx(1.0, rel=1e-3)  # the output scale the search fixes
+        assert smooth["lip_upper_unit_margin"] < erm["lip_upper_unit_margin"]  # and at equal margins, by far
         for row in (erm, smooth):
             model, data = _reload(out, row)
             with torch.no_grad():
@@ -131,7 +132,9 @@ def test_report_frontier_and_exponents_read_back_against_the_rows(law_run):
     assert [t["width"] for t in table] == ["256", "1024"]
     for t in table:
         width = int(t["width"])
-        for key, column in (("lip_upper", "lip_upper"), ("lip_lower", "lip_lower"), ("train_margin", "train margin")):
+        for key, column in (("lip_upper", "lip_upper"), ("lip_lower", "lip_lower"), ("train_margin", "train margin"),
+                            ("lip_upper_unit_margin", "lip_upper at margin 1"),
+                            ("lip_lower_unit_margin", "lip_lower at margin 1")):
             erm, smooth = (float(v) for v in t[column].split(" → "))
             for recipe, shown in (("erm", erm), ("smooth", smooth)):
                 mean = _mean([r[key] for r in rows if r["width"] == width and r["recipe"] == recipe])
@@ -142,7 +145,9 @@ def test_report_frontier_and_exponents_read_back_against_the_rows(law_run):
                                                  and r["recipe"] == "erm"]), abs=0.006)
     note = next(line for line in md.splitlines() if "law's scale under every interpolating" in line)
     c = float(note.split(": ")[1].split("·")[0])
-    margins = [r["lip_lower"] / math.sqrt(1 / r["ratio"]) for r in rows if r["interpolates"]]
+    for r in rows:  # at margin 1: the bound over the smallest training margin
+        assert r["lip_upper_unit_margin"] == pytest.approx(r["lip_upper"] / r["train_margin"], rel=1e-12)
+    margins = [r["lip_lower"] / r["train_margin"] / math.sqrt(1 / r["ratio"]) for r in rows if r["interpolates"]]
     assert min(margins) >= c * (1 - 1e-3) and min(margins) == pytest.approx(c, rel=1e-3)
     exps = _md_tables(md, "### Exponents")
     line = next(t for t in exps if t["study"] == "gauss · L2 · mlp · erm · noise 0.2" and t["bound"] == "lip_upper")

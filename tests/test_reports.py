@@ -217,7 +217,7 @@ def test_render_writes_every_format_atomically(rendered):
     report = out / "report"
     names = sorted(p.name for p in files)
     assert names == sorted(["leaderboard.md", "leaderboard.html", "results.csv"]
-                           + [f"{n}.{e}" for n in ("robust_vs_ratio", "lipschitz_vs_ratio", "accuracy_by_family")
+                           + [f"{n}.{e}" for n in ("robust_vs_ratio", "lipschitz_vs_ratio", "accuracy_by_family", "frontier")
                               for e in ("png", "svg")])
     assert all(p.parent == report and p.stat().st_size > 0 for p in files)
     assert not [p for p in report.iterdir() if p.name.startswith(".")]  # no temp file left behind
@@ -456,8 +456,12 @@ def test_loglog_slope_against_independent_fits():
     rng = np.random.default_rng(7)
     ratios = [0.01, 0.05, 0.2, 1.0, 4.0]
     rows = [{"status": "ok", "seed": s, "ratio": x, "lip_lower": 3.0 * x ** -0.45 * math.exp(rng.normal(0, 0.05)),
-             "lip_upper": 50.0 * x ** -0.2} for s in range(3) for x in ratios]
-    res = reports.loglog_slope(rows)
+             "lip_upper": 50.0 * x ** -0.2, "interpolates": True} for s in range(3) for x in ratios]
+    # a model that does not fit its labels is outside the law: counted, never fitted
+    outside = {"status": "ok", "seed": 0, "ratio": 0.02, "lip_lower": 1e-3, "lip_upper": 1.0, "interpolates": False}
+    res = reports.loglog_slope(rows + [outside])
+    assert res["n_excluded"] == 1
+    assert reports.loglog_slope(rows + [outside], interpolating_only=False)["n_points"] == 16
     per_seed = [np.polyfit(np.log([r["ratio"] for r in rows if r["seed"] == s]),
                            np.log([r["lip_lower"] for r in rows if r["seed"] == s]), 1)[0] for s in range(3)]
     m, half = mean_ci(per_seed)
@@ -516,7 +520,7 @@ def test_bad_input_and_empty_store(tmp_path):
         (tmp_path / "results.jsonl").write_text("")
         reports.render(tmp_path / "results.jsonl", tmp_path, formats=("pdf",))
     files = reports.render(tmp_path, tmp_path)  # a folder holding an empty results.jsonl
-    assert len(files) == 9 and "No successful rows." in (tmp_path / "report" / "leaderboard.md").read_text()
+    assert len(files) == 11 and "No successful rows." in (tmp_path / "report" / "leaderboard.md").read_text()
     # rows with missing and malformed values render, never crash
     weird = [{"status": "ok", "dataset": "gauss", "threat": "L2", "model": "m", "family": "f", "width": "x",
               "params": None, "eps": "bad", "pgd_acc": {"nan": 1, "0.5": "0.4"}, "robust_acc": [1, 2],
@@ -524,7 +528,7 @@ def test_bad_input_and_empty_store(tmp_path):
              {"status": "running"}, {"status": "ok"}]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in weird))
     files = reports.render(tmp_path / "results.jsonl", tmp_path, formats=("md", "csv", "png"))
-    assert [p.suffix for p in files] == [".md", ".csv", ".png", ".png", ".png"]
+    assert [p.suffix for p in files] == [".md", ".csv", ".png", ".png", ".png", ".png"]
     tables = md_tables((tmp_path / "report" / "leaderboard.md").read_text())
     (board,) = tables[("gauss · L2", "Leaderboard")]
     assert (board["model"], board["width"], board["eps"], board["PGD %"]) == ("m-wx", "x", "0.5", "40.00")
@@ -547,6 +551,8 @@ def test_reports_do_not_import_torch_or_bench():
 def test_views_labels_and_slope_summary():
     rng = np.random.default_rng(3)
     rows = [make_row("mlp", "mlp", w, mlp_params(w), 0, "Linf", rng) for w in (8, 32)]
+    for r in rows:
+        r["interpolates"] = True
     adv = make_row("mlp", "mlp", 8, mlp_params(8), 0, "Linf", rng)
     adv.update(recipe="pgd-at", train_eps=0.1, cell_id="adv")
     other = make_row("mlp", "mlp", 8, mlp_params(8), 0, "Linf", rng)
@@ -559,19 +565,22 @@ def test_views_labels_and_slope_summary():
     lines = reports.slope_summary(rows)
     res = reports.loglog_slope(rows)
     assert len(lines) == 1 and lines[0].startswith("mnist5k · Linf: lip_lower")
-    assert f"^{res['slope']:.3f}" in lines[0] and "1 seed, 2 points" in lines[0]
+    assert f"^{res['slope']:.3f}" in lines[0] and "1 seed; 2 of 2 rows interpolate" in lines[0]
     # another recipe is a separate fit, never pooled with the erm widths
     lines = reports.slope_summary(rows + [adv])
     assert len(lines) == 2
     assert lines[0].startswith("mnist5k · Linf · mlp erm noise 0") and f"^{res['slope']:.3f}" in lines[0]
-    assert "pgd-at@0.1" in lines[1] and "needs two widths" in lines[1]
+    assert "pgd-at@0.1" in lines[1] and "needs two interpolating widths" in lines[1]
+    rows[0]["interpolates"] = False  # outside the law's premise: no longer fitted, and the line says so
+    line = reports.slope_summary(rows)[0]
+    assert "needs two interpolating widths" in line and "1 of 2 rows interpolate" in line
 
 
 def test_svg_only_plots_are_linked_and_embedded(tmp_path):
     path, _ = write_results(tmp_path)
     files = reports.render(path, tmp_path, formats=("md", "html", "svg"))
-    assert [p.suffix for p in files] == [".md", ".html", ".svg", ".svg", ".svg"]
+    assert [p.suffix for p in files] == [".md", ".html", ".svg", ".svg", ".svg", ".svg"]
     md = (tmp_path / "report" / "leaderboard.md").read_text()
     assert "](lipschitz_vs_ratio.svg)" in md and ".png" not in md
     html = (tmp_path / "report" / "leaderboard.html").read_text()
-    assert html.count("data:image/svg+xml;base64,") == 3
+    assert html.count("data:image/svg+xml;base64,") == 4
