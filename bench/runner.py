@@ -26,7 +26,8 @@ from bench.train import TrainConfig, accuracy, train
 from lawbench.reports.rows import eps_key
 
 INVARIANT_TOL = 1e-9
-SMOOTH_ROW_KEYS = ("smooth_penalty", "smooth_searched", "smooth_trace", "smooth_base", "smooth_output_scale")  # rows of the smooth recipe
+# what a smooth row records of its search
+SMOOTH_ROW_KEYS = ("smooth_penalty", "smooth_searched", "smooth_trace", "smooth_base", "smooth_output_scale")
 
 
 class InvariantError(AssertionError):

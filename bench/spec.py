@@ -102,7 +102,8 @@ SCHEMA: dict[str, Key] = {
     "smooth_growth": Key("float", 4.0, lo=1, lo_open=True, doc="smooth only: penalty factor between stages"),
     "smooth_stages": Key("int", 6, lo=1, doc="smooth only: most growth stages"),
     "smooth_epochs": Key("int", 50, lo=1, doc="smooth only: fine-tuning epochs per stage"),
-    "smooth_refine": Key("int", 1, lo=0, doc="smooth only: bisection steps after the first penalty that breaks the fit"),
+    "smooth_refine": Key("int", 1, lo=0,
+                         doc="smooth only: bisection steps after the first penalty that breaks the fit"),
     "smooth_lr": Key("float", 0.0, lo=0, doc="smooth only: fine-tuning learning rate; 0: lr / 10"),
     "seed": Key("int", 0, lo=0, sweep=True),
     # evaluation

@@ -38,7 +38,8 @@ class TrainConfig:
     smooth_stages: int = 6            # smooth: most growth stages
     smooth_epochs: int = 50           # smooth: fine-tuning epochs per stage
     smooth_refine: int = 1            # smooth: bisection steps after the first penalty that breaks the fit
-    smooth_lr: float = 0.0            # smooth: fine-tuning learning rate; 0: lr / 10 (a fresh optimizer at the full rate knocks memorised points over)
+    smooth_lr: float = 0.0            # smooth: fine-tuning rate; 0: lr / 10 (a fresh optimizer at the full rate
+                                      # knocks memorised points over)
     seed: int = 0
 
     def as_dict(self) -> dict:

@@ -167,7 +167,8 @@ def law_section(rows) -> list[str]:
            "Only rows that fit every training label (noisy ones included) enter a fit: the law bounds interpolating "
            "models. Frontier cells read ERM → smooth (means over seeds); the smooth recipe fits at a smallest "
            "training margin of 1, ERM at whatever margin it stopped with, so the two compare at margin 1 (a "
-           "classifier's logits scale freely: bound / smallest training margin). Exponents: per seed, OLS of log Lip on the "
+           "classifier's logits scale freely: bound / smallest training margin). Exponents: per seed, OLS of log Lip on "
+           "the "
            "logs of the variables that vary, Lipschitz constants in the law's units (synthetic Gaussian data: "
            "times the data's scale, so inputs have norm about 1 at every d).", ""]
     frontiers = law.frontier_points(rows)

@@ -4,7 +4,8 @@
 - lipschitz_vs_ratio: lip_upper and lip_lower against p/(n·d) on log-log axes with the law's C·sqrt(n·d/p) line as a
   lower envelope: the largest C under every interpolating row's lip_lower (the law is a lower bound); one panel per
   view.
-- accuracy_by_family: clean, robust and certified accuracy (headline eps) against p/(n·d), one panel per view and family.
+- accuracy_by_family: clean, robust and certified accuracy (headline eps) against p/(n·d), one panel per view and
+  family.
 - frontier: ERM against the smooth recipe per frontier: Lipschitz bounds with the law's envelope, robust accuracy.
 """
 from __future__ import annotations

@@ -62,7 +62,7 @@ def test_bad_values_name_the_culprit(override, culprit):
 
 def test_presets_are_valid():
     names = list_presets()
-    assert {"default", "madry", "law", "cifar10"} <= set(names)
+    assert {"default", "control", "madry", "law", "law-n", "law-d", "law-mnist", "cifar10"} <= set(names)
     for name in names:
         assert expand(build_spec(name))
     with pytest.raises(SpecError, match="unknown preset 'nope'"):

@@ -217,8 +217,8 @@ def test_render_writes_every_format_atomically(rendered):
     report = out / "report"
     names = sorted(p.name for p in files)
     assert names == sorted(["leaderboard.md", "leaderboard.html", "results.csv"]
-                           + [f"{n}.{e}" for n in ("robust_vs_ratio", "lipschitz_vs_ratio", "accuracy_by_family", "frontier")
-                              for e in ("png", "svg")])
+                           + [f"{n}.{e}" for n in ("robust_vs_ratio", "lipschitz_vs_ratio", "accuracy_by_family",
+                                                   "frontier") for e in ("png", "svg")])
     assert all(p.parent == report and p.stat().st_size > 0 for p in files)
     assert not [p for p in report.iterdir() if p.name.startswith(".")]  # no temp file left behind
     # the torn last line is skipped, the failed row kept
