@@ -129,7 +129,7 @@ def cell_summary(row: dict) -> str:
     k = eps_key(e) if e is not None else None
     pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"
     sig = lambda v: "uncertified" if v is None else f"{v:.3g}"
-    return (f"{row['model']} w={row['width']} seed={row['seed']} {row['threat']}: p={row['params']:,} "
+    return (f"{row['model']} w={row['width']} {row['recipe']} seed={row['seed']} {row['threat']}: p={row['params']:,} "
             f"p/(n·d)={row['ratio']:.3g} clean {pct(row['clean_acc'])} robust@{e:g} {pct(row['robust_acc'].get(k))} "
             f"cert {pct(row['cert_acc'].get(k))} lip [{row['lip_lower']:.3g}, {sig(row['lip_upper'])}] "
             f"({row['timings'].get('total', 0):.1f} s)")
@@ -173,7 +173,7 @@ def run_cells(cells: list[dict], out_dir: Path, console: Console, *, device="aut
             task = progress.add_task("cells", total=len(todo), phase="")
             for cell in todo:
                 cid = cell_id(cell)
-                label = f"{cell['model']} w={cell['width']} seed={cell['seed']} {cell['threat']}"
+                label = f"{cell['model']} w={cell['width']} {cell['recipe']} seed={cell['seed']} {cell['threat']}"
 
                 def phase(text, label=label):
                     progress.update(task, phase=f"{label}: {text}")

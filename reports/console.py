@@ -26,12 +26,16 @@ def _row_sort_key(row: dict):
 def console_table(rows, *, title: str | None = None) -> Table:
     """A rich Table of result rows: columns model, width, p, p/(n·d), eps (the headline eps, see `headline_eps`),
     clean, PGD, AutoAttack, robust, certified (accuracies in %, at the headline eps), lip_upper, lip_lower, law_scale,
-    flags; a seed column when several seeds ran. Failed rows show their error in the flags column."""
+    flags; a recipe column when several recipes ran, a seed column when several seeds ran. Failed rows show their
+    error in the flags column."""
     rows = [r for r in rows if isinstance(r, dict)]
     multi_seed = len({text(r.get("seed")) for r in rows}) > 1
+    multi_recipe = len({text(r.get("recipe")) for r in rows}) > 1
     table = Table(title=title, show_lines=False, header_style="bold", pad_edge=False)
     table.add_column("model", overflow="fold")
     table.add_column("width", justify="right")
+    if multi_recipe:
+        table.add_column("recipe")
     if multi_seed:
         table.add_column("seed", justify="right")
     for name in ("p", "p/(n·d)", "eps", "clean", "PGD", "AutoAttack", "robust", "certified", "lip_upper",
@@ -52,6 +56,8 @@ def console_table(rows, *, title: str | None = None) -> Table:
         table.add_row(*head)
         for r in sorted(groups[gk], key=_row_sort_key):
             cells = [text(r.get("model")) or MISSING, fmt_width(r.get("width"))]
+            if multi_recipe:
+                cells.append(text(r.get("recipe")) or MISSING)
             if multi_seed:
                 cells.append(text(r.get("seed")) or MISSING)
             p = num(r.get("params"))

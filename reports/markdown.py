@@ -116,8 +116,10 @@ def frontier_notes(key, points) -> list[str]:
     if env["c"] is not None:
         lines.append(f"The law's scale under every interpolating row's lip_lower at margin 1 ({env['interpolating']} "
                      f"of {env['rows']} rows): {env['c']:.3g}·sqrt(n·d/p), the largest such C.")
-    else:
+    elif not any(r.get("interpolates") is True for r in rows):
         lines.append("No row interpolates: the law says nothing about these models.")
+    else:
+        lines.append("No interpolating row records its bounds at margin 1 (rows from an older lawbench): no envelope.")
     bounds = sorted({round(num(r.get("law_bound")), 12) for r in rows if r.get("law_applicable") is True
                      and num(r.get("law_bound")) is not None})
     flags = sorted({text(r.get("law_flag")) for r in rows if text(r.get("law_flag"))})
@@ -131,7 +133,7 @@ def frontier_notes(key, points) -> list[str]:
         if start is not None:
             bought = True
             lines.append(f"At eps {fmt_eps(e)} the smooth models are more robust than ERM's from p = "
-                         f"{fmt_int(start.params)} (width {text(start.width)}) on.")
+                         f"{fmt_int(start.params)} (width {fmt_width(start.width)}) on.")
     if not bought:
         lines.append("At no eps are the smooth models more robust than ERM's from some width on.")
     return lines

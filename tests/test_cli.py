@@ -222,7 +222,7 @@ def test_invariant_violation_fails_the_cell_loudly_and_a_rerun_retries_it(tmp_pa
     assert rows[16]["error"].startswith("InvariantError: eps 0.05: cert_acc 1.0 > robust_acc ")
     assert rows[32]["status"] == "ok" and rows[32]["error"] is None
     for w in (8, 16):
-        assert f"({rows[w]['model']} w={w} seed=0 Linf) failed: InvariantError" in stdout
+        assert f"({rows[w]['model']} w={w} erm seed=0 Linf) failed: InvariantError" in stdout
     assert "3 cells run" in stdout and "2 failed" in stdout
     # the failed rows show in the table with their error
     table = {int(t["width"]): t for t in parse_results_table(stdout)}
