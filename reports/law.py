@@ -162,8 +162,7 @@ def interp_count(point: FrontierPoint, recipe: str) -> tuple[int, int]:
 
 
 def frontier_eps(points: list[FrontierPoint]) -> list[float]:
-    eps = sorted({e for p in points for rs in p.rows.values() for r in rs for e in row_eps(r)})
-    return eps
+    return sorted({e for p in points for rs in p.rows.values() for r in rs for e in row_eps(r)})
 
 
 def robust_at(point: FrontierPoint, recipe: str, eps: float) -> float | None:
