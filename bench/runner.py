@@ -113,10 +113,8 @@ def training_fit(model: torch.nn.Module, data: datasets.Split, device) -> dict:
     included), the fraction of flipped labels the model reproduces (None without label noise), whether it
     interpolates (fits every training label) and its smallest logit margin on them (the output scale its
     Lipschitz constant is measured at; negative where a label is missed)."""
-    model.to(device).eval()
-    x, y = data.x_train.to(device), data.y_train.to(device)
-    with torch.no_grad():
-        margin = torch.cat([smooth.margins(model(x[i:i + 1024]), y[i:i + 1024]) for i in range(0, len(x), 1024)])
+    model.to(device)
+    margin = smooth.train_margins(model, data.x_train.to(device), data.y_train.to(device))
     fit = margin > 0
     flipped = data.noisy_mask.to(device)
     n_flipped = int(flipped.sum())

@@ -37,14 +37,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lawbench.attacks import attack_loss
+
 POWER_ITERS_EVAL = 30  # iterations when the trace records the product of norms
 
 
 def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """f_y - max_{j != y} f_j per point: positive where the point is classified as labelled."""
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    others = logits.scatter(1, y[:, None], float("-inf"))
-    return true - others.max(1).values
+    """f_y - max_{j != y} f_j per point: positive where the point is classified as labelled (the attack engine's
+    margin loss, negated)."""
+    return -attack_loss(logits, y, "margin")
+
+
+@torch.no_grad()
+def train_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """Every point's margin in eval mode, in batches."""
+    model.eval()
+    return torch.cat([margins(model(x[i:i + batch]), y[i:i + batch]) for i in range(0, len(x), batch)])
 
 
 class OperatorNorms:
@@ -109,11 +117,9 @@ class SmoothResult:
     output_scale: float | None = None  # the factor that set the smallest margin to the target (None: not applied)
 
 
-@torch.no_grad()
-def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> tuple[bool, float, float]:
+def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[bool, float, float]:
     """(interpolates, train accuracy, smallest margin) in eval mode."""
-    model.eval()
-    m = torch.cat([margins(model(x[i:i + batch]), y[i:i + batch]) for i in range(0, len(x), batch)])
+    m = train_margins(model, x, y)
     return bool((m > 0).all()), float((m > 0).float().mean()), float(m.min())
 
 

@@ -43,6 +43,12 @@ def is_ok(row: dict) -> bool:
     return row.get("status") == "ok"
 
 
+def interpolates(row: dict) -> bool:
+    """The row says it fits every training label (`interpolates` true): the models the law speaks of. A row
+    without the key (an older lawbench) does not say so."""
+    return row.get("interpolates") is True
+
+
 def acc_map(row: dict, key: str) -> dict[float, float | None]:
     """The accuracy map `row[key]` as {eps (float): accuracy or None}; {} when absent, null or malformed."""
     raw = row.get(key)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._util import acc_at, is_ok, num, row_eps, row_ratio, text
+from ._util import acc_at, interpolates, is_ok, num, row_eps, row_ratio, text
 from .stats import mean_ci, t_quantile
 
 LAW_EXPONENTS = {"p": -0.5, "n": 0.5, "d": 0.5}
@@ -32,7 +32,7 @@ def law_units(row: dict, y: str) -> float | None:
 
 def interpolating(rows) -> list[dict]:
     """The ok rows that fit every training label (`interpolates` true): the rows the law speaks of."""
-    return [r for r in rows if isinstance(r, dict) and is_ok(r) and r.get("interpolates") is True]
+    return [r for r in rows if isinstance(r, dict) and is_ok(r) and interpolates(r)]
 
 
 def study_key(row: dict) -> tuple:
@@ -158,7 +158,7 @@ def point_stat(point: FrontierPoint, recipe: str, get) -> float | None:
 
 def interp_count(point: FrontierPoint, recipe: str) -> tuple[int, int]:
     rs = point.rows.get(recipe, [])
-    return sum(1 for r in rs if r.get("interpolates") is True), len(rs)
+    return sum(1 for r in rs if interpolates(r)), len(rs)
 
 
 def frontier_eps(points: list[FrontierPoint]) -> list[float]:

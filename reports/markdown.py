@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from tabulate import tabulate
 
-from ._util import MISSING, fmt_ci, fmt_eps, fmt_int, fmt_pct, fmt_ratio, fmt_sig, fmt_slope, fmt_width, num, text
+from ._util import (MISSING, fmt_ci, fmt_eps, fmt_int, fmt_pct, fmt_ratio, fmt_sig, fmt_slope, fmt_width,
+                    interpolates, num, text)
 from .columns import LEADERBOARD, RANKING, Column
 from .table import View, failed_rows, ranking, view_context
 from .stats import law_envelope, loglog_slope
@@ -116,7 +117,7 @@ def frontier_notes(key, points) -> list[str]:
     if env["c"] is not None:
         lines.append(f"The law's scale under every interpolating row's lip_lower at margin 1 ({env['interpolating']} "
                      f"of {env['rows']} rows): {env['c']:.3g}·sqrt(n·d/p), the largest such C.")
-    elif not any(r.get("interpolates") is True for r in rows):
+    elif not any(interpolates(r) for r in rows):
         lines.append("No row interpolates: the law says nothing about these models.")
     else:
         lines.append("No interpolating row records its bounds at margin 1 (rows from an older lawbench): no envelope.")

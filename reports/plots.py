@@ -16,7 +16,7 @@ import math
 import matplotlib
 from matplotlib.figure import Figure
 
-from ._util import fmt_eps
+from ._util import fmt_eps, num
 from . import law
 from .stats import law_envelope, loglog_slope
 from .table import Entry, Stat, View
@@ -228,8 +228,7 @@ def plot_frontier(views: list[View]) -> Figure:
         xs_all = []
         for recipe, style, face in (("erm", "-", None), ("smooth", "--", "white")):
             for attr, color in (("lip_upper_unit_margin", "C3"), ("lip_lower_unit_margin", "C0")):
-                xs, ys = _frontier_series(points, recipe, lambda r, a=attr: r.get(a) if isinstance(
-                    r.get(a), (int, float)) else None)
+                xs, ys = _frontier_series(points, recipe, lambda r, a=attr: num(r.get(a)))
                 if xs:
                     ax.plot(xs, ys, linestyle=style, marker="o", color=color, markerfacecolor=face or color,
                             markersize=5, linewidth=1.3, label=f"{recipe} {attr.replace('_unit_margin', '')}")

@@ -8,7 +8,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from ._util import is_ok, num, row_ratio
+from ._util import interpolates, is_ok, num, row_ratio
 
 
 # ------------------------------------------------------------------------------------------------------- Student t
@@ -152,7 +152,7 @@ def loglog_slope(rows, y: str = "lip_lower", confidence: float = 0.95, interpola
     undefined.
     """
     rows = [r for r in rows if isinstance(r, dict)]
-    kept = [r for r in rows if not interpolating_only or r.get("interpolates") is True]
+    kept = [r for r in rows if not interpolating_only or interpolates(r)]
     used = sum(1 for _ in _positive_points(kept, y))
     excluded = sum(1 for _ in _positive_points(rows, y)) - used
     rows = kept
@@ -190,7 +190,7 @@ def law_envelope(rows, y: str = "lip_lower") -> dict:
     c = None
     for row, xv, yv in _positive_points(rows, y):
         total += 1
-        if row.get("interpolates") is True:
+        if interpolates(row):
             used += 1
             k = yv * math.sqrt(xv)
             c = k if c is None else min(c, k)
