@@ -78,6 +78,9 @@ def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
     """Train `model` in place on (x, y); `progress(epoch, epochs, train_acc)` is called after every epoch."""
     if cfg.recipe not in RECIPES:
         raise ValueError(f"unknown recipe '{cfg.recipe}' (known: {', '.join(RECIPES)})")
+    if cfg.recipe == "smooth":  # not a loop of its own: a search that starts from a trained ERM model
+        raise ValueError("recipe 'smooth' starts from an ERM interpolator: train with recipe 'erm', then call "
+                         "bench.smooth.search (the runner chains the two)")
     if cfg.recipe == "pgd-at":
         from lawbench.attacks import pgd_perturb  # the attack engine owns PGD; training only calls it
     device = torch.device(device)
