@@ -50,6 +50,9 @@ def test_smooth_recipe_interpolates_below_erm_at_every_width_and_seed(law_run):
                                                         erm["lip_upper"])
         assert smooth["train_margin"] == pytest.approx(1.0, rel=1e-3)  # the output scale the search fixes
         assert smooth["lip_upper_unit_margin"] < erm["lip_upper_unit_margin"]  # and at equal margins, by far
+        # independent of how tight the certificate is: the smooth model's certified bound lies below a slope the
+        # ERM model was seen to have (its empirical lower bound), at equal margins
+        assert smooth["lip_upper_unit_margin"] < erm["lip_lower_unit_margin"]
         for row in (erm, smooth):
             model, data = _reload(out, row)
             with torch.no_grad():
@@ -174,3 +177,45 @@ def test_smooth_below_erm_on_noisy_mnist(tmp_path, capsys):
         assert smooth["smooth_searched"] and smooth["smooth_penalty"] > 0, smooth["smooth_trace"]
         assert smooth["lip_upper_unit_margin"] < erm["lip_upper_unit_margin"], (erm["width"], smooth["lip_upper"],
                                                                                 erm["lip_upper"], erm["train_margin"])
+
+
+def test_exponent_fit_recovers_known_exponents_in_the_law_units():
+    """Rows whose Lipschitz constant (in the law's units: pixel constant times data_scale) is exactly
+    3·p^-0.5·n^0.5·d^0.5 give back (-0.5, 0.5, 0.5) per seed; with noise the mean and interval over seeds are those
+    of per-seed least squares with Student's t (scipy); non-interpolating rows never enter."""
+    import numpy as np
+    from scipy import stats
+    from lawbench.reports import law
+
+    def rows(noise, seeds, rng):
+        out = []
+        for seed in seeds:
+            for p in (1e3, 4e3, 1.6e4):
+                for n in (100, 400):
+                    for d in (16, 64):
+                        scale = math.sqrt(d) / 8
+                        lip = 3 * p ** -0.5 * n ** 0.5 * d ** 0.5 * math.exp(noise * rng.normal())
+                        out.append({"status": "ok", "interpolates": True, "dataset": "gauss", "threat": "L2",
+                                    "family": "mlp", "recipe": "erm", "label_noise": 0.2, "seed": seed,
+                                    "params": p, "n_train": n, "d": d, "d_eff": d, "data_scale": scale,
+                                    "lip_upper": lip / scale})
+        return out
+
+    rng = np.random.default_rng(0)
+    exact = law.fit_exponents(rows(0.0, [0], rng))
+    assert len(exact) == 1 and exact[0].varied == ("p", "n", "d")
+    assert [exact[0].coef[v] for v in "pnd"] == pytest.approx([-0.5, 0.5, 0.5], abs=1e-9)
+    noisy = rows(0.1, [0, 1, 2], rng)
+    outside = dict(noisy[0], interpolates=False, lip_upper=1e6)
+    res = law.fit_exponents(noisy + [outside])[0]
+    per_seed = []
+    for seed in (0, 1, 2):
+        pts = [r for r in noisy if r["seed"] == seed]
+        A = np.column_stack([np.log([[r["params"], r["n_train"], r["d"]] for r in pts]), np.ones(len(pts))])
+        per_seed.append(np.linalg.lstsq(A, np.log([r["lip_upper"] * r["data_scale"] for r in pts]), rcond=None)[0])
+    per_seed = np.array(per_seed)
+    for j, v in enumerate("pnd"):
+        half = stats.t.ppf(0.975, 2) * per_seed[:, j].std(ddof=1) / math.sqrt(3)
+        assert res.coef[v] == pytest.approx(per_seed[:, j].mean(), abs=1e-9)
+        assert res.half[v] == pytest.approx(half, rel=1e-6)
+    assert res.n_points == 36 and res.method == "seeds"
