@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 
@@ -46,12 +47,15 @@ def robust_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, nor
                 steps: int, restarts: int, step_size: float | None = None,
                 autoattack: str | Sequence[str] = "standard", aa_eps: Sequence[float] | None = None,
                 seed: int = 0, log: Callable[[str], None] | None = None, loss: str = "ce",
-                max_batch: int | None = None, aa_batch_size: int = 1000) -> RobustEval:
+                max_batch: int | None = None, aa_batch_size: int = 1000,
+                aa_phase: Callable[[int], ContextManager] | None = None) -> RobustEval:
     """Evaluate one model: clean mask, PGD over the ascending eps sweep, AutoAttack at ``aa_eps`` on the points PGD
     did not break, per-point worst case over all attacks.
 
     autoattack: "standard" | "plus" | "off" | list of pyautoattack attack names.
     aa_eps: the eps values (a subset of eps) at which AutoAttack runs; None means the largest eps.
+    aa_phase: called with the number of points AutoAttack gets; the context it returns wraps that AutoAttack run
+    (the runner sets its thread count there: a few dozen points run faster on one thread).
     """
     check_norm(norm)
     eps_list = [float(e) for e in eps]
@@ -95,10 +99,11 @@ def robust_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, nor
             idx = torch.nonzero(robust[e]).flatten()
             if log:
                 log(f"autoattack: {autoattack} {norm} eps={e} on {idx.numel()} points PGD did not break")
-            res = run_autoattack(model, x[idx], y[idx], e, norm=norm, version=autoattack, seed=seed,
-                                 batch_size=aa_batch_size, log=log, n_total=x.shape[0])
+            with (aa_phase or _no_context)(idx.numel()):
+                res = run_autoattack(model, x[idx], y[idx], e, norm=norm, version=autoattack, seed=seed,
+                                     batch_size=aa_batch_size, log=log, n_total=x.shape[0])
+                extra = _masking_restarts(model, x[idx], y[idx], e, norm, res, seed, aa_batch_size, log)
             flags.update(res.flags)
-            extra = _masking_restarts(model, x[idx], y[idx], e, norm, res, seed, aa_batch_size, log)
             broke = idx[~res.robust]
             for f in eps_list:  # monotone: an example inside the eps-ball lies in every larger ball
                 if f >= e and broke.numel():
@@ -123,6 +128,10 @@ def robust_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, nor
     }
     return RobustEval(clean=clean, pgd_robust=pgd_robust, aa_robust=aa_robust, robust=robust, x_adv=x_adv,
                       aa_flags=sorted(flags), timings={"pgd": t_pgd, "autoattack": t_aa}, info=info)
+
+
+def _no_context(n_points: int) -> ContextManager:
+    return nullcontext()
 
 
 # pyautoattack's own advice when these flags appear: run Square with more restarts

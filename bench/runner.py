@@ -10,6 +10,7 @@ import os
 import time
 import traceback
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from lawbench import models
 from bench import __version__
 from bench.device import resolve_device
 from bench import smooth
+from bench import threads
 from bench.spec import SMOOTH_KEYS, cell_id, train_key
 from bench.train import TrainConfig, accuracy, train
 from lawbench.reports.rows import eps_key
@@ -76,7 +78,7 @@ def _write_meta(meta_path: Path, meta: dict) -> None:
     os.replace(tmp, meta_path)
 
 
-def _train_or_load(model, data, cell, ckpt_dir: Path, device, phase) -> dict:
+def _train_or_load(model, data, cell, ckpt_dir: Path, device, phase, chooser: threads.ThreadChooser) -> dict:
     """Train, or reuse the checkpoint of an identical training configuration."""
     key = train_key(cell)
     ckpt, meta_path = ckpt_dir / f"{key}.pt", ckpt_dir / f"{key}.json"
@@ -88,17 +90,19 @@ def _train_or_load(model, data, cell, ckpt_dir: Path, device, phase) -> dict:
         return meta
     cfg = train_config(cell)
     if cell["recipe"] == "smooth":  # ERM's interpolator first (its own checkpoint, shared with the ERM cell)
-        base = _train_or_load(model, data, erm_cell(cell), ckpt_dir, device, phase)
-        found = smooth.search(model, data.x_train, data.y_train, cfg, device,
-                              progress=lambda k, lam, ok, lip: phase(f"smooth stage {k} lambda {lam:.3g} "
-                                                                     f"{'fits' if ok else 'breaks the fit'}"))
+        base = _train_or_load(model, data, erm_cell(cell), ckpt_dir, device, phase, chooser)
+        with chooser.phase("train", cfg.batch_size):
+            found = smooth.search(model, data.x_train, data.y_train, cfg, device,
+                                  progress=lambda k, lam, ok, lip: phase(f"smooth stage {k} lambda {lam:.3g} "
+                                                                         f"{'fits' if ok else 'breaks the fit'}"))
         meta = {"train_key": key, "epochs_run": base["epochs_run"], "train_acc": base["train_acc"],
                 "train_seconds": found.seconds, "smooth_base": base["train_key"], "smooth_penalty": found.penalty,
                 "smooth_searched": found.searched, "smooth_trace": found.trace,
                 "smooth_output_scale": found.output_scale}
     else:
-        result = train(model, data.x_train, data.y_train, cfg, device,
-                       progress=lambda e, n, acc: phase(f"train epoch {e}/{n} acc {acc:.3f}"))
+        with chooser.phase("train", cfg.batch_size):
+            result = train(model, data.x_train, data.y_train, cfg, device,
+                           progress=lambda e, n, acc: phase(f"train epoch {e}/{n} acc {acc:.3f}"))
         meta = {"train_key": key, "epochs_run": result.epochs_run, "train_acc": result.train_acc,
                 "train_seconds": result.seconds}
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -138,8 +142,14 @@ def _subset(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def evaluate_model(model: torch.nn.Module, data: datasets.Split, cell: dict, device, timer: Timer,
-                   phase=lambda s: None, log=None) -> dict:
-    """Clean accuracy, attacks over the eps sweep, Lipschitz bounds, certified accuracy and the law's quantities."""
+                   chooser: threads.ThreadChooser, phase=lambda s: None, log=None) -> dict:
+    """Clean accuracy, attacks over the eps sweep, Lipschitz bounds, certified accuracy and the law's quantities.
+    Everything runs at the "attack" phase's threads except AutoAttack, which gets its own (it sees only survivors)."""
+    with chooser.phase("attack", len(data.y_test)):
+        return _evaluate(model, data, cell, device, timer, chooser, phase, log)
+
+
+def _evaluate(model, data, cell, device, timer, chooser, phase, log) -> dict:
     model.to(device).eval()
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     threat, eps = cell["threat"], cell["eps"]
@@ -150,7 +160,8 @@ def evaluate_model(model: torch.nn.Module, data: datasets.Split, cell: dict, dev
         phase(f"PGD {threat} over {len(eps)} eps")
         ev = attacks.robust_eval(model, x_test, y_test, norm=threat, eps=eps, steps=cell["pgd_steps"],
                                  restarts=cell["pgd_restarts"], step_size=cell["pgd_step_size"] or None,
-                                 autoattack=cell["autoattack"], aa_eps=cell["aa_eps"], seed=cell["seed"], log=log)
+                                 autoattack=cell["autoattack"], aa_eps=cell["aa_eps"], seed=cell["seed"], log=log,
+                                 aa_phase=lambda n: chooser.phase("autoattack", n))
     for name, secs in getattr(ev, "timings", {}).items():
         timer.seconds[name] = secs
     n = len(y_test)
@@ -242,51 +253,31 @@ def base_row(cell: dict) -> dict:
     }
 
 
-def run_cell(cell: dict, *, out_dir: Path, device_name: str = "auto", data_dir: str | None = None,
-             phase=lambda s: None, log=None) -> dict:
+@dataclass(frozen=True)
+class CellTask:
+    """One cell as the driver hands it to an executor: everything a worker needs to run it (plain and picklable).
+    budget: the threads the cell may use (None: every CPU the worker's process may use); see bench.threads."""
+    cell: dict
+    out_dir: str
+    device: str = "auto"
+    data_dir: str | None = None
+    budget: threads.ThreadBudget | None = None
+    plugins: tuple = ()  # --plugin modules (absolute paths or module names): a worker process imports them first
+
+    @property
+    def cell_id(self) -> str:
+        return cell_id(self.cell)
+
+
+def run_cell(task: CellTask, phase=lambda s: None, log=None) -> dict:
     """One cell -> one row. Failures become a `failed` row with the error; they never stop the sweep."""
-    row = base_row(cell)
+    budget = task.budget or threads.ThreadBudget.for_cells(threads.available_cpus())
+    row = base_row(task.cell)
     timer = Timer()
     start = time.perf_counter()
     try:
-        device = resolve_device(device_name)
-        row["device"] = str(device)
-        with timer("data"):
-            phase("loading data")
-            data = load_data(cell, data_dir)
-        meta = data.meta
-        row.update(n_train=len(data.y_train), n_test=len(data.y_test), d=meta.d, d_eff=meta.d_eff,
-                   num_classes=meta.num_classes, n_noisy=getattr(meta, "n_noisy", None),
-                   data_source=getattr(meta, "data_source", None), data_scale=getattr(meta, "scale", None))
-        entry = models.get_entry(cell["model"])
-        torch.manual_seed(cell["seed"])
-        model = models.get_model(cell["model"], in_shape=tuple(meta.in_shape), num_classes=meta.num_classes,
-                                 width=cell["width"], **cell["model_options"])
-        params = models.count_params(model)
-        row.update(family=entry.family, params=params)
-        if "entry" in cell:  # an external checkpoint: evaluated as it is, never trained
-            with timer("load"):
-                phase("loading checkpoint")
-                models.load_checkpoint(model, cell["entry"]["checkpoint"], sha256=cell["entry"]["sha256"])
-                row.update(model=cell["entry"]["name"], architecture=cell["model"],
-                           checkpoint_sha256=cell["entry"]["sha256"])
-        else:
-            with timer("train"):
-                trained = _train_or_load(model, data, cell, Path(out_dir) / "checkpoints", device, phase)
-            row.update(epochs_run=trained["epochs_run"], checkpoint_cached=trained["cached"],
-                       train_key=trained["train_key"])
-            row.update({k: trained[k] for k in SMOOTH_ROW_KEYS if k in trained})
-        row.update(training_fit(model, data, device))
-        row.update(evaluate_model(model, data, cell, device, timer, phase, log))
-        row.update(unit_margin_bounds(row))
-        row.update(certify.law_quantities(params, row["n_train"], meta.d, meta.d_eff, num_classes=meta.num_classes,
-                                          label_noise=cell["label_noise"], c=isoperimetry_constant(meta)))
-        row["flags"] = [] if row.get("law_applicable") else ["law-vacuous"]  # Theorem 3 says nothing at this n
-        if row.get("uncertified"):
-            row["flags"].append("uncertified")
-        if any(row.get("reattacked", {}).values()):
-            row["flags"].append("reattacked")
-        check_invariants(row)
+        with threads.use_threads(budget.per_cell):  # phases without their own choice stay inside the budget
+            _fill_row(row, task, budget, timer, phase, log)
         row["status"] = "ok"
     except Exception as exc:  # a failed cell is recorded, not fatal
         row["status"] = "failed"
@@ -295,3 +286,49 @@ def run_cell(cell: dict, *, out_dir: Path, device_name: str = "auto", data_dir: 
     timer.seconds["total"] = time.perf_counter() - start
     row["timings"] = {k: round(v, 4) for k, v in timer.seconds.items()}
     return row
+
+
+def _fill_row(row: dict, task: CellTask, budget: threads.ThreadBudget, timer: Timer, phase, log) -> None:
+    """run_cell's work: data, model, training or checkpoint, evaluation, the law's quantities, the invariants."""
+    cell = task.cell
+    device = resolve_device(task.device)
+    row["device"] = str(device)
+    with timer("data"):
+        phase("loading data")
+        data = load_data(cell, task.data_dir)
+    meta = data.meta
+    row.update(n_train=len(data.y_train), n_test=len(data.y_test), d=meta.d, d_eff=meta.d_eff,
+               num_classes=meta.num_classes, n_noisy=getattr(meta, "n_noisy", None),
+               data_source=getattr(meta, "data_source", None), data_scale=getattr(meta, "scale", None))
+    entry = models.get_entry(cell["model"])
+    torch.manual_seed(cell["seed"])
+    model = models.get_model(cell["model"], in_shape=tuple(meta.in_shape), num_classes=meta.num_classes,
+                             width=cell["width"], **cell["model_options"])
+    params = models.count_params(model)
+    row.update(family=entry.family, params=params)
+    chooser = threads.ThreadChooser(model, data.x_train, budget, device)
+    if "entry" in cell:  # an external checkpoint: evaluated as it is, never trained
+        with timer("load"):
+            phase("loading checkpoint")
+            models.load_checkpoint(model, cell["entry"]["checkpoint"], sha256=cell["entry"]["sha256"])
+            row.update(model=cell["entry"]["name"], architecture=cell["model"],
+                       checkpoint_sha256=cell["entry"]["sha256"])
+    else:
+        with timer("train"):
+            trained = _train_or_load(model, data, cell, Path(task.out_dir) / "checkpoints", device, phase,
+                                     chooser)
+        row.update(epochs_run=trained["epochs_run"], checkpoint_cached=trained["cached"],
+                   train_key=trained["train_key"])
+        row.update({k: trained[k] for k in SMOOTH_ROW_KEYS if k in trained})
+    row.update(training_fit(model, data, device))
+    row.update(evaluate_model(model, data, cell, device, timer, chooser, phase, log))
+    row["threads"] = chooser.record()
+    row.update(unit_margin_bounds(row))
+    row.update(certify.law_quantities(params, row["n_train"], meta.d, meta.d_eff, num_classes=meta.num_classes,
+                                      label_noise=cell["label_noise"], c=isoperimetry_constant(meta)))
+    row["flags"] = [] if row.get("law_applicable") else ["law-vacuous"]  # Theorem 3 says nothing at this n
+    if row.get("uncertified"):
+        row["flags"].append("uncertified")
+    if any(row.get("reattacked", {}).values()):
+        row["flags"].append("reattacked")
+    check_invariants(row)
