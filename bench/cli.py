@@ -33,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--entry", action="append", default=[], metavar="FILE.toml",
                      help="evaluate an external checkpoint entry (no training) instead of the preset's models")
     run.add_argument("--dry-run", action="store_true", help="list the cells and exit")
+    run.add_argument("--executor", default=None, metavar="NAME",
+                     help="local (default: in this process), pool (local workers), ray, slurm; also [executor] name")
+    run.add_argument("--threads", default=None, metavar="N",
+                     help="torch threads per cell (default: the thread policy, measured per phase)")
+    run.add_argument("--workers", default=None, metavar="N", help="pool: cells at once (default: CPUs / threads)")
+    run.add_argument("--address", default=None, help="ray: the cluster to join (default: start a local instance)")
     lst = sub.add_parser("list", help="models, datasets, presets and attacks")
     lst.add_argument("--plugin", action="append", default=[], help="import a module that registers models")
     rep = sub.add_parser("report", help="leaderboards and plots from a results directory")

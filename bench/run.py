@@ -108,6 +108,7 @@ def run_command(args, console: Console) -> int:
     preset, overrides = _split_args(args.args)
     spec = build_spec(preset, overrides)
     check_out_dir(args.out)
+    executor_table(spec, args)  # a bad executor option is bad input, found before anything loads
     resolve_device(args.device)  # an unknown or absent device is bad input, found before the store opens
     load_models(args.plugin)
     entries = read_entries(args.entry)
@@ -119,7 +120,20 @@ def run_command(args, console: Console) -> int:
             console.print(f"{cell_id(cell)}  {cell['dataset']} n={cell['n_train'] or 'all'} {cell['model']} "
                           f"w={cell['width']} {cell['recipe']} seed={cell['seed']} {cell['threat']} {cell['eps']}")
         return 0
-    return run_cells(cells, Path(args.out), console, device=args.device, data_dir=args.data_dir)
+    plugins = tuple(str(Path(p).resolve()) if p.endswith(".py") or "/" in p else p for p in args.plugin)
+    return run_cells(cells, Path(args.out), console, device=args.device, data_dir=args.data_dir,
+                     executor=executor_table(spec, args), plugins=plugins)
+
+
+def executor_table(spec: dict, args) -> dict:
+    """The spec's [executor] table with --executor, --threads, --workers and --address laid over it, validated."""
+    from bench.spec import parse_value, executor_options
+    table = dict(spec["executor"])
+    for option, value in (("name", args.executor), ("threads", args.threads), ("workers", args.workers),
+                          ("address", args.address)):
+        if value is not None:
+            table[option] = value if option in ("name", "address") else parse_value(value)
+    return executor_options(table)
 
 
 def cell_summary(row: dict) -> str:
@@ -155,47 +169,170 @@ def prepare_out_dir(out_dir: Path) -> Path:
     return log_dir
 
 
-def run_cells(cells: list[dict], out_dir: Path, console: Console, *, device="auto", data_dir=None) -> int:
+class Plan:
+    """The cells still to run, in order. A cell waits while an earlier cell of the plan trains weights it needs (the
+    same checkpoint, or the ERM interpolator a smooth cell starts from): no two workers train one checkpoint."""
+
+    def __init__(self, cells: list[dict]):
+        from bench.runner import erm_cell
+        from bench.spec import train_key
+        self.waiting: list[tuple[dict, str | None]] = []
+        owner: dict[str, str] = {}
+        for cell in cells:
+            cid = cell_id(cell)
+            needs = [] if "entry" in cell else [train_key(cell)]
+            if cell.get("recipe") == "smooth":
+                needs.append(train_key(erm_cell(cell)))
+            deps = {owner[k] for k in needs if k in owner}
+            for k in needs:
+                owner.setdefault(k, cid)
+            self.waiting.append((cell, deps))
+        self.running: set[str] = set()
+
+    def ready(self, finished: set[str]) -> list[dict]:
+        """The waiting cells whose dependencies have finished; they move to running."""
+        out, rest = [], []
+        for cell, deps in self.waiting:
+            (out if deps <= finished else rest).append((cell, deps))
+        self.waiting = rest
+        self.running.update(cell_id(c) for c, _ in out)
+        return [c for c, _ in out]
+
+    @property
+    def open(self) -> bool:
+        return bool(self.waiting or self.running)
+
+
+class Display:
+    """The live view every executor shares: a bar over the sweep and one line per running cell, fed by events; the
+    driver writes each cell's log file from its log events (or, for executors that do not stream, its Done)."""
+
+    COLUMNS = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[phase]}"))
+
+    def __init__(self, console: Console, cells: list[dict], log_dir: Path):
+        self.progress = Progress(*self.COLUMNS, console=console, transient=False)
+        self.log_dir = log_dir
+        self.labels = {cell_id(c): f"{c['model']} w={c['width']} {c['recipe']} seed={c['seed']} {c['threat']}"
+                       for c in cells}
+        self.total = self.progress.add_task("cells", total=len(cells), phase="")
+        self.lines: dict[str, int] = {}
+        self.logs: dict = {}
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for fh in self.logs.values():
+            fh.close()
+        self.progress.update(self.total, phase="done")
+        self.progress.__exit__(*exc)
+
+    def _log(self, cid: str, line: str) -> None:
+        if cid not in self.logs:
+            self.logs[cid] = open(self.log_dir / f"{cid}.log", "a")
+        self.logs[cid].write(line.rstrip("\n") + "\n")
+
+    def on_event(self, event) -> None:
+        cid = event.cell_id
+        if cid not in self.lines:
+            self.lines[cid] = self.progress.add_task(self.labels.get(cid, cid), total=None, phase="")
+        if event.kind == "log":  # attack logs go to the cell's log file whole; the display shows the latest line
+            self._log(cid, event.text)
+        self.progress.update(self.lines[cid], phase=event.text.strip()[:60])
+
+    def finished(self, done) -> None:
+        row, cid = done.row, done.task.cell_id
+        for line in done.log:
+            self._log(cid, line)
+        if row.get("traceback"):
+            self._log(cid, row["traceback"])
+        if cid in self.logs:
+            self.logs.pop(cid).close()
+        if cid in self.lines:
+            self.progress.remove_task(self.lines.pop(cid))
+        if row["status"] != "ok":
+            self.progress.console.print(f"[red]cell {cid} ({self.labels.get(cid, cid)}) failed: "
+                                        f"{escape(str(row['error']))}")
+        else:
+            self.progress.console.print(cell_summary(row))
+        self.progress.advance(self.total)
+
+
+def merge_cell_files(store) -> int:
+    """Rows that per-cell files hold (SLURM tasks of this or an earlier run) go into the store once, by cell_id;
+    each file is removed after its row is in. Returns how many rows were added."""
+    from bench.store import cell_files, read_cell_file
+    have = store.finished()
+    added = 0
+    for path in cell_files(store.dir):
+        payload = read_cell_file(path)
+        if payload is None:
+            continue
+        row = payload["row"]
+        if row.get("status") == "ok" and row["cell_id"] not in have:
+            store.append(row)
+            have.add(row["cell_id"])
+            added += 1
+        path.unlink(missing_ok=True)
+    return added
+
+
+def drive(plan: Plan, executor, store, display: Display, make_task) -> int:
+    """Submit what is ready, append each row as it arrives (the driver is the store's only writer), until the plan
+    is done. Returns the number of failed cells."""
+    failed = 0
+    finished: set[str] = set()
+    executor.submit([make_task(c) for c in plan.ready(finished)])
+    while plan.open:
+        for done in executor.poll(timeout=0.5):
+            cid = done.task.cell_id
+            store.append(done.row)
+            if done.source is not None:
+                done.source.unlink(missing_ok=True)
+            display.finished(done)
+            plan.running.discard(cid)
+            finished.add(cid)
+            failed += done.row["status"] != "ok"
+        executor.submit([make_task(c) for c in plan.ready(finished)])
+    return failed
+
+
+def run_cells(cells: list[dict], out_dir: Path, console: Console, *, device="auto", data_dir=None,
+              executor: dict | None = None, plugins: tuple = ()) -> int:
+    """Plan -> executor -> driver: the cells not yet in the store run on the executor named by the validated
+    [executor] table (default: local), and their rows are appended here as they arrive."""
     from lawbench import reports
-    from bench.runner import run_cell
+    from bench.executors import make_executor
+    from bench.runner import CellTask
+    from bench.spec import executor_options
     from bench.store import Store
+    options = executor if executor is not None else executor_options({})
     check_out_folders(out_dir)
     with Store(out_dir) as store:
+        merged = merge_cell_files(store)
         done = store.finished()
         todo = [c for c in cells if cell_id(c) not in done]
-        console.print(f"{len(cells)} cells: {len(cells) - len(todo)} already in {store.path}, {len(todo)} to run")
+        console.print(f"{len(cells)} cells: {len(cells) - len(todo)} already in {store.path}, {len(todo)} to run"
+                      + (f" ({merged} merged from per-cell files)" if merged else ""))
         log_dir = prepare_out_dir(out_dir)
-        failed = 0
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.fields[phase]}"))
         start = time.perf_counter()
-        with Progress(*columns, console=console, transient=False) as progress:
-            task = progress.add_task("cells", total=len(todo), phase="")
-            for cell in todo:
-                cid = cell_id(cell)
-                label = f"{cell['model']} w={cell['width']} {cell['recipe']} seed={cell['seed']} {cell['threat']}"
-
-                def phase(text, label=label):
-                    progress.update(task, phase=f"{label}: {text}")
-
-                with open(log_dir / f"{cid}.log", "a") as log_file:
-                    def log(line, log_file=log_file, phase=phase):
-                        # Attack logs go to the cell's log file whole; the display shows only the latest line.
-                        log_file.write(line.rstrip("\n") + "\n")
-                        phase(line.strip()[:60])
-
-                    row = run_cell(cell, out_dir=out_dir, device_name=device, data_dir=data_dir,
-                                   phase=phase, log=log)
-                    if row.get("traceback"):
-                        log_file.write(row["traceback"])
-                store.append(row)
-                if row["status"] != "ok":
-                    failed += 1
-                    progress.console.print(f"[red]cell {cid} ({label}) failed: {escape(str(row['error']))}")
-                else:
-                    progress.console.print(cell_summary(row))
-                progress.advance(task)
-            progress.update(task, phase="done")
+        failed = 0
+        if todo:
+            with Display(console, todo, log_dir) as display:
+                ex = make_executor(options, display.on_event, out_dir)
+                try:
+                    display.progress.console.print(ex.describe())
+                    budget = ex.budget()
+                    # absolute paths: a worker may start in another directory (Ray, SLURM)
+                    where = dict(out_dir=str(Path(out_dir).resolve()),
+                                 data_dir=str(Path(data_dir).resolve()) if data_dir else None)
+                    make_task = lambda c: CellTask(cell=c, device=device, budget=budget,  # noqa: E731
+                                                   plugins=plugins, **where)
+                    failed = drive(Plan(todo), ex, store, display, make_task)
+                finally:
+                    ex.close()
         wanted = {cell_id(c) for c in cells}
         latest = {}
         for row in store.rows():

@@ -119,6 +119,36 @@ SCHEMA: dict[str, Key] = {
     "pgd_step_size": Key("float", 0.0, lo=0,
                          doc="0: the default rule, eps/2 decayed in four stages to eps/16; else a fixed step"),
     "lip_points": Key("int", 512, lo=0, doc="points per source for the empirical Lipschitz lower bound; 0: all"),
+    # execution
+    "executor": Key("table", {}, doc="how the cells run: [executor] name = local|pool|ray|slurm and its options "
+                                     "(EXECUTOR_OPTIONS); never part of a cell"),
+}
+
+EXECUTORS = ("local", "pool", "ray", "slurm")
+# The [executor] table's options: option -> (its declaration, the executors that read it). How cells are run, never
+# what they measure: none of it enters a cell. --executor, --threads and --address on the command line set the same.
+EXECUTOR_OPTIONS: dict[str, tuple[Key, tuple]] = {
+    "name": (Key("choice", "local", choices=EXECUTORS, doc="local: in this process, one cell at a time; pool: local "
+                                                            "worker processes; ray: a Ray instance or cluster; "
+                                                            "slurm: a SLURM job array through submitit"), EXECUTORS),
+    "threads": (Key("int", 0, lo=0, doc="torch threads per cell; 0: the thread policy (bench.threads)"), EXECUTORS),
+    "workers": (Key("int", 0, lo=0, doc="cells at once; 0: the CPUs this process may use / threads"), ("pool",)),
+    "max_retries": (Key("int", 1, lo=0, doc="a cell whose worker died is run again this often, then failed"),
+                    ("pool", "ray", "slurm")),
+    "address": (Key("str", "", doc="a Ray cluster to join (ray://host:10001 or auto); '': start a local instance"),
+                ("ray",)),
+    "num_cpus_per_cell": (Key("int", 0, lo=0, doc="CPUs each cell declares (ray) or gets (slurm --cpus-per-task); "
+                                                  "0: the threads option, else 1"), ("ray", "slurm")),
+    "num_gpus_per_cell": (Key("float", 0.0, lo=0, doc="GPUs each cell declares; slurm takes whole GPUs"),
+                          ("ray", "slurm")),
+    "partition": (Key("str", "", doc="SLURM partition; '': the cluster's default"), ("slurm",)),
+    "time_min": (Key("int", 60, lo=1, doc="SLURM time limit per cell, minutes"), ("slurm",)),
+    "array_parallelism": (Key("int", 64, lo=1, doc="SLURM array tasks running at once"), ("slurm",)),
+    "cluster": (Key("choice", "slurm", choices=("slurm", "local"),
+                    doc="slurm: submit with sbatch; local: submitit's local executor (subprocesses on this machine, "
+                        "the same files and code path)"), ("slurm",)),
+    "poll_seconds": (Key("float", 2.0, lo=0, lo_open=True, doc="how often the driver looks at SLURM jobs"),
+                     ("slurm",)),
 }
 
 LIST_KINDS = ("eps", "choice_or_names")  # kinds whose one value may be a list
@@ -127,7 +157,7 @@ DEFAULTS: dict = {key: k.default for key, k in SCHEMA.items()}
 SWEEP_AXES = tuple(key for key, k in SCHEMA.items() if k.sweep)
 
 # Settings that describe how the run is carried out, not what is measured: not part of cell_id.
-NOT_IN_CELL = ("description",)
+NOT_IN_CELL = ("description", "executor")
 
 SMOOTH_KEYS = tuple(key for key in SCHEMA if key.startswith("smooth_"))  # set only in cells of the smooth recipe
 TRAIN_KEYS = ("dataset", "data_options", "n_train", "label_noise", "model", "width", "model_options", "recipe",
@@ -188,11 +218,11 @@ def parse_override(text: str) -> tuple[str, object]:
     key, raw = (part.strip() for part in text.split("=", 1))
     if raw.startswith("[") and raw.endswith("]"):  # a list may mix bare words: threat=[Linf,L2]
         items = [item.strip() for item in raw[1:-1].split(",") if item.strip()]
-        return key, [_parse_value(item) for item in items]
-    return key, _parse_value(raw)
+        return key, [parse_value(item) for item in items]
+    return key, parse_value(raw)
 
 
-def _parse_value(raw: str):
+def parse_value(raw: str):
     try:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -213,6 +243,8 @@ def build_spec(preset: str = "default", overrides: list[str] = ()) -> dict:
             spec[top] = {**spec[top], sub: value}
         else:
             spec[key] = value
+    if isinstance(spec["executor"], str):  # executor = "ray" is short for [executor] name = "ray"
+        spec["executor"] = {"name": spec["executor"]}
     validate(spec)
     return _normalize(spec)
 
@@ -257,9 +289,10 @@ def _plain(v) -> bool:
     return False
 
 
-def check_value(key: str, v) -> None:
-    """One value of `key` against its declaration in SCHEMA; SpecError names the key and the value."""
-    k = SCHEMA[key]
+def check_value(key: str, v, k: Key | None = None) -> None:
+    """One value of `key` against its declaration (SCHEMA's, unless `k` is given); SpecError names the key and the
+    value."""
+    k = k or SCHEMA[key]
     bad = f"key '{key}': bad value {v!r}"
     if k.kind == "str":
         if not isinstance(v, str):
@@ -336,10 +369,39 @@ def validate(spec: dict) -> None:
     if _as_list(spec["target_params"]) != [0] and isinstance(spec["width"], list) and len(spec["width"]) > 1:
         raise SpecError("key 'target_params': chooses each cell's width; drop the width list "
                         f"{spec['width']} (or set target_params=0)")
+    executor_options(spec["executor"])
     for threat in THREATS:
         missing = set(spec[f"aa_eps_{threat}"]) - set(spec[f"eps_{threat}"])
         if missing:
             raise SpecError(f"key 'aa_eps_{threat}': {sorted(missing)} not in eps_{threat}")
+
+
+def executor_options(table: dict) -> dict:
+    """The [executor] table checked against EXECUTOR_OPTIONS (each option known, read by the executor named, its
+    value in range) and completed with the defaults of the options that executor reads."""
+    name = table.get("name", "local")
+    check_value("executor.name", name, EXECUTOR_OPTIONS["name"][0])
+    out = {}
+    for option, (k, users) in EXECUTOR_OPTIONS.items():
+        if name in users:
+            out[option] = table.get(option, k.default)
+    for option, value in table.items():
+        if option not in EXECUTOR_OPTIONS:
+            import difflib
+            close = difflib.get_close_matches(option, EXECUTOR_OPTIONS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise SpecError(f"key 'executor.{option}': unknown executor option{hint}")
+        k, users = EXECUTOR_OPTIONS[option]
+        if name not in users:
+            raise SpecError(f"key 'executor.{option}': an option of {'/'.join(users)}, not of executor '{name}'")
+        check_value(f"executor.{option}", value, k)
+    if name == "slurm" and out["num_gpus_per_cell"] != int(out["num_gpus_per_cell"]):
+        raise SpecError(f"key 'executor.num_gpus_per_cell': SLURM allocates whole GPUs, got "
+                        f"{out['num_gpus_per_cell']!r}")
+    for option, (k, _) in EXECUTOR_OPTIONS.items():
+        if k.kind == "float" and option in out:
+            out[option] = float(out[option])
+    return out
 
 
 def expand(spec: dict, entries: list = ()) -> list[dict]:

@@ -124,3 +124,37 @@ class Store:
             fh.write(line.encode())
             fh.flush()
             os.fsync(fh.fileno())
+
+
+# Per-cell result files: executors whose workers cannot hand a row back to the driver directly (SLURM tasks) write
+# `<out>/cells/<cell_id>.json` = {"row": ..., "log": [...]}; the driver merges each into the store by cell_id, once.
+CELLS_DIR = "cells"
+
+
+def write_cell_file(out_dir: str | Path, cid: str, payload: dict) -> Path:
+    """Atomically (a temporary file, fsync, rename): a task killed mid-write leaves no half file behind."""
+    folder = Path(out_dir) / CELLS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{cid}.json"
+    tmp = folder / f".{cid}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(_finite(payload), fh, allow_nan=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_cell_file(path: Path) -> dict | None:
+    """A per-cell file's payload, or None when it does not parse into a row with a cell_id (it is left in place)."""
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(payload, dict) and isinstance(payload.get("row"), dict) and payload["row"].get("cell_id")
+    return payload if ok else None
+
+
+def cell_files(out_dir: str | Path) -> list[Path]:
+    folder = Path(out_dir) / CELLS_DIR
+    return sorted(folder.glob("*.json")) if folder.is_dir() else []

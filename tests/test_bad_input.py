@@ -193,6 +193,20 @@ CASES = [
     ("eps-linf-negative", lambda c: [RUN, "eps_Linf=[-0.1]"], "eps_Linf", False),
     ("model-unfit-for-data", lambda c: [RUN, "dataset=gauss", "model=cnn"], "cnn", False),
     ("model-option-unknown", lambda c: [RUN, "model_options.depth=3"], "depth", False),
+    # the executor table and its command-line flags
+    ("executor-unknown", lambda c: [RUN, "--executor", "dask"], "executor.name", False),
+    ("executor-threads-negative", lambda c: [RUN, "--threads", "-1"], "executor.threads", False),
+    ("executor-threads-word", lambda c: [RUN, "--threads", "many"], "executor.threads", False),
+    ("executor-workers-float", lambda c: [RUN, "--executor", "pool", "--workers", "1.5"], "executor.workers", False),
+    ("executor-option-typo", lambda c: [RUN, "executor.adress=x"], "adress", False),
+    ("executor-option-of-another", lambda c: [RUN, "--executor", "pool", "--address", "auto"], "executor.address",
+     False),
+    ("executor-not-a-table", lambda c: [RUN, "executor=[1,2]"], "executor", False),
+    ("executor-slurm-half-gpu", lambda c: [RUN, "--executor", "slurm", "executor.num_gpus_per_cell=0.5"],
+     "num_gpus_per_cell", False),
+    ("executor-poll-zero", lambda c: [RUN, "--executor", "slurm", "executor.poll_seconds=0"], "poll_seconds", False),
+    ("preset-executor-bad", lambda c: [RUN, str(c.write("ex.toml", '[executor]\nname = "pool"\nworkers = -2\n'))],
+     "executor.workers", False),
     # the culprit named is the key at fault, not a key that refers to it
     ("eps-linf-nan-alone", lambda c: [RUN, "eps_Linf=[nan]"], "key 'eps_Linf'", False),
     # files given as input
@@ -379,3 +393,18 @@ def test_schema_is_the_one_declaration():
     assert spec.build_spec("default", [f"seed={2 ** 63 - 1}"])["seed"] == 2 ** 63 - 1  # the largest seed is fine
     for name in attacks.autoattack.AA_ATTACKS:  # each attack run_autoattack accepts is a valid custom AutoAttack
         assert spec.build_spec("default", [f"autoattack=[{name}]"])["autoattack"] == [name]
+
+
+def test_executor_options_are_declared_once():
+    """Every executor the spec names exists, every option's default passes its declaration, and each executor's
+    options are exactly those EXECUTOR_OPTIONS gives it."""
+    from bench import executors, spec
+    assert set(executors._MODULES) == set(spec.EXECUTORS)
+    for option, (k, users) in spec.EXECUTOR_OPTIONS.items():
+        spec.check_value(option, k.default, k)
+        assert set(users) <= set(spec.EXECUTORS)
+    for name in spec.EXECUTORS:
+        got = spec.executor_options({"name": name})
+        assert set(got) == {o for o, (_, users) in spec.EXECUTOR_OPTIONS.items() if name in users}
+    assert spec.build_spec("default", ["executor=pool"])["executor"] == {"name": "pool"}
+    assert "executor" not in spec.expand(spec.build_spec("default", ["executor.name=ray"]))[0]  # not in a cell

@@ -39,6 +39,8 @@ IMPORT_NAMES = {
     "scipy": "scipy",
     "pillow": "PIL",
     "packaging": "packaging",
+    "ray": "ray",
+    "submitit": "submitit",
 }
 
 

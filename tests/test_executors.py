@@ -1,0 +1,130 @@
+"""The executor seam through the CLI: pool, ray (a local instance with 2 CPUs) and slurm (submitit's local executor)
+produce the same cell_ids and, on CPU at one thread, the same numbers as local; a worker that dies is retried, then
+failed; a driver killed with SIGKILL under ray loses no row and duplicates none when the sweep is run again."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import NEUTRAL_CWD, SUBPROCESS_ENV, TINY, bench_cli
+
+# the measured numbers of a row: every executor must reproduce local's exactly (same seed, one thread, CPU)
+NUMBERS = ("params", "train_acc", "clean_acc", "pgd_acc", "autoattack_acc", "robust_acc", "cert_acc", "lip_upper",
+           "lip_lower", "train_margin")
+EXECUTORS = {"pool": ["executor.name=pool", "executor.workers=2"],  # overrides: before the --flags
+             "ray": ["executor.name=ray"],
+             "slurm": ["executor.name=slurm", "executor.cluster=local", "executor.poll_seconds=0.2"]}
+
+
+def rows(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def numbers(out) -> dict:
+    return {r["cell_id"]: {k: r[k] for k in NUMBERS} for r in rows(out)}
+
+
+@pytest.fixture(scope="module")
+def local_numbers(tmp_path_factory):
+    out = tmp_path_factory.mktemp("local") / "out"
+    res = bench_cli("run", *TINY, "--threads", "1", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    return numbers(out)
+
+
+@pytest.mark.parametrize("name", list(EXECUTORS))
+def test_executor_matches_local(name, local_numbers, tmp_path):
+    out = tmp_path / "out"
+    res = bench_cli("run", *TINY, *EXECUTORS[name], "--threads", "1", "--out", str(out), timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert f"{name}:" in res.stdout  # the executor says what it runs and with how many threads
+    got = numbers(out)
+    assert set(got) == set(local_numbers)
+    assert got == local_numbers
+    for row in rows(out):
+        assert row["threads"]["budget"] == 1 and set(row["threads"]["phases"].values()) == {1}
+        assert (out / "logs" / f"{row['cell_id']}.log").read_text().startswith("pgd:")
+    assert not list((out / "cells").glob("*.json")) if (out / "cells").exists() else True
+
+
+DIES_ONCE = """
+import os
+import torch
+from lawbench.models import register_model
+
+MARK = {mark!r}
+
+
+class DiesOnce(torch.nn.Sequential):
+    def forward(self, x):
+        if not os.path.exists(MARK):  # the first worker to run it dies like a killed process (the driver only
+            open(MARK, "w").close()   # builds it, to count its parameters)
+            os._exit(9)
+        return super().forward(x)
+
+
+@register_model("dies-once", family="test")
+def dies_once(in_shape, num_classes, width=8):
+    d = 1
+    for s in in_shape:
+        d *= s
+    return DiesOnce(torch.nn.Flatten(), torch.nn.Linear(d, width), torch.nn.ReLU(),
+                    torch.nn.Linear(width, num_classes))
+"""
+
+
+@pytest.mark.parametrize("name", ["pool", "ray"])
+@pytest.mark.parametrize("retries", [1, 0])
+def test_dead_worker_is_retried_then_failed(name, retries, tmp_path):
+    plugin = tmp_path / "dies_once.py"
+    plugin.write_text(DIES_ONCE.format(mark=str(tmp_path / "died")))
+    out = tmp_path / "out"
+    res = bench_cli("run", *TINY, "width=8", "model=dies-once", *EXECUTORS[name], f"executor.max_retries={retries}",
+                    "--plugin", str(plugin), "--threads", "1", "--out", str(out), timeout=600)
+    (row,) = rows(out)
+    if retries:
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert row["status"] == "ok"
+    else:
+        assert res.returncode == 1
+        assert row["status"] == "failed" and row["error"]
+        assert ("WorkerDied" if name == "pool" else "Error") in row["error"]
+
+
+def test_ray_driver_killed_resumes_without_loss_or_duplicates(tmp_path):
+    """SIGKILL to the driver mid-sweep: the rows already appended stay whole; the re-run runs only what is missing."""
+    out = tmp_path / "out"
+    sweep = [*TINY, "seed=[0,1,2]", "--executor", "ray", "--threads", "1", "--out", str(out)]  # the flag this time
+    env = {**os.environ, **SUBPROCESS_ENV}
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "run", *sweep], cwd=NEUTRAL_CWD, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    results = out / "results.jsonl"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if results.exists() and len(results.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        try:  # the Ray processes the killed driver started
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    before = rows(out)
+    assert 2 <= len(before) < 6
+    res = bench_cli(*["run", *sweep], timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    after = rows(out)  # every line parses
+    ids = [r["cell_id"] for r in after]
+    assert len(ids) == len(set(ids)) == 6
+    assert after[:len(before)] == before
+    assert f"{len(before)} already in" in res.stdout
