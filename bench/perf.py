@@ -339,6 +339,10 @@ def _parser():
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--scale" in argv:  # executors and the thread policy instead of the attack benchmark
+        from bench.scale_perf import main as scale
+        argv.remove("--scale")
+        return scale(argv)
     if "--certify" in argv:  # the certified-bound cost table instead of the attack benchmark
         from bench.certify_cost import main as certify_cost
         argv.remove("--certify")
