@@ -18,6 +18,10 @@ import torch
 
 PROBE_REPS = 5        # timed repetitions per thread count (median), after one warm-up
 PROBE_SECONDS = 1.0   # the probe's time budget per phase; fewer reps when one repetition is slow
+# More threads must be this much faster to be chosen. The risk is lopsided: a wrong "1" costs at most the parallel
+# speed-up, a wrong "many" on a shared machine up to 10x (one descheduled thread stalls every op); a probe of a few
+# milliseconds is noisy, and `bench perf --scale` saw a 5% win at 2 threads turn into a loss once the cell ran.
+SPEEDUP_NEEDED = 1.25
 
 
 def available_cpus() -> int:
@@ -93,8 +97,9 @@ def _time_step(model: torch.nn.Module, x: torch.Tensor, threads: int) -> float:
 
 
 class ThreadChooser:
-    """Per phase, the torch threads a cell uses: 1 or the budget, whichever runs the cell's model faster here and
-    now at that phase's batch size (measured once per phase, when the phase first asks). Off CPU, with a budget of 1,
+    """Per phase, the torch threads a cell uses: the budget where it runs the cell's model clearly faster than one
+    thread here and now at that phase's batch size (SPEEDUP_NEEDED), else 1 (measured once per phase, when the
+    phase first asks). Off CPU, with a budget of 1,
     or with threads set by the user, nothing is measured. `record()` is the row's `threads` field."""
 
     def __init__(self, model: torch.nn.Module, x_sample: torch.Tensor, budget: ThreadBudget, device: torch.device):
@@ -126,12 +131,13 @@ class ThreadChooser:
             self.model.zero_grad(set_to_none=True)
             self.model.train(was_training)
         self.probe_ms[phase] = {"batch": size, **{str(t): ms for t, ms in timed.items()}}
-        return min(timed, key=lambda t: (timed[t], t))
+        return n if timed[n] * SPEEDUP_NEEDED <= timed[1] else 1
 
     def record(self) -> dict:
         why = self.budget.reason()
         if self.measured:
-            why += "; per phase the faster of 1 and the budget, timed on the cell's model at the phase's batch"
+            why += (f"; per phase the budget where it ran the cell's model at the phase's batch {SPEEDUP_NEEDED}x "
+                    f"faster than 1 thread, else 1")
         elif self.device.type != "cpu":
             why += f"; on {self.device.type}, not timed"
         return {"budget": self.budget.per_cell, "reason": why, "phases": dict(self.phases),
