@@ -5,12 +5,12 @@ Imports torch (and pyautoattack / torchattacks lazily) only; never bench, models
 from .pgd import (AttackError, PGDResult, attack_loss, box_bounds, default_step_size, pgd_perturb, pgd_sweep,
                   predict)
 from .autoattack import AAResult, FLAG_DOC, run_autoattack
-from .evaluate import RobustEval, robust_eval
+from .evaluate import RobustEval, SuiteStep, robust_eval
 from .registry import AttackEntry, AttackOutput, get_attack, list_attacks, register_attack
 
 __all__ = [
     "AttackError", "PGDResult", "pgd_perturb", "pgd_sweep", "predict", "attack_loss", "box_bounds",
-    "default_step_size", "AAResult", "FLAG_DOC", "run_autoattack", "RobustEval", "robust_eval",
+    "default_step_size", "AAResult", "FLAG_DOC", "run_autoattack", "RobustEval", "SuiteStep", "robust_eval",
     "AttackEntry", "AttackOutput", "get_attack", "list_attacks", "register_attack",
 ]
 from .multi import MultiResult, pgd_sweep_multi, stack_models  # noqa: E402

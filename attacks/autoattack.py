@@ -147,8 +147,12 @@ def flags_from_warnings(warnings: Sequence[str]) -> list[str]:
 def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str,
                    version: str | Sequence[str] = "standard", seed: int = 0, batch_size: int = 1000,
                    log: Callable[[str], None] | None = None, n_total: int | None = None,
-                   num_classes: int | None = None) -> AAResult:
+                   num_classes: int | None = None, n_target_classes: int | None = None,
+                   n_queries: int | None = None) -> AAResult:
     """Run the original AutoAttack (pyautoattack) on (x, y) at ``eps``.
+
+    n_target_classes / n_queries: for a custom list only, the targets of APGD-T and FAB-T (default min(9, C-1)) and
+    Square's query budget (default 5000), as the fast suite sets them.
 
     version: "standard", "plus", or a list of attack names from AA_ATTACKS (run with standard settings).
     n_total: size of the full evaluation set when (x, y) is a subset (used for the Square check threshold:
@@ -182,9 +186,12 @@ def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
     if N == 0:
         info.update(attacks=attacks or [], seconds=0.0, broken_by={}, warnings=[], check={})
         return AAResult(torch.zeros(0, dtype=torch.bool, device=dev), x.detach().clone(), [], info)
-    run = _Run(model, norm, vname, attacks, int(batch_size), log, num_classes)
+    if (n_target_classes or n_queries) and attacks is None:
+        raise AttackError("n_target_classes and n_queries apply to a custom list of attacks, not a version")
+    run = _Run(model, norm, vname, attacks, int(batch_size), log, num_classes, n_target_classes, n_queries)
     x_raw, cap = run(x, y, float(eps), int(seed))
-    info.update(attacks=run.attacks_run, n_target_classes=run.n_target_classes)
+    info.update(attacks=run.attacks_run, n_target_classes=run.n_target_classes,
+                n_queries=int(n_queries or 5000) if "square" in run.attacks_run else None)
     # One validation path: pyautoattack clips with x +- eps in float32 and may overshoot the ball by an ulp. An
     # example that is no longer adversarial once projected into the exact ball is re-attacked at a slightly
     # smaller eps, never silently counted robust.
@@ -206,9 +213,11 @@ class _Run:
     """One configured pyautoattack run: (x, y, eps) -> (raw examples like x, captured log). Raw means as
     pyautoattack returns them: not yet checked against the exact ball."""
 
-    def __init__(self, model, norm, vname, attacks, batch_size, log, num_classes):
+    def __init__(self, model, norm, vname, attacks, batch_size, log, num_classes, n_target_classes=None,
+                 n_queries=None):
         self.model, self.norm, self.vname, self.attacks = model, norm, vname, attacks
         self.batch_size, self.log, self.num_classes = batch_size, log, num_classes
+        self.targets, self.queries = n_target_classes, n_queries
         self.attacks_run: list = []
         self.n_target_classes = None
 
@@ -216,53 +225,99 @@ class _Run:
         from pyautoattack import AutoAttack
         from pyautoattack import checks as aa_checks
         model = self.model
-        N = x.shape[0]
         dev = x.device
-        in_shape = tuple(x.shape[1:])
-        view = image_shape_for(in_shape)
-        if view is None:
-            net, xi = _Connected(model), x.detach()
-        else:
-            d = math.prod(in_shape)
-            net = _Connected(_ImageView(model, d, in_shape))
-            xf = x.detach().reshape(N, -1)
-            pad = view[1] * view[2] - d
-            xi = torch.cat([xf, xf.new_zeros(N, pad)], 1) if pad else xf
-            xi = xi.reshape(N, *view)
+        net, xi, back = aa_view(model, x)
         was_training = model.training
         model.eval()
         with torch.no_grad():
             z = net(xi[:1])
         C = int(self.num_classes or z.shape[1])
-        logger = logging.getLogger("auto-attack")
-        cap = _Capture(self.log)
-        old_level, old_prop = logger.level, logger.propagate
-        logger.addHandler(cap)
-        logger.setLevel(logging.DEBUG)
-        logger.propagate = False
         devices = [dev] if dev.type == "cuda" else []
         try:
-            for k in aa_checks.funcs:  # pyautoattack never resets its global call counters
-                aa_checks.funcs[k] = 0
-            with torch.random.fork_rng(devices=devices), _frozen(model):
-                aa = AutoAttack(net, norm=self.norm, eps=float(eps),
-                                version=self.vname if self.attacks is None else "custom", device=dev,
-                                seed=seed, attacks=self.attacks)
-                ntc = max(1, min(9, C - 1))
-                aa.apgd_targeted.n_target_classes = ntc
-                aa.fab.n_target_classes = ntc
-                if self.attacks is not None:  # custom list: standard settings of each attack
-                    aa.apgd.n_restarts = 1
-                    aa.fab.n_restarts = 1
-                    aa.apgd_targeted.n_restarts = 1
-                    aa.square.n_queries = 5000
-                self.attacks_run = list(aa.attacks_to_run)
-                self.n_target_classes = ntc
-                x_adv_i, _ = aa.run_standard_evaluation(xi, y, batch_size=self.batch_size)
+            with captured(self.log) as cap:
+                for k in aa_checks.funcs:  # pyautoattack never resets its global call counters
+                    aa_checks.funcs[k] = 0
+                with torch.random.fork_rng(devices=devices), _frozen(model):
+                    aa = AutoAttack(net, norm=self.norm, eps=float(eps),
+                                    version=self.vname if self.attacks is None else "custom", device=dev,
+                                    seed=seed, attacks=self.attacks)
+                    ntc = max(1, min(self.targets or 9, C - 1))
+                    aa.apgd_targeted.n_target_classes = ntc
+                    aa.fab.n_target_classes = ntc
+                    if self.attacks is not None:  # custom list: standard settings of each attack
+                        aa.apgd.n_restarts = 1
+                        aa.fab.n_restarts = 1
+                        aa.apgd_targeted.n_restarts = 1
+                        aa.square.n_queries = int(self.queries or 5000)
+                    self.attacks_run = list(aa.attacks_to_run)
+                    self.n_target_classes = ntc
+                    x_adv_i, _ = aa.run_standard_evaluation(xi, y, batch_size=self.batch_size)
         finally:
-            logger.removeHandler(cap)
-            logger.setLevel(old_level)
-            logger.propagate = old_prop
             model.train(was_training)
-        x_raw = x_adv_i.reshape(N, -1)[:, : math.prod(in_shape)].to(x.dtype).reshape(x.shape).detach()
-        return x_raw, cap
+        return back(x_adv_i), cap
+
+
+def aa_view(model: torch.nn.Module, x: torch.Tensor):
+    """(net, xi, back): the model as pyautoattack sees it (image-shaped input where the data is not, see
+    image_shape_for), x in that shape, and back(examples) -> examples shaped like x."""
+    N = x.shape[0]
+    in_shape = tuple(x.shape[1:])
+    view = image_shape_for(in_shape)
+    d = math.prod(in_shape)
+    if view is None:
+        net, xi = _Connected(model), x.detach()
+    else:
+        net = _Connected(_ImageView(model, d, in_shape))
+        xf = x.detach().reshape(N, -1)
+        pad = view[1] * view[2] - d
+        xi = (torch.cat([xf, xf.new_zeros(N, pad)], 1) if pad else xf).reshape(N, *view)
+
+    def back(xa):
+        return xa.reshape(xa.shape[0], -1)[:, :d].to(x.dtype).reshape(xa.shape[0], *in_shape).detach()
+
+    return net, xi, back
+
+
+@contextlib.contextmanager
+def captured(log: Callable[[str], None] | None):
+    """pyautoattack's "auto-attack" logger routed into a _Capture (warnings, per-attack breaks, lines) and `log`."""
+    logger = logging.getLogger("auto-attack")
+    cap = _Capture(log)
+    old_level, old_prop = logger.level, logger.propagate
+    logger.addHandler(cap)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    try:
+        yield cap
+    finally:
+        logger.removeHandler(cap)
+        logger.setLevel(old_level)
+        logger.propagate = old_prop
+
+
+# pyautoattack's own advice when these flags appear: run Square with more restarts
+MASKING_FLAGS = ("zero_gradients", "square_beats_whitebox", "randomized")
+MASKING_SQUARE_RESTARTS = 2
+
+
+def masking_restarts(model, x, y, eps, norm, res, seed, batch_size, log) -> dict:
+    """Where AutoAttack saw signs of gradient masking, gradient-based attacks cannot be trusted on the survivors:
+    Square (black box) runs again with other seeds on them, so the pipeline does strictly more than AutoAttack
+    alone on every point it calls robust. Updates ``res`` in place; returns what it did."""
+    done = {"restarts": 0, "broken": 0}
+    if not set(res.flags) & set(MASKING_FLAGS) or "square" not in res.info.get("attacks", ()):
+        return done
+    for k in range(1, MASKING_SQUARE_RESTARTS + 1):
+        alive = res.robust.nonzero().flatten()
+        if alive.numel() == 0:
+            break
+        if log:
+            log(f"autoattack flags {res.flags}: Square restart {k} on {alive.numel()} survivors")
+        sq = run_autoattack(model, x[alive], y[alive], eps, norm=norm, version=["square"], seed=seed + 1000 * k,
+                            batch_size=batch_size, log=log)
+        got = alive[~sq.robust]
+        res.robust[got] = False
+        res.x_adv[got] = sq.x_adv[~sq.robust]
+        done["restarts"] += 1
+        done["broken"] += int(got.numel())
+    return done

@@ -8,7 +8,7 @@ from typing import Callable, ContextManager, Sequence
 
 import torch
 
-from .autoattack import run_autoattack
+from .autoattack import masking_restarts, run_autoattack
 from .pgd import AttackError, check_norm, pgd_sweep
 from .threat import check_attack
 
@@ -43,123 +43,187 @@ class RobustEval:
         }
 
 
+@dataclass(frozen=True)
+class SuiteStep:
+    """One attack the suite runs after the PGD sweep, on the points nothing broke yet: a registry name (or
+    "autoattack", the original AutoAttack; options {"version": ...}), the eps it runs at, and its options."""
+    name: str
+    eps: tuple
+    options: dict = field(default_factory=dict)
+
+
 def robust_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: Sequence[float],
                 steps: int, restarts: int, step_size: float | None = None,
                 autoattack: str | Sequence[str] = "standard", aa_eps: Sequence[float] | None = None,
                 seed: int = 0, log: Callable[[str], None] | None = None, loss: str = "ce",
                 max_batch: int | None = None, aa_batch_size: int = 1000,
-                aa_phase: Callable[[int], ContextManager] | None = None) -> RobustEval:
-    """Evaluate one model: clean mask, PGD over the ascending eps sweep, AutoAttack at ``aa_eps`` on the points PGD
-    did not break, per-point worst case over all attacks.
+                aa_phase: Callable[[int], ContextManager] | None = None, pgd: bool = True,
+                suite: Sequence[SuiteStep] | None = None) -> RobustEval:
+    """Evaluate one model: clean mask, PGD over the ascending eps sweep (unless pgd=False), then each attack of
+    ``suite`` in order on the points nothing broke yet, per-point worst case over all attacks.
 
-    autoattack: "standard" | "plus" | "off" | list of pyautoattack attack names.
-    aa_eps: the eps values (a subset of eps) at which AutoAttack runs; None means the largest eps.
-    aa_phase: called with the number of points AutoAttack gets; the context it returns wraps that AutoAttack run
+    suite: None means AutoAttack (``autoattack``: "standard" | "plus" | "off" | a list of pyautoattack attack names)
+    at ``aa_eps`` (a subset of eps; None: the largest eps).
+    aa_phase: called with the number of points an attack after PGD gets; the context it returns wraps that run
     (the runner sets its thread count there: a few dozen points run faster on one thread).
+    info["breaks"][eps][name]: the points each attack broke first; they add up to the drop from clean to robust.
     """
     check_norm(norm)
     eps_list = [float(e) for e in eps]
     if not eps_list:
         raise AttackError("eps list is empty")
-    if autoattack == "off" or autoattack is None:
-        aa_list: list[float] = []
-    else:
-        aa_list = [max(eps_list)] if aa_eps is None else [float(e) for e in aa_eps]
-        missing = [e for e in aa_list if not any(abs(e - f) <= 1e-12 for f in eps_list)]
-        if missing:
-            raise AttackError(f"aa_eps {missing} not in the eps sweep {eps_list}")
-        aa_list = sorted({min(eps_list, key=lambda f: abs(f - e)) for e in aa_list})
+    if suite is None:
+        off = autoattack == "off" or autoattack is None
+        suite = [] if off else [SuiteStep("autoattack", tuple([max(eps_list)] if aa_eps is None else aa_eps),
+                                          {"version": autoattack})]
+    suite = [SuiteStep(s.name, tuple(_on_sweep(s.eps, eps_list, s.name)), dict(s.options)) for s in suite]
     was_training = model.training
     model.eval()
     try:
         t0 = time.perf_counter()
-        if log:
-            log(f"pgd: {norm} eps={eps_list} steps={steps} restarts={restarts} on {x.shape[0]} points")
-        pr = pgd_sweep(model, x, y, eps_list, norm=norm, steps=steps, step_size=step_size, restarts=restarts,
-                       loss=loss, seed=seed, max_batch=max_batch, log=log)
-        clean = pr.info["clean"]
-        pgd_robust, x_adv, checks = {}, {}, {}
-
-        def rerun(idx, ek, k):
-            return pgd_sweep(model, x[idx], y[idx], [ek], norm=norm, steps=steps, step_size=step_size,
-                             restarts=restarts, loss=loss, seed=seed + k, max_batch=max_batch).x_adv[0]
-
-        for i, e in enumerate(eps_list):  # the one validation path, for our own examples too
-            ck = check_attack(model, x, y, pr.x_adv[i], e, norm, rerun=rerun, batch=max_batch, log=log)
-            pgd_robust[e], x_adv[e] = ~ck.broken, ck.x_adv
-            checks[e] = {"pgd": ck.info}
-        _monotone(eps_list, pgd_robust, x_adv)
+        clean, pgd_robust, x_adv, checks, pgd_info = _pgd_stage(model, x, y, eps_list, norm, steps, restarts,
+                                                                step_size, loss, seed, max_batch, log, pgd)
         t_pgd = time.perf_counter() - t0
         robust = {e: v.clone() for e, v in pgd_robust.items()}
-        aa_robust: dict = {}
-        flags: set = set()
-        aa_info: dict = {}
-        t1 = time.perf_counter()
-        for e in aa_list:
-            idx = torch.nonzero(robust[e]).flatten()
-            if log:
-                log(f"autoattack: {autoattack} {norm} eps={e} on {idx.numel()} points PGD did not break")
-            with (aa_phase or _no_context)(idx.numel()):
-                res = run_autoattack(model, x[idx], y[idx], e, norm=norm, version=autoattack, seed=seed,
-                                     batch_size=aa_batch_size, log=log, n_total=x.shape[0])
-                extra = _masking_restarts(model, x[idx], y[idx], e, norm, res, seed, aa_batch_size, log)
-            flags.update(res.flags)
-            broke = idx[~res.robust]
-            for f in eps_list:  # monotone: an example inside the eps-ball lies in every larger ball
-                if f >= e and broke.numel():
-                    newly = broke[robust[f][broke]]
-                    robust[f][newly] = False
-                    x_adv[f][newly] = res.x_adv[~res.robust][robust_mask_positions(broke, newly)]
-            aa_robust[e] = robust[e].clone()
-            aa_info[e] = {k: v for k, v in res.info.items()}
-            aa_info[e]["broken"] = int(broke.numel())
-            aa_info[e]["masking_restarts"] = extra
-            checks[e]["autoattack"] = res.info.get("check", {})
-        t_aa = time.perf_counter() - t1
+        breaks = {e: ({"pgd": int((clean & ~pgd_robust[e]).sum())} if pgd else {}) for e in eps_list}
+        state = _SuiteState(model, x, y, norm, eps_list, robust, x_adv, checks, breaks, seed, log, aa_phase,
+                            aa_batch_size)
+        for step in suite:
+            state.run(step)
     finally:
         model.train(was_training)
     info = {
-        "pgd": {k: v for k, v in pr.info.items() if k not in ("clean", "broken_step")},
-        "autoattack": aa_info,
-        "aa_eps": aa_list,
+        "pgd": pgd_info,
+        "autoattack": state.aa_info,
+        "aa_eps": sorted(state.aa_robust),
         "check": checks,
         "reattacked": {e: sum(c.get("reattacked", 0) for c in checks[e].values()) for e in eps_list},
         "n": int(x.shape[0]),
+        "breaks": breaks,
+        "suite": (["pgd"] if pgd else []) + [s.name for s in suite],
+        "seconds": {**({"pgd": t_pgd} if pgd else {}), **state.seconds},
+        "settings": {s.name: s.options for s in suite},
+        "details": state.details,
     }
-    return RobustEval(clean=clean, pgd_robust=pgd_robust, aa_robust=aa_robust, robust=robust, x_adv=x_adv,
-                      aa_flags=sorted(flags), timings={"pgd": t_pgd, "autoattack": t_aa}, info=info)
+    t_aa = state.seconds.get("autoattack", 0.0)
+    timings = {"pgd": t_pgd, "autoattack": t_aa, "suite": sum(state.seconds.values())}
+    return RobustEval(clean=clean, pgd_robust=pgd_robust, aa_robust=state.aa_robust, robust=robust, x_adv=x_adv,
+                      aa_flags=sorted(state.flags), timings=timings, info=info)
+
+
+def _on_sweep(eps, eps_list, name) -> list:
+    """An attack's eps, each matched to the sweep's own value (an attack runs only where robust accuracy is
+    reported)."""
+    out = []
+    for e in eps:
+        near = min(eps_list, key=lambda f: abs(f - float(e)))
+        if abs(near - float(e)) > 1e-12:
+            raise AttackError(f"{name}: eps {float(e):g} not in the eps sweep {eps_list}")
+        out.append(near)
+    return sorted(set(out))
+
+
+def _pgd_stage(model, x, y, eps_list, norm, steps, restarts, step_size, loss, seed, max_batch, log, pgd):
+    """The PGD sweep with every example validated; without PGD, nothing is broken yet (robust = clean)."""
+    if not pgd:
+        from .threat import misclassified
+        clean = ~misclassified(model, x, y, max_batch)
+        return (clean, {e: clean.clone() for e in eps_list}, {e: x.detach().clone() for e in eps_list},
+                {e: {} for e in eps_list}, {})
+    if log:
+        log(f"pgd: {norm} eps={eps_list} steps={steps} restarts={restarts} on {x.shape[0]} points")
+    pr = pgd_sweep(model, x, y, eps_list, norm=norm, steps=steps, step_size=step_size, restarts=restarts,
+                   loss=loss, seed=seed, max_batch=max_batch, log=log)
+    pgd_robust, x_adv, checks = {}, {}, {}
+
+    def rerun(idx, ek, k):
+        return pgd_sweep(model, x[idx], y[idx], [ek], norm=norm, steps=steps, step_size=step_size,
+                         restarts=restarts, loss=loss, seed=seed + k, max_batch=max_batch).x_adv[0]
+
+    for i, e in enumerate(eps_list):  # the one validation path, for our own examples too
+        ck = check_attack(model, x, y, pr.x_adv[i], e, norm, rerun=rerun, batch=max_batch, log=log)
+        pgd_robust[e], x_adv[e] = ~ck.broken, ck.x_adv
+        checks[e] = {"pgd": ck.info}
+    _monotone(eps_list, pgd_robust, x_adv)
+    return pr.info["clean"], pgd_robust, x_adv, checks, {k: v for k, v in pr.info.items()
+                                                         if k not in ("clean", "broken_step")}
+
+
+class _SuiteState:
+    """What the attacks after PGD share: per eps the points still robust and their examples, which attack broke
+    what first, AutoAttack's own records, and each attack's time."""
+
+    def __init__(self, model, x, y, norm, eps_list, robust, x_adv, checks, breaks, seed, log, phase, aa_batch):
+        self.model, self.x, self.y, self.norm, self.eps_list = model, x, y, norm, eps_list
+        self.robust, self.x_adv, self.checks, self.breaks = robust, x_adv, checks, breaks
+        self.seed, self.log, self.phase, self.aa_batch = seed, log, phase or _no_context, aa_batch
+        self.aa_robust: dict = {}
+        self.aa_info: dict = {}
+        self.flags: set = set()
+        self.seconds: dict = {}
+        self.details: dict = {}
+
+    def run(self, step: SuiteStep) -> None:
+        t0 = time.perf_counter()
+        for e in step.eps:
+            idx = torch.nonzero(self.robust[e]).flatten()
+            if self.log:
+                log_what = step.options.get("version", "") if step.name == "autoattack" else ""
+                self.log(f"{step.name}: {log_what} {self.norm} eps={e} on {idx.numel()} points nothing broke yet"
+                         .replace(":  ", ": "))
+            if idx.numel() == 0:  # nothing left to attack at this eps
+                self._record(step.name, e, idx, torch.zeros(0, dtype=torch.bool, device=self.x.device), self.x[:0])
+                if step.name == "autoattack":
+                    self.aa_robust[e] = self.robust[e].clone()
+                continue
+            with self.phase(idx.numel()):
+                if step.name == "autoattack":
+                    still, examples = self._autoattack(idx, e, step.options.get("version", "standard"))
+                else:
+                    still, examples = self._registered(step, idx, e)
+            self._record(step.name, e, idx, still, examples)
+            if step.name == "autoattack":  # robustness after the AutoAttack stage (robust_acc <= autoattack_acc)
+                self.aa_robust[e] = self.robust[e].clone()
+        self.seconds[step.name] = self.seconds.get(step.name, 0.0) + time.perf_counter() - t0
+
+    def _record(self, name, e, idx, still, examples) -> None:
+        broke = idx[~still]
+        for f in self.eps_list:  # monotone: an example inside the eps-ball lies in every larger ball
+            if f >= e and broke.numel():
+                newly = broke[self.robust[f][broke]]
+                self.robust[f][newly] = False
+                self.x_adv[f][newly] = examples[~still][robust_mask_positions(broke, newly)]
+                self.breaks[f][name] = self.breaks[f].get(name, 0) + int(newly.numel())
+            elif f >= e:
+                self.breaks[f].setdefault(name, 0)
+
+    def _autoattack(self, idx, e, version):
+        x, y = self.x[idx], self.y[idx]
+        res = run_autoattack(self.model, x, y, e, norm=self.norm, version=version, seed=self.seed,
+                             batch_size=self.aa_batch, log=self.log, n_total=self.x.shape[0])
+        extra = masking_restarts(self.model, x, y, e, self.norm, res, self.seed, self.aa_batch, self.log)
+        self.flags.update(res.flags)
+        self.aa_info[e] = dict(res.info, broken=int((~res.robust).sum()), masking_restarts=extra)
+        self.checks[e]["autoattack"] = res.info.get("check", {})
+        return res.robust, res.x_adv
+
+    def _registered(self, step, idx, e):
+        from .registry import get_attack
+        attack = get_attack(step.name, **{k: v for k, v in step.options.items() if k != "eps"})
+        x, y = self.x[idx], self.y[idx]
+        out = attack.run(self.model, x, y, e, norm=self.norm, seed=self.seed, log=self.log)
+        rerun = lambda j, ek, k: attack.run(self.model, x[j], y[j], ek, norm=self.norm,  # noqa: E731
+                                             seed=self.seed + k).x_adv
+        ck = check_attack(self.model, x, y, out.x_adv, e, self.norm, rerun=rerun, log=self.log)
+        self.checks[e][step.name] = ck.info
+        self.flags.update(out.info.get("flags", []))
+        if "stages" in out.info:  # a suite's own account of its stages
+            self.details.setdefault(step.name, {})[e] = out.info["stages"]
+        return ~ck.broken, ck.x_adv
 
 
 def _no_context(n_points: int) -> ContextManager:
     return nullcontext()
-
-
-# pyautoattack's own advice when these flags appear: run Square with more restarts
-MASKING_FLAGS = ("zero_gradients", "square_beats_whitebox", "randomized")
-MASKING_SQUARE_RESTARTS = 2
-
-
-def _masking_restarts(model, x, y, eps, norm, res, seed, batch_size, log) -> dict:
-    """Where AutoAttack saw signs of gradient masking, gradient-based attacks cannot be trusted on the survivors:
-    Square (black box) runs again with other seeds on them, so the pipeline does strictly more than AutoAttack
-    alone on every point it calls robust. Updates ``res`` in place; returns what it did."""
-    done = {"restarts": 0, "broken": 0}
-    if not set(res.flags) & set(MASKING_FLAGS) or "square" not in res.info.get("attacks", ()):
-        return done
-    for k in range(1, MASKING_SQUARE_RESTARTS + 1):
-        alive = res.robust.nonzero().flatten()
-        if alive.numel() == 0:
-            break
-        if log:
-            log(f"autoattack flags {res.flags}: Square restart {k} on {alive.numel()} survivors")
-        sq = run_autoattack(model, x[alive], y[alive], eps, norm=norm, version=["square"], seed=seed + 1000 * k,
-                            batch_size=batch_size, log=log)
-        got = alive[~sq.robust]
-        res.robust[got] = False
-        res.x_adv[got] = sq.x_adv[~sq.robust]
-        done["restarts"] += 1
-        done["broken"] += int(got.numel())
-    return done
 
 
 def _monotone(eps_list, robust: dict, x_adv: dict) -> None:

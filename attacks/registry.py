@@ -76,6 +76,22 @@ def list_attacks(pattern: str = "*") -> list[AttackEntry]:
     return [e for n, e in sorted(_REGISTRY.items()) if fnmatch.fnmatch(n, pattern)]
 
 
+_CALL_PARAMS = {"model", "x", "y", "eps", "norm", "seed", "log"}
+
+
+def attack_options(name: str) -> dict:
+    """The options ``get_attack(name, **options)`` accepts, with their defaults (None where the default is None or
+    the attack's own): the factory's keyword parameters, and for torchattacks adapters those of the wrapped class."""
+    import inspect
+    entry = _REGISTRY[name] if name in _REGISTRY else get_attack(name).entry
+    params = inspect.signature(entry.factory).parameters
+    out = {k: (None if p.default is inspect.Parameter.empty else p.default) for k, p in params.items()
+           if k not in _CALL_PARAMS and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    for k in getattr(entry.factory, "extra_options", ()):
+        out.setdefault(k, None)
+    return out
+
+
 def get_attack(name: str, **kw) -> Attack:
     if name not in _REGISTRY:
         raise AttackError(f"unknown attack {name!r}; known: {', '.join(sorted(_REGISTRY))}")
@@ -87,13 +103,13 @@ def get_attack(name: str, **kw) -> Attack:
 
 def _pgd_factory(loss: str, targeted: bool):
     def run(model, x, y, eps, *, norm, seed, log=None, steps=100, restarts=1, step_size=None, random_start=True,
-            max_batch=None, **kw):
+            max_batch=None, loss=loss):
         was = model.training
         model.eval()
         try:
             r = pgd_sweep(model, x, y, [eps], norm=norm, steps=steps, step_size=step_size, restarts=restarts,
-                          loss=kw.pop("loss", loss), targeted=targeted, random_start=random_start, seed=seed,
-                          max_batch=max_batch, log=log, **kw)
+                          loss=loss, targeted=targeted, random_start=random_start, seed=seed,
+                          max_batch=max_batch, log=log)
         finally:
             model.train(was)
         info = {k: v for k, v in r.info.items() if k not in ("clean", "broken_step")}
@@ -115,9 +131,8 @@ register_attack("pgd-t", kind="pgd", description="our batched targeted PGD (marg
 # AutoAttack (pyautoattack)
 
 def _aa_factory(version):
-    def run(model, x, y, eps, *, norm, seed, log=None, batch_size=1000, **kw):
-        r = run_autoattack(model, x, y, eps, norm=norm, version=kw.pop("version", version), seed=seed,
-                           batch_size=batch_size, log=log, **kw)
+    def run(model, x, y, eps, *, norm, seed, log=None, batch_size=1000, version=version):
+        r = run_autoattack(model, x, y, eps, norm=norm, version=version, seed=seed, batch_size=batch_size, log=log)
         info = dict(r.info)
         info["flags"] = r.flags
         return AttackOutput(r.robust, r.x_adv, info)
@@ -132,6 +147,18 @@ register_attack("autoattack-plus", kind="autoattack", description="AutoAttack pl
 for _a in AA_ATTACKS:
     register_attack(f"aa-{_a}", kind="autoattack", description=f"pyautoattack {_a.upper()} alone (standard "
                     "settings)")(_aa_factory([_a]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the fast suite
+
+@register_attack("fast", kind="suite", description="AutoAttack-grade suite at a fraction of its cost: PGD with "
+                 "early exit, APGD-T on each point's nearest ranked targets, Square with an adaptive budget")
+def _fast(model, x, y, eps, *, norm, seed, log=None, steps=100, targets=3, square_queries=1000, batch_size=1000):
+    from .fast import run_fast
+    robust, x_adv, info = run_fast(model, x, y, eps, norm=norm, seed=seed, log=log, steps=steps, targets=targets,
+                                   square_queries=square_queries, batch_size=batch_size)
+    return AttackOutput(robust, x_adv, info)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,7 +203,24 @@ def _ta_factory(cls_name: str, build: Callable, needs_image: bool = False, bound
         return AttackOutput(~checked.broken, checked.x_adv,
                             {"attack": cls_name, "torchattacks_kw": kw, "check": checked.info})
 
+    run.extra_options = _torchattacks_options(cls_name, build)
     return run
+
+
+def _torchattacks_options(cls_name: str, build: Callable) -> tuple:
+    """The keyword options a torchattacks adapter passes on: its builder's own and the wrapped class's."""
+    import inspect
+    names = [k for k, p in inspect.signature(build).parameters.items()
+             if k not in ("cls", "net", "eps", "norm") and p.kind != p.VAR_KEYWORD]
+    try:
+        import torchattacks
+        cls = getattr(torchattacks, cls_name)
+        names += [k for k, p in inspect.signature(cls.__init__).parameters.items()
+                  if k not in ("self", "model", "eps", "norm", "seed", "verbose", "device")
+                  and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    except (ImportError, AttributeError, ValueError):  # pragma: no cover - torchattacks is a dependency
+        pass
+    return tuple(dict.fromkeys(names))
 
 
 def _b_fgsm(cls, net, eps, norm, **kw):

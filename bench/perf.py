@@ -339,6 +339,10 @@ def _parser():
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--attacks" in argv:  # AutoAttack alone, our pipeline and the fast suite on a zoo of five models
+        from bench.attacks_perf import main as attacks_perf
+        argv.remove("--attacks")
+        return attacks_perf(argv)
     if "--scale" in argv:  # executors and the thread policy instead of the attack benchmark
         from bench.scale_perf import main as scale
         argv.remove("--scale")

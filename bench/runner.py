@@ -23,7 +23,7 @@ from bench import __version__
 from bench.device import resolve_device
 from bench import smooth
 from bench import threads
-from bench.spec import SMOOTH_KEYS, cell_id, train_key
+from bench.spec import DEFAULT_ATTACKS, SMOOTH_KEYS, cell_id, train_key
 from bench.train import TrainConfig, accuracy, train
 from lawbench.reports.rows import eps_key
 
@@ -160,8 +160,8 @@ def _evaluate(model, data, cell, device, timer, chooser, phase, log) -> dict:
         phase(f"PGD {threat} over {len(eps)} eps")
         ev = attacks.robust_eval(model, x_test, y_test, norm=threat, eps=eps, steps=cell["pgd_steps"],
                                  restarts=cell["pgd_restarts"], step_size=cell["pgd_step_size"] or None,
-                                 autoattack=cell["autoattack"], aa_eps=cell["aa_eps"], seed=cell["seed"], log=log,
-                                 aa_phase=lambda n: chooser.phase("autoattack", n))
+                                 seed=cell["seed"], log=log, aa_phase=lambda n: chooser.phase("autoattack", n),
+                                 pgd="pgd" in cell.get("attacks", DEFAULT_ATTACKS), suite=attack_suite(cell))
     for name, secs in getattr(ev, "timings", {}).items():
         timer.seconds[name] = secs
     n = len(y_test)
@@ -200,8 +200,34 @@ def _evaluate(model, data, cell, device, timer, chooser, phase, log) -> dict:
         "aa_flags": list(ev.aa_flags), "aa_eps": list(cell["aa_eps"]),
         "aa_attacks": {eps_key(e): list(i.get("attacks", [])) for e, i in ev.info["autoattack"].items()},
         "reattacked": {eps_key(e): int(n) for e, n in ev.info["reattacked"].items()},
+        "suite": ev.info["suite"],
+        "attack_breaks": {eps_key(e): dict(b) for e, b in ev.info["breaks"].items()},
+        "attack_seconds": {name: round(t, 4) for name, t in ev.info["seconds"].items()},
+        "attack_details": {name: {eps_key(e): d for e, d in per_eps.items()}
+                           for name, per_eps in ev.info["details"].items()},
+        "attack_settings": {**({"pgd": {"steps": cell["pgd_steps"], "restarts": cell["pgd_restarts"],
+                                        "step_size": cell["pgd_step_size"] or None}}
+                               if "pgd" in ev.info["suite"] else {}),
+                            **{name: {"eps": sorted(step.eps), **step.options}
+                               for name, step in ((s.name, s) for s in attack_suite(cell))}},
         "attack_check": {eps_key(e): c for e, c in ev.info["check"].items()},
     }
+
+
+def attack_suite(cell: dict) -> list:
+    """The attacks after the PGD sweep, in the cell's order: each at its own eps ([attack.NAME] eps) or the cell's
+    AutoAttack eps (else the largest eps), with its options. AutoAttack takes its version from the autoattack key
+    and is left out when that is off."""
+    steps = []
+    for name in cell.get("attacks", DEFAULT_ATTACKS):
+        if name == "pgd" or name == "autoattack" and cell["autoattack"] == "off":
+            continue
+        options = dict(cell.get("attack", {}).get(name, {}))
+        eps = options.pop("eps", None) or cell["aa_eps"] or [max(cell["eps"])]
+        if name == "autoattack":
+            options["version"] = cell["autoattack"]
+        steps.append(attacks.SuiteStep(name, tuple(float(e) for e in eps), options))
+    return steps
 
 
 def _certified_upper(model, in_shape):

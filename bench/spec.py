@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from lawbench.attacks.autoattack import AA_ATTACKS
+from lawbench.attacks.registry import attack_options, list_attacks
 from lawbench.attacks.threat import NORMS
 from bench.train import OPTIMIZERS, RECIPES
 
@@ -32,6 +33,9 @@ class SpecError(ValueError):
 THREATS = NORMS                                   # the attack engine's norms: the threat models a cell can use
 AUTOATTACK_VERSIONS = ("standard", "plus", "off")  # pyautoattack's versions, or none
 AUTOATTACK_NAMES = AA_ATTACKS                      # the attacks a custom AutoAttack run may list (in its order)
+ATTACK_NAMES = tuple(e.name for e in list_attacks())  # the attack registry: what `attacks` may name
+DEFAULT_ATTACKS = ["pgd", "autoattack"]            # the PGD eps sweep, then AutoAttack on what it left
+PGD_OPTIONS = {"steps": "pgd_steps", "restarts": "pgd_restarts", "step_size": "pgd_step_size"}  # [attack.pgd]
 INT64_END = 2 ** 63                                # ints are int64; torch.manual_seed takes a seed below this
 
 
@@ -41,7 +45,8 @@ class Key:
 
     kind: "str" (any string), "choice" (one of `choices`), "int", "float" (finite), "eps" (a list of finite floats,
     each in the range, no duplicates), "table" (an option table of plain values), "choice_or_names" (one of
-    `choices`, or a non-empty list of distinct names from `names`, kept in its order). `lo`/`hi` bound a number (or each
+    `choices`, or a non-empty list of distinct names from `names`, kept in its order), "names" (a non-empty list of
+    distinct names from `names`, in its order). `lo`/`hi` bound a number (or each
     eps), inclusive unless `lo_open`/`hi_open`; every int also lies below INT64_END. `sweep`: the key may hold a list
     of values, one cell per value. `min_len`: the fewest entries an eps list may have.
     """
@@ -114,6 +119,14 @@ SCHEMA: dict[str, Key] = {
     "aa_eps_L2": Key("eps", [1.0], lo=0),
     "autoattack": Key("choice_or_names", "standard", choices=AUTOATTACK_VERSIONS, names=AUTOATTACK_NAMES,
                       doc="a pyautoattack version, off, or a list of its attacks run in that order, e.g. [apgd-ce]"),
+    "attacks": Key("names", DEFAULT_ATTACKS, names=ATTACK_NAMES,
+                   doc="the attacks run, in order, each on the points nothing broke yet: pgd (the PGD sweep over every "
+                       "eps), autoattack (the original; its version is the autoattack key), fast (an AutoAttack-grade "
+                       "suite at a fraction of its cost) or any attack `bench list` shows; attacks after pgd run at "
+                       "aa_eps unless their options give eps"),
+    "attack": Key("table", {}, doc="options per attack, [attack.NAME] option = value (e.g. [attack.ta-square] "
+                                   "n_queries = 1000, eps = [0.1, 0.2]); [attack.pgd] steps/restarts/step_size set "
+                                   "pgd_steps/pgd_restarts/pgd_step_size"),
     "pgd_steps": Key("int", 100, lo=1),
     "pgd_restarts": Key("int", 1, lo=1),
     "pgd_step_size": Key("float", 0.0, lo=0,
@@ -151,7 +164,7 @@ EXECUTOR_OPTIONS: dict[str, tuple[Key, tuple]] = {
                      ("slurm",)),
 }
 
-LIST_KINDS = ("eps", "choice_or_names")  # kinds whose one value may be a list
+LIST_KINDS = ("eps", "choice_or_names", "names")  # kinds whose one value may be a list
 
 DEFAULTS: dict = {key: k.default for key, k in SCHEMA.items()}
 SWEEP_AXES = tuple(key for key, k in SCHEMA.items() if k.sweep)
@@ -232,21 +245,36 @@ def parse_value(raw: str):
 def build_spec(preset: str = "default", overrides: list[str] = ()) -> dict:
     """Defaults, then the preset, then the overrides (dotted keys reach into option tables: data_options.d=32)."""
     spec = json.loads(json.dumps(DEFAULTS))
-    spec.update(load_preset(preset))
+    loaded = load_preset(preset)
+    spec.update(loaded)
+    explicit = set()  # keys the overrides set
     for text in overrides:
         key, value = parse_override(text)
         top, _, sub = key.partition(".")
         _check_key(top, "override")
+        explicit.add(top)
         if sub:
             if not isinstance(spec[top], dict):
                 raise SpecError(f"override '{key}': '{top}' is not an option table")
-            spec[top] = {**spec[top], sub: value}
+            spec[top] = _set_path(spec[top], sub.split(".") if top == "attack" else [sub], value, key)
         else:
             spec[key] = value
     if isinstance(spec["executor"], str):  # executor = "ray" is short for [executor] name = "ray"
         spec["executor"] = {"name": spec["executor"]}
+    _fold_pgd_options(spec, explicit, loaded)
     validate(spec)
     return _normalize(spec)
+
+
+def _set_path(table: dict, path: list, value, key: str) -> dict:
+    """A copy of `table` with table[path[0]][path[1]]... = value (attack.ta-square.n_queries=1000)."""
+    head, rest = path[0], path[1:]
+    if not rest:
+        return {**table, head: value}
+    inner = table.get(head, {})
+    if not isinstance(inner, dict):
+        raise SpecError(f"override '{key}': '{head}' is not an option table")
+    return {**table, head: _set_path(inner, rest, value, key)}
 
 
 def _normalize(spec: dict) -> dict:
@@ -312,6 +340,17 @@ def check_value(key: str, v, k: Key | None = None) -> None:
         elif not isinstance(v, str) or v not in k.choices:
             raise SpecError(f"key '{key}': unknown value {v!r} (known: {', '.join(k.choices)}, or a list of "
                             f"{', '.join(k.names)})")
+    elif k.kind == "names":
+        if not isinstance(v, list) or not v:
+            raise SpecError(f"key '{key}': expected a non-empty list of names (known: {', '.join(k.names)})")
+        for name in v:
+            if not isinstance(name, str) or name not in k.names:
+                import difflib
+                close = difflib.get_close_matches(str(name), k.names, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise SpecError(f"key '{key}': unknown name {name!r}{hint} (`python -m bench list` shows them)")
+        if len(set(v)) != len(v):
+            raise SpecError(f"key '{key}': a name is listed twice in {v!r}")
     elif k.kind == "table":
         if not isinstance(v, dict):
             raise SpecError(f"{bad} (expected an option table)")
@@ -370,10 +409,59 @@ def validate(spec: dict) -> None:
         raise SpecError("key 'target_params': chooses each cell's width; drop the width list "
                         f"{spec['width']} (or set target_params=0)")
     executor_options(spec["executor"])
+    check_attack_options(spec)
     for threat in THREATS:
         missing = set(spec[f"aa_eps_{threat}"]) - set(spec[f"eps_{threat}"])
         if missing:
             raise SpecError(f"key 'aa_eps_{threat}': {sorted(missing)} not in eps_{threat}")
+
+
+def check_attack_options(spec: dict) -> None:
+    """[attack.NAME] tables: each for an attack the spec runs, each option one the attack accepts, an `eps` list
+    inside the eps sweep of every threat swept."""
+    threats = _as_list(spec["threat"])
+    for name, options in spec["attack"].items():
+        if name not in spec["attacks"]:
+            raise SpecError(f"key 'attack.{name}': options for an attack not in attacks {spec['attacks']}")
+        if not isinstance(options, dict):
+            raise SpecError(f"key 'attack.{name}': expected a table of options, got {options!r}")
+        known = set(attack_options(name)) | {"eps"}
+        for option, value in options.items():
+            where = f"key 'attack.{name}.{option}'"
+            if option not in known:
+                raise SpecError(f"{where}: unknown option of attack '{name}' (known: {', '.join(sorted(known))})")
+            if name == "autoattack" and option == "version":
+                raise SpecError(f"{where}: AutoAttack's version is the autoattack key (autoattack = \"plus\")")
+            if option == "eps":
+                check_value(f"attack.{name}.eps", value, Key("eps", [], lo=0, min_len=1))
+                for threat in threats:
+                    missing = sorted(set(map(float, value)) - set(map(float, spec[f"eps_{threat}"])))
+                    if missing:
+                        raise SpecError(f"{where}: {missing} not in eps_{threat}")
+            elif isinstance(value, bool) is False and isinstance(value, (int, float)) and not math.isfinite(value):
+                raise SpecError(f"{where}: must be finite, got {value!r}")
+
+
+def _fold_pgd_options(spec: dict, overridden: set, preset: dict) -> None:
+    """[attack.pgd] steps/restarts/step_size are pgd_steps/pgd_restarts/pgd_step_size: one setting, one place in
+    the cell. They override the preset's pgd_* keys; both given at one level (preset, or command line) with
+    different values is refused."""
+    table = spec["attack"]
+    if not isinstance(table, dict) or not isinstance(table.get("pgd", {}), dict):
+        return  # validate() names what is wrong
+    options = dict(table.get("pgd", {}))
+    for option, key in PGD_OPTIONS.items():
+        if option in options:
+            value = options.pop(option)
+            in_preset = option in preset.get("attack", {}).get("pgd", {}) if isinstance(preset.get("attack"),
+                                                                                           dict) else False
+            same_level = key in overridden and "attack" in overridden or key in preset and in_preset
+            if same_level and spec[key] != value:
+                raise SpecError(f"key 'attack.pgd.{option}': {value!r} contradicts {key} = {spec[key]!r}")
+            spec[key] = value
+    if "pgd" in spec["attack"]:
+        spec["attack"] = {**spec["attack"], "pgd": options} if options else {
+            k: v for k, v in spec["attack"].items() if k != "pgd"}
 
 
 def executor_options(table: dict) -> dict:
@@ -432,6 +520,8 @@ def expand(spec: dict, entries: list = ()) -> list[dict]:
             cell["data_options"] = {**cell["data_options"], "d": d}
         if not cell["target_params"]:  # a cell sized by its width alone: no key, so its id is as before
             cell.pop("target_params")
+        if cell["attacks"] == DEFAULT_ATTACKS and not cell["attack"]:  # the default suite: ids as before
+            cell.pop("attacks"), cell.pop("attack")
         if cell["recipe"] != "smooth":  # other recipes ignore them: their cells (and ids) do not change with them
             for key in SMOOTH_KEYS:
                 cell.pop(key)

@@ -212,3 +212,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
 
 def atomic_write_text(path: Path, data: str) -> Path:
     return atomic_write_bytes(path, data.encode("utf-8"))
+
+
+def row_suite(row: dict) -> list[str]:
+    """The attacks a row was evaluated with, in order: its `suite`, or for rows written before rows named it, the
+    PGD sweep then AutoAttack unless its `autoattack` was off."""
+    suite = row.get("suite")
+    if isinstance(suite, list) and suite:
+        return [text(s) for s in suite]
+    return ["pgd"] if text(row.get("autoattack")) == "off" else ["pgd", "autoattack"]
+
+
+DEFAULT_SUITE = ["pgd", "autoattack"]
+
+
+def suite_label(row: dict) -> str:
+    """'' for the default suite (PGD, then AutoAttack), else 'pgd → ta-square': views split on it, so rows attacked
+    by different suites are never ranked together."""
+    suite = row_suite(row)
+    return "" if suite == DEFAULT_SUITE else " → ".join(suite)

@@ -13,8 +13,8 @@ from .table import headline_eps, row_flags, view_key
 
 
 def _group_key(row: dict, families: dict) -> tuple[str, str, str]:
-    ds, th = view_key(row)
-    return ds, th, text(row.get("family")) or families.get(text(row.get("model"))) or "?"
+    ds, th, suite = view_key(row)
+    return ds, th + (f" · attacks {suite}" if suite else ""), text(row.get("family")) or families.get(text(row.get("model"))) or "?"
 
 
 def _row_sort_key(row: dict):

@@ -48,7 +48,7 @@ def view_heading_facts(view: View) -> str:
     d_eff = MISSING if ctx["d_eff"] is None else f"{ctx['d_eff']:.3g}"
     return (f"n = {_fmt_list(ctx['n_train'], fmt_int)} · d = {_fmt_list(ctx['d'], fmt_int)} · d_eff ≈ {d_eff} · "
             f"label noise {_fmt_list(ctx['label_noise'])} · seeds {', '.join(ctx['seeds']) or MISSING} · "
-            f"headline eps {_fmt_list(ctx['eps'], fmt_eps)}")
+            f"headline eps {_fmt_list(ctx['eps'], fmt_eps)} · attacks {ctx['suite']}")
 
 
 def slope_rows(view: View) -> list[tuple[str, str, dict]]:

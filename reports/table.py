@@ -7,10 +7,12 @@ import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from ._util import acc_at, acc_map, dedupe_eps, is_ok, num, row_eps, row_law_scale, row_ratio, text
+from ._util import (acc_at, acc_map, dedupe_eps, is_ok, num, row_eps, row_law_scale, row_ratio, row_suite,
+                    suite_label, text)
 from .stats import mean_ci
 
 TOL = 1e-9
+MISSING_SUITE = "–"
 
 
 def headline_eps(row: dict) -> float | None:
@@ -81,17 +83,19 @@ def config_key(row: dict) -> tuple:
     return tuple(_hashable(row.get(k)) for k in CONFIG_KEYS)
 
 
-def view_key(row: dict) -> tuple[str, str]:
-    return text(row.get("dataset")) or "?", text(row.get("threat")) or "?"
+def view_key(row: dict) -> tuple[str, str, str]:
+    """(dataset, threat, suite label): a view is one dataset and threat model attacked by one suite of attacks (the
+    label is '' for the default suite), so its ranking never mixes rows evaluated differently."""
+    return text(row.get("dataset")) or "?", text(row.get("threat")) or "?", suite_label(row)
 
 
-def view_title(key: tuple[str, str]) -> str:
-    return f"{key[0]} · {key[1]}"
+def view_title(key: tuple) -> str:
+    return f"{key[0]} · {key[1]}" + (f" · attacks {key[2]}" if len(key) > 2 and key[2] else "")
 
 
-def view_id(key: tuple[str, str]) -> str:
+def view_id(key: tuple) -> str:
     """A stable identifier made of [a-z0-9-] only (HTML ids, URL fragments, file names)."""
-    raw = f"{key[0]}-{key[1]}".lower()
+    raw = "-".join(str(k) for k in key if k).lower()
     s = "".join(c if c.isalnum() and c.isascii() else "-" for c in raw)
     s = "-".join(p for p in s.split("-") if p)
     return "v-" + (s or "x")
@@ -265,6 +269,7 @@ def view_context(view: View) -> dict:
         eps=dedupe_eps(e.eps for e in view.entries if e.eps is not None),
         families=list(dict.fromkeys(e.family for e in view.entries)),
         rows=len(rows),
+        suite=" → ".join(row_suite(rows[0])) if rows else MISSING_SUITE,
     )
 
 

@@ -1,0 +1,156 @@
+"""Attacks by name in the spec: the registry drives the run. Per-attack counts add up to the robust-accuracy drop at
+every eps, each attack's time and settings are in the row, and the default suite keeps its cell ids."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.spec import build_spec, cell_id, expand
+from conftest import TINY, bench_cli
+
+# TINY's AutoAttack is the custom [apgd-ce]; these sweeps name their own attacks
+BASE = [a for a in TINY if not a.startswith("autoattack=")] + ["width=[8]"]
+
+
+def rows(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def assert_breaks_add_up(row):
+    n = row["n_test"]
+    for k, breaks in row["attack_breaks"].items():
+        drop = round((row["clean_acc"] - row["robust_acc"][k]) * n)
+        assert sum(breaks.values()) == drop, (k, breaks, drop)
+        assert set(breaks) <= set(row["suite"])
+
+
+def test_pgd_then_square_through_the_cli(tmp_path):
+    out = tmp_path / "out"
+    res = bench_cli("run", *BASE, "attacks=[pgd,ta-square]", "attack.ta-square.n_queries=200",
+                    "attack.ta-square.eps=[0.05,0.1]", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    (row,) = rows(out)
+    assert row["suite"] == ["pgd", "ta-square"]
+    assert row["attack_settings"]["ta-square"] == {"eps": [0.05, 0.1], "n_queries": 200}
+    assert row["attack_settings"]["pgd"]["steps"] == 10
+    assert set(row["attack_seconds"]) == {"pgd", "ta-square"}
+    assert all(v is None for v in row["autoattack_acc"].values())  # AutoAttack did not run
+    assert_breaks_add_up(row)
+    assert set(row["attack_breaks"]["0.05"]) == {"pgd", "ta-square"}
+    log = (out / "logs" / f"{row['cell_id']}.log").read_text()
+    assert "ta-square: Linf eps=0.05" in log and "ta-square: Linf eps=0.1" in log
+
+
+def test_an_attack_alone_without_pgd(tmp_path):
+    out = tmp_path / "out"
+    res = bench_cli("run", *BASE, "attacks=[ta-fgsm]", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    (row,) = rows(out)
+    assert row["suite"] == ["ta-fgsm"]
+    assert row["pgd_acc"] == {k: row["clean_acc"] for k in row["pgd_acc"]}  # no PGD ran: nothing broken by it
+    assert_breaks_add_up(row)
+    assert row["attack_breaks"]["0.05"] == {}  # FGSM ran only at the AutoAttack eps, 0.1
+
+
+def test_default_suite_keeps_cell_ids_and_counts_its_breaks(tmp_path):
+    default = {cell_id(c) for c in expand(build_spec("default", BASE))}
+    named = {cell_id(c) for c in expand(build_spec("default", [*BASE, "attacks=[pgd,autoattack]"]))}
+    assert default == named
+    other = {cell_id(c) for c in expand(build_spec("default", [*BASE, "attacks=[pgd]"]))}
+    assert other.isdisjoint(default)
+    out = tmp_path / "out"
+    res = bench_cli("run", *BASE, "autoattack=[apgd-ce]", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    (row,) = rows(out)
+    assert row["suite"] == ["pgd", "autoattack"]
+    assert_breaks_add_up(row)
+
+
+@pytest.mark.parametrize("override, culprit", [
+    ("attacks=[pgd,nope]", "attacks"),
+    ("attacks=[]", "attacks"),
+    ("attacks=[pgd,pgd]", "attacks"),
+    ("attack.ta-square.bogus=1", "attack.ta-square"),  # not in attacks
+    ("attack.autoattack.version=plus", "autoattack"),
+    ("attack.pgd.steps=0", "pgd_steps"),
+])
+def test_bad_attack_settings_are_refused(override, culprit, tmp_path):
+    extra = ["attacks=[pgd,ta-square]"] if "bogus" not in override else []
+    res = bench_cli("run", *BASE, *extra, override, "--out", str(tmp_path / "out"))
+    assert res.returncode == 2
+    assert len(res.stderr.strip().splitlines()) == 1 and culprit in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_attack_options_are_checked_against_the_attack():
+    from bench.spec import SpecError
+    with pytest.raises(SpecError, match="unknown option of attack 'ta-square'"):
+        build_spec("default", ["attacks=[pgd,ta-square]", "attack.ta-square.steps=3"])
+    with pytest.raises(SpecError, match=r"\[0.7\] not in eps_Linf"):
+        build_spec("default", ["attacks=[pgd,ta-fgsm]", "attack.ta-fgsm.eps=[0.7]"])
+
+
+def test_fast_suite_through_the_cli(tmp_path):
+    out = tmp_path / "out"
+    res = bench_cli("run", *BASE, "attacks=[fast]", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    (row,) = rows(out)
+    assert row["suite"] == ["fast"]
+    stages = row["attack_details"]["fast"]["0.1"]
+    assert list(stages) == ["pgd", "apgd-t", "square"][:len(stages)]
+    assert stages["pgd"]["attacked"] == round(row["clean_acc"] * row["n_test"])  # the correctly classified points
+    assert_breaks_add_up(row)
+    assert sum(s["broke"] for s in stages.values()) == row["attack_breaks"]["0.1"]["fast"]
+
+
+def quantized(model, levels=8):
+    """A gradient-masking input quantization in front of a model (zero gradient almost everywhere)."""
+    from bench.attacks_perf import Quantize
+    import torch
+    return torch.nn.Sequential(Quantize(levels), model).eval()
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    from conftest import digits_split, train_digits_mlp
+    xtr, ytr, xte, yte = digits_split(600, slice(1000, 1060))
+    plain = train_digits_mlp(0, xtr, ytr, width=64, epochs=80)
+    return {"mlp": plain, "quantized": quantized(plain)}, xte, yte
+
+
+@pytest.mark.parametrize("name", ["mlp", "quantized"])
+def test_fast_suite_at_or_below_autoattack(zoo, name):
+    """On the same points and seed the fast suite keeps no more points than AutoAttack standard, and on the
+    gradient-masked model it raises AutoAttack's zero-gradient flag and spends the full Square budget."""
+    from lawbench.attacks import run_autoattack
+    from lawbench.attacks.fast import run_fast
+    models, x, y = zoo
+    model, eps = models[name], 0.08
+    aa = run_autoattack(model, x, y, eps, norm="Linf", version="standard", seed=0)
+    robust, x_adv, info = run_fast(model, x, y, eps, norm="Linf", seed=0)
+    assert int(robust.sum()) <= int(aa.robust.sum())
+    broke = ~robust
+    with __import__("torch").no_grad():
+        assert bool((model(x_adv[broke]).argmax(1) != y[broke]).all())  # every break is a real example
+    assert float((x_adv - x).abs().max()) <= eps + 1e-6
+    if name == "quantized":
+        assert "zero_gradients" in info["flags"]
+        assert info["stages"]["square"]["queries"] == 5000
+
+
+def test_perf_attacks_quick_writes_json(tmp_path, capsys):
+    """`bench perf --attacks --quick`: every zoo model measured three ways; the maxima recomputed from them."""
+    import bench.perf as perf
+    out = tmp_path / "attacks.json"
+    assert perf.main(["--attacks", "--quick", "--json", str(out), "--cache", str(tmp_path / "cache")]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["models"]) == {"mlp-erm", "mlp-pgdat", "cnn-erm", "cnn-pgdat", "mlp-quantized"}
+    per = res["models"].values()
+    assert res["fast_acc_gap_max"] == max(m["fast_acc_gap"] for m in per)
+    assert res["fast_time_ratio"] == max(m["fast_time_ratio"] for m in per)
+    assert res["pipeline_time_ratio"] == max(m["pipeline_time_ratio"] for m in per)
+    for m in per:
+        assert m["acc_pipeline"] <= m["acc_autoattack"]  # our pipeline never above AutoAttack alone
+        assert m["acc_fast"] <= m["clean"] and m["acc_autoattack"] <= m["clean"]
+    assert "fast_time_ratio" in capsys.readouterr().out
