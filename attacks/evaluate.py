@@ -8,7 +8,7 @@ from typing import Callable, ContextManager, Sequence
 
 import torch
 
-from .autoattack import masking_restarts, run_autoattack
+from .autoattack import MASKING_FLAGS, MASKING_SQUARE_RESTARTS, masking_restarts, run_autoattack  # noqa: F401
 from .pgd import AttackError, check_norm, pgd_sweep
 from .threat import check_attack
 
@@ -106,7 +106,7 @@ def robust_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, nor
         "details": state.details,
     }
     t_aa = state.seconds.get("autoattack", 0.0)
-    timings = {"pgd": t_pgd, "autoattack": t_aa, "suite": sum(state.seconds.values())}
+    timings = {"pgd": t_pgd, "autoattack": t_aa}
     return RobustEval(clean=clean, pgd_robust=pgd_robust, aa_robust=state.aa_robust, robust=robust, x_adv=x_adv,
                       aa_flags=sorted(state.flags), timings=timings, info=info)
 
@@ -175,6 +175,7 @@ class _SuiteState:
                 self._record(step.name, e, idx, torch.zeros(0, dtype=torch.bool, device=self.x.device), self.x[:0])
                 if step.name == "autoattack":
                     self.aa_robust[e] = self.robust[e].clone()
+                    self.aa_info[e] = {"attacks": [], "n_attacked": 0, "broken": 0, "masking_restarts": {}}
                 continue
             with self.phase(idx.numel()):
                 if step.name == "autoattack":
