@@ -14,9 +14,7 @@ ours / AutoAttack), ``pipeline_acc_gap_max``, and per model the details.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -178,8 +176,6 @@ def main(argv=None) -> int:
     res = measure(args.quick, _cache_dir(args.cache), n, args.eps, lambda m: print(m, file=sys.stderr, flush=True))
     _print(res)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(str(args.json) + ".tmp")
-        tmp.write_text(json.dumps(res, indent=2, default=str) + "\n")
-        os.replace(tmp, args.json)
+        from bench.perf import write_json
+        write_json(args.json, res)
     return 0

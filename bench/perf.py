@@ -465,11 +465,16 @@ def main(argv=None) -> int:
         res["targets"]["aa_time_ratio<=1"] = res["aa_time_ratio"] <= 1.0 and a["verdict"]["not_weaker"]
     _print(res)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(str(args.json) + ".tmp")
-        tmp.write_text(json.dumps(res, indent=2, default=str) + "\n")
-        os.replace(tmp, args.json)
+        write_json(args.json, res)
     return 0
+
+
+def write_json(path, res: dict) -> None:
+    """The results as JSON at `path`, atomically (a temporary file renamed into place)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 def _print(res):

@@ -108,7 +108,7 @@ def run_command(args, console: Console) -> int:
     preset, overrides = _split_args(args.args)
     spec = build_spec(preset, overrides)
     check_out_dir(args.out)
-    executor_table(spec, args)  # a bad executor option is bad input, found before anything loads
+    executor = executor_table(spec, args)  # a bad executor option is bad input, found before anything loads
     resolve_device(args.device)  # an unknown or absent device is bad input, found before the store opens
     load_models(args.plugin)
     entries = read_entries(args.entry)
@@ -122,7 +122,7 @@ def run_command(args, console: Console) -> int:
         return 0
     plugins = tuple(str(Path(p).resolve()) if p.endswith(".py") or "/" in p else p for p in args.plugin)
     return run_cells(cells, Path(args.out), console, device=args.device, data_dir=args.data_dir,
-                     executor=executor_table(spec, args), plugins=plugins)
+                     executor=executor, plugins=plugins)
 
 
 def executor_table(spec: dict, args) -> dict:

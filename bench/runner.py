@@ -156,12 +156,13 @@ def _evaluate(model, data, cell, device, timer, chooser, phase, log) -> dict:
     with timer("clean"):
         phase("clean accuracy")
         clean_acc = accuracy(model, x_test, y_test)
+    suite = attack_suite(cell)
     with timer("attacks"):
         phase(f"PGD {threat} over {len(eps)} eps")
         ev = attacks.robust_eval(model, x_test, y_test, norm=threat, eps=eps, steps=cell["pgd_steps"],
                                  restarts=cell["pgd_restarts"], step_size=cell["pgd_step_size"] or None,
                                  seed=cell["seed"], log=log, aa_phase=lambda n: chooser.phase("autoattack", n),
-                                 pgd="pgd" in cell.get("attacks", DEFAULT_ATTACKS), suite=attack_suite(cell))
+                                 pgd="pgd" in cell.get("attacks", DEFAULT_ATTACKS), suite=suite)
     for name, secs in getattr(ev, "timings", {}).items():
         timer.seconds[name] = secs
     n = len(y_test)
@@ -208,8 +209,7 @@ def _evaluate(model, data, cell, device, timer, chooser, phase, log) -> dict:
         "attack_settings": {**({"pgd": {"steps": cell["pgd_steps"], "restarts": cell["pgd_restarts"],
                                         "step_size": cell["pgd_step_size"] or None}}
                                if "pgd" in ev.info["suite"] else {}),
-                            **{name: {"eps": sorted(step.eps), **step.options}
-                               for name, step in ((s.name, s) for s in attack_suite(cell))}},
+                            **{step.name: {"eps": sorted(step.eps), **step.options} for step in suite}},
         "attack_check": {eps_key(e): c for e, c in ev.info["check"].items()},
     }
 

@@ -123,8 +123,6 @@ def main(argv=None) -> int:
     res = measure(args.quick, lambda msg: print(msg, file=sys.stderr, flush=True))
     _print(res)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(str(args.json) + ".tmp")
-        tmp.write_text(json.dumps(res, indent=2) + "\n")
-        os.replace(tmp, args.json)
+        from bench.perf import write_json
+        write_json(args.json, res)
     return 0

@@ -438,8 +438,6 @@ def check_attack_options(spec: dict) -> None:
                     missing = sorted(set(map(float, value)) - set(map(float, spec[f"eps_{threat}"])))
                     if missing:
                         raise SpecError(f"{where}: {missing} not in eps_{threat}")
-            elif isinstance(value, bool) is False and isinstance(value, (int, float)) and not math.isfinite(value):
-                raise SpecError(f"{where}: must be finite, got {value!r}")
 
 
 def _fold_pgd_options(spec: dict, overridden: set, preset: dict) -> None:
@@ -450,12 +448,12 @@ def _fold_pgd_options(spec: dict, overridden: set, preset: dict) -> None:
     if not isinstance(table, dict) or not isinstance(table.get("pgd", {}), dict):
         return  # validate() names what is wrong
     options = dict(table.get("pgd", {}))
+    preset_attack = preset.get("attack")
+    preset_pgd = preset_attack.get("pgd", {}) if isinstance(preset_attack, dict) else {}
     for option, key in PGD_OPTIONS.items():
         if option in options:
             value = options.pop(option)
-            in_preset = option in preset.get("attack", {}).get("pgd", {}) if isinstance(preset.get("attack"),
-                                                                                           dict) else False
-            same_level = key in overridden and "attack" in overridden or key in preset and in_preset
+            same_level = key in overridden and "attack" in overridden or key in preset and option in preset_pgd
             if same_level and spec[key] != value:
                 raise SpecError(f"key 'attack.pgd.{option}': {value!r} contradicts {key} = {spec[key]!r}")
             spec[key] = value
