@@ -75,25 +75,31 @@ def use_threads(n: int):
         torch.set_num_threads(old)
 
 
-def _time_step(model: torch.nn.Module, x: torch.Tensor, threads: int) -> float:
-    """Median milliseconds of one forward and backward of the model's logits at `threads` threads."""
+def _time_steps(model: torch.nn.Module, x: torch.Tensor, counts: tuple) -> dict:
+    """Median milliseconds of one forward and backward of the model's logits at each thread count. The counts take
+    turns, repetition by repetition, so a change in the machine's load during the probe falls on all of them alike
+    (timed one after the other, a burst of load on one side decided the choice)."""
     def step():
         xi = x.detach().clone().requires_grad_(True)
         model.zero_grad(set_to_none=True)
         model(xi).sum().backward()
 
-    with use_threads(threads):
-        step()  # warm-up: allocations and kernel selection
-        times, spent = [], 0.0
-        for _ in range(PROBE_REPS):
-            t0 = time.perf_counter()
+    times: dict = {t: [] for t in counts}
+    for t in counts:  # warm-up: allocations and kernel selection
+        with use_threads(t):
             step()
-            dt = time.perf_counter() - t0
-            times.append(dt)
+    spent = 0.0
+    for _ in range(PROBE_REPS):
+        for t in counts:
+            with use_threads(t):
+                t0 = time.perf_counter()
+                step()
+                dt = time.perf_counter() - t0
+            times[t].append(dt)
             spent += dt
-            if spent > PROBE_SECONDS / 2:
-                break
-    return 1000 * statistics.median(times)
+        if spent > PROBE_SECONDS:
+            break
+    return {t: 1000 * statistics.median(v) for t, v in times.items()}
 
 
 class ThreadChooser:
@@ -126,7 +132,7 @@ class ThreadChooser:
         was_training = self.model.training
         self.model.eval()
         try:
-            timed = {t: round(_time_step(self.model, x.to(self.device), t), 3) for t in (1, n)}
+            timed = {t: round(ms, 3) for t, ms in _time_steps(self.model, x.to(self.device), (1, n)).items()}
         finally:
             self.model.zero_grad(set_to_none=True)
             self.model.train(was_training)
