@@ -22,9 +22,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from .threat import input_grad
-from .pgd import (AttackError, PGDResult, _auto_max_batch, _project_l2, _rand_start, _step, attack_loss, box_bounds,
-                  alpha_at, check_loss, describe_step, check_norm, eps_and_step_sizes, is_oom, pgd_sweep)
+from .ascent import Ascent, Rows, ascend
+from .errors import AttackError
+from .pgd import PGDResult, Sweep, auto_max_batch, is_oom, pgd_sweep
+from .threat import (attack_loss, box_bounds, check_loss, check_norm, describe_step, eps_and_step_sizes, input_grad,
+                     random_start, start_point)
 
 LAYOUTS = ("auto", "stacked", "sequential")
 
@@ -121,13 +123,34 @@ def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.reshape(M * t.shape[1], *t.shape[2:])[flat.reshape(-1)].reshape(M, B, *t.shape[2:])
 
 
-def _stacked_group(F_, M, shape, x0, y, lo, hi, alive, eps, alpha, norm, steps, loss, random_start, gens, counters,
-                   x_init=None):
-    """One PGD run of all models on their alive rows. x0/lo/hi (M, A, d), y (M, A), alive (M, A) bool.
+class StackedGradient:
+    """Logits and input gradients of M stacked models on grouped rows (M blocks of B rows, block m for model m)."""
+
+    def __init__(self, F_, M: int, shape: tuple, loss: str):
+        self.F, self.M, self.shape, self.loss = F_, M, tuple(shape), loss
+
+    def __call__(self, rows: Rows, need_grad: bool = True):
+        x, M = rows.x, self.M
+        B = x.shape[0] // M
+        if not need_grad:
+            with torch.no_grad():
+                z = self.F(x.view(M, B, *self.shape))
+            return z.reshape(M * B, -1), None
+        x.requires_grad_(True)
+        with torch.enable_grad():
+            z = self.F(x.view(M, B, *self.shape)).reshape(M * B, -1)
+            g = input_grad(attack_loss(z, rows.y, self.loss).sum(), x)
+        x.requires_grad_(False)
+        return z.detach(), g
+
+
+def _stacked_run(grad: StackedGradient, plan: Ascent, x0, y, lo, hi, alive, eps, start):
+    """One PGD run of all models on their alive rows. x0/lo/hi (M, A, d), y (M, A), alive (M, A) bool;
+    start(xg0, lo, hi, counts, pos) gives the start of the rows gathered at pos (M, Ap).
 
     Returns broken (M, A) bool, x_out (M, A, d) (valid where alive), brk_step (M, A)."""
     dev = x0.device
-    M_, A, d = x0.shape
+    M, A, d = x0.shape
     counts = alive.sum(1)
     Ap = int(counts.max())
     broken = torch.zeros(M, A, dtype=torch.bool, device=dev)
@@ -137,110 +160,89 @@ def _stacked_group(F_, M, shape, x0, y, lo, hi, alive, eps, alpha, norm, steps, 
         return broken, x_out, brk
     pos = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)[:, :Ap]
     valid = torch.arange(Ap, device=dev)[None, :] < counts[:, None]
-    xg0, yg, log_, hig = _gather_rows(x0, pos), _gather_rows(y, pos), _gather_rows(lo, pos), _gather_rows(hi, pos)
-    if x_init is not None:
-        xi = _gather_rows(x_init, pos)
-        if norm == "Linf":
-            xs = torch.clamp(xi, log_, hig)
-        else:
-            xs = _project_l2(xg0.reshape(M * Ap, d), xi.reshape(M * Ap, d), eps).reshape(M, Ap, d)
-    elif random_start:
-        xs = xg0.clone()
-        for m in range(M):
-            n = int(counts[m])
-            if n:
-                xs[m, :n] = _rand_start(xg0[m, :n], log_[m, :n], hig[m, :n], eps, norm, gens[m])
-    else:
-        xs = xg0.clone()
-    for t in range(steps + 1):
-        last = t == steps
-        if last:
-            with torch.no_grad():
-                z = F_(xs.view(M, xs.shape[1], *shape))
-            counters["fwd_rows"] += int(valid.sum())
-        else:
-            xs.requires_grad_(True)
-            with torch.enable_grad():
-                z = F_(xs.view(M, xs.shape[1], *shape))
-        hit = valid & (z.detach().argmax(2) != yg)
-        if bool(hit.any()):
-            mi, si = hit.nonzero(as_tuple=True)
-            pi = pos[mi, si]
-            broken[mi, pi] = True
-            x_out[mi, pi] = xs.detach()[mi, si]
-            brk[mi, pi] = t
-            valid = valid & ~hit
-            if not bool(valid.any()):
-                return broken, x_out, brk
-        if last:
-            break
-        with torch.enable_grad():
-            C = z.shape[-1]
-            obj = (attack_loss(z.reshape(-1, C), yg.reshape(-1), loss) * valid.reshape(-1)).sum()
-            g = input_grad(obj, xs)
-        counters["grad_rows"] += int(valid.sum())
-        xs = xs.detach()
-        B = xs.shape[1]
-        xs = _step(xs.view(M * B, d), g.view(M * B, d), xg0.view(M * B, d), log_.view(M * B, d),
-                   hig.view(M * B, d), alpha_at(alpha, t), eps, norm).view(M, B, d)
-        cnt = valid.sum(1)
-        Bn = int(cnt.max())
-        if Bn <= 0.75 * B:  # re-compact the padded active set
-            order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :Bn]
-            xs, xg0, yg = _gather_rows(xs, order), _gather_rows(xg0, order), _gather_rows(yg, order)
-            log_, hig, pos = _gather_rows(log_, order), _gather_rows(hig, order), _gather_rows(pos, order)
-            valid = torch.arange(Bn, device=dev)[None, :] < cnt[:, None]
-    mi, si = valid.nonzero(as_tuple=True)
-    x_out[mi, pos[mi, si]] = xs.detach()[mi, si]
+    xg0, lg, hg = _gather_rows(x0, pos), _gather_rows(lo, pos), _gather_rows(hi, pos)
+    xs = start(xg0, lg, hg, counts, pos)
+    flat = lambda t: t.reshape(M * Ap, *t.shape[2:])  # noqa: E731
+
+    def on_break(rows, hit, t):
+        key = rows.pos[hit]
+        mi, pi = key // A, key % A
+        broken[mi, pi] = True
+        x_out[mi, pi] = rows.x[hit]
+        brk[mi, pi] = t
+
+    rows = Rows(x=flat(xs), y=flat(_gather_rows(y, pos)), lo=flat(lg), hi=flat(hg), eps=eps,
+                pos=flat(pos + torch.arange(M, device=dev)[:, None] * A), x0=flat(xg0) if plan.norm == "L2" else None,
+                groups=M)
+    rows, live = ascend(rows, plan, grad, on_break, alive=flat(valid))
+    key = rows.pos[live]
+    x_out[key // A, key % A] = rows.x[live]
     return broken, x_out, brk
 
 
-def _stacked_sweep(F_, M, xs, ys, eps_list, alphas, norm, steps, restarts, loss, random_start, seed, mb, counters,
-                   warm_start=True):
-    N = xs[0].shape[0]
-    shape = tuple(xs[0].shape[1:])
-    dev = xs[0].device
+def _starts(sw: Sweep, eps, gens, x_init):
+    """The start rule of one stacked run: x_init (warm start) or per-model random starts seeded as pgd_sweep's."""
+    def start(xg0, lg, hg, counts, pos):
+        M, Ap, d = xg0.shape
+        if x_init is not None:
+            flat = lambda t: t.reshape(M * Ap, d)  # noqa: E731
+            return start_point(flat(xg0), flat(lg), flat(hg), eps, sw.norm, None,
+                               x_init=flat(_gather_rows(x_init, pos))).reshape(M, Ap, d)
+        xs = xg0.clone()
+        if sw.random_start:
+            for m in range(M):
+                n = int(counts[m])
+                if n:
+                    xs[m, :n] = random_start(xg0[m, :n], lg[m, :n], hg[m, :n], eps, sw.norm, gens[m])
+        return xs
+    return start
+
+
+def _stacked_sweep(grad: StackedGradient, xs, ys, sw: Sweep, seed: int, mb: int, counters):
+    """The ascending sweep of pgd_sweep for M stacked models, chunk by chunk (eps as sorted in ``sw``).
+    Returns clean (M, N), robust (E, M, N), x_adv (E, M, N, d), broken_step (E, M, N)."""
+    M, N, dev = grad.M, xs[0].shape[0], xs[0].device
     X = torch.stack([x.detach().reshape(N, -1) for x in xs])           # (M, N, d)
     Y = torch.stack([y.to(dev) for y in ys])                            # (M, N)
-    order = sorted(range(len(eps_list)), key=lambda i: eps_list[i])
-    E = len(eps_list)
+    E = len(sw.eps)
+    chunk = max(1, mb // M)
     with torch.no_grad():
-        pred = torch.cat([F_(X[:, s:s + max(1, mb // M)].reshape(M, -1, *shape)).argmax(2)
-                          for s in range(0, N, max(1, mb // M))], 1)
+        pred = torch.cat([grad.F(X[:, s:s + chunk].reshape(M, -1, *grad.shape)).argmax(2) for s in range(0, N, chunk)],
+                         1)
     counters["fwd_rows"] += M * N
     clean = pred == Y
     robust = torch.zeros(E, M, N, dtype=torch.bool, device=dev)
     x_adv = X.unsqueeze(0).repeat(E, 1, 1, 1)
     brk_all = torch.full((E, M, N), -1, dtype=torch.long, device=dev)
-    chunk = max(1, mb // M)
     for s in range(0, N, chunk):
         sl = slice(s, min(N, s + chunk))
         gens = []
-        for _ in range(M):
+        for _ in range(M):  # seeded as pgd_sweep seeds its chunk: the same random starts per model
             g = torch.Generator(device=dev)
             g.manual_seed(int(seed) * 1_000_003 + s)
             gens.append(g)
         x0, y = X[:, sl], Y[:, sl]
         alive = clean[:, sl].clone()
-        x_last = None
-        for j, i in enumerate(order):
-            e = eps_list[i]
+        x_last, k_prev = None, 0
+        for k, e in enumerate(sw.eps):
             if bool(alive.any()) and e > 0:
-                lo, hi = box_bounds(x0, e, norm)
-                for r in range(restarts):
-                    init = x_last if (r == 0 and warm_start) else None
-                    b, xo, st = _stacked_group(F_, M, shape, x0, y, lo, hi, alive, e, alphas[i], norm, steps,
-                                               loss, random_start, gens, counters, x_init=init)
-                    x_last = xo
+                lo, hi = box_bounds(x0, e, sw.norm)
+                for r in range(sw.restarts):
+                    init = None
+                    if r == 0 and sw.warm_start and x_last is not None:  # stretched to the new radius, as pgd_sweep
+                        init = x0 + (x_last - x0) * (e / sw.eps[k_prev])
+                    b, xo, st = _stacked_run(grad, sw.ascent(k, counters), x0, y, lo, hi, alive, e,
+                                             _starts(sw, e, gens, init))
+                    x_last, k_prev = xo, k
                     if bool(b.any()):
-                        for i2 in order[j:]:  # broken here: broken (same example) at every larger eps
-                            x_adv[i2, :, sl][b] = xo[b]
-                        brk_all[i, :, sl][b] = st[b]
+                        for k2 in range(k, E):  # broken here: broken (same example) at every larger eps
+                            x_adv[k2, :, sl][b] = xo[b]
+                        brk_all[k, :, sl][b] = st[b]
                     alive = alive & ~b
-                    if r == restarts - 1 or not bool(alive.any()):
-                        x_adv[i, :, sl][alive] = xo[alive]
+                    if r == sw.restarts - 1 or not bool(alive.any()):
+                        x_adv[k, :, sl][alive] = xo[alive]
                         break
-            robust[i, :, sl] = alive
+            robust[k, :, sl] = alive
     return clean, robust, x_adv, brk_all
 
 
@@ -322,7 +324,7 @@ def pgd_sweep_multi(models: Sequence[torch.nn.Module], x, y, eps, *, norm: str =
         elif M == 1:
             chosen, info["reason"] = "sequential", "one model"
         if chosen == "auto":
-            per_model = int(max_batch) // M if max_batch else _auto_max_batch(models[0], xs[0], N)
+            per_model = int(max_batch) // M if max_batch else auto_max_batch(models[0], xs[0], N)
             rows = max(1, min(N, per_model))
             pr = _probe(models, F_, xs[0], ys[0], rows, loss)
             chosen = "stacked" if pr["stacked"] < pr["sequential"] else "sequential"
@@ -343,19 +345,24 @@ def pgd_sweep_multi(models: Sequence[torch.nn.Module], x, y, eps, *, norm: str =
                        for i, m in enumerate(models)]
         else:
             counters = {"grad_rows": 0, "fwd_rows": 0}
-            mb = int(max_batch) if max_batch else M * _auto_max_batch(models[0], xs[0], N)
+            mb = int(max_batch) if max_batch else M * auto_max_batch(models[0], xs[0], N)
             oom = 0
+            order = sorted(range(len(eps_list)), key=lambda i: eps_list[i])
+            inv = sorted(range(len(order)), key=lambda j: order[j])  # sorted position of each given eps
+            sweep = Sweep(eps=[eps_list[i] for i in order], alphas=[alphas[i] for i in order], norm=norm,
+                          steps=int(steps), restarts=int(restarts), random_start=bool(random_start),
+                          warm_start=bool(warm_start))
+            shape = tuple(xs[0].shape[1:])
+            grad = StackedGradient(F_, M, shape, loss)
             while True:
                 try:
-                    clean, robust, x_adv, brk = _stacked_sweep(F_, M, xs, ys, eps_list, alphas, norm, int(steps),
-                                                               int(restarts), loss, random_start, seed, mb, counters,
-                                                               warm_start)
+                    clean, robust, x_adv, brk = _stacked_sweep(grad, xs, ys, sweep, seed, mb, counters)
                     break
                 except Exception as exc:  # noqa: BLE001
                     if not is_oom(exc) or mb <= M:
                         raise
                     mb, oom = max(M, mb // 2), oom + 1
-            shape = tuple(xs[0].shape[1:])
+            robust, x_adv, brk = robust[inv], x_adv[inv], brk[inv]
             secs = time.perf_counter() - t0
             results = []
             for m in range(M):
@@ -376,4 +383,4 @@ def pgd_sweep_multi(models: Sequence[torch.nn.Module], x, y, eps, *, norm: str =
     return MultiResult(results=results, info=info)
 
 
-__all__ = ["pgd_sweep_multi", "stack_models", "MultiResult", "LAYOUTS", "_project_l2"]
+__all__ = ["pgd_sweep_multi", "stack_models", "MultiResult", "LAYOUTS"]

@@ -1,4 +1,5 @@
-"""The threat model: the exact eps ball, projection into it, and the one check every attack's output goes through.
+"""The threat model: the exact eps ball, projection into it, the one check every attack's output goes through, and
+the pieces every PGD-style ascent is made of (its loss, random start and step rule).
 
 The ball is exact: ``x`` lies in it when ``|x - x0| <= eps`` (Linf, every coordinate) or ``||x - x0||_2 <= eps``
 (L2), computed in float64 from the stored values (the difference of two float32 numbers is exact in float64), and
@@ -12,9 +13,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .errors import AttackError
 
@@ -201,3 +203,129 @@ def check_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, x_raw
         todo = todo[~br_k]  # no valid example yet: a smaller eps and another seed
     info["unresolved"] = int(lost.sum()) - info["recovered"]
     return Checked(x_adv=x_adv, broken=broken, info=info)
+
+# ----------------------------------------------------------------------------------------------------------------
+# the ascent's pieces: the loss it maximises, its start and its step rule (every PGD-style loop uses these)
+
+LOSSES = ("ce", "margin", "dlr")
+
+
+def check_loss(loss: str) -> str:
+    if loss not in LOSSES:
+        raise AttackError(f"loss must be one of {LOSSES}, got {loss!r}")
+    return loss
+
+
+def default_step_size(eps: float, steps: int, norm: str = "Linf") -> float:
+    """Madry's fixed step, 2.5 * eps / steps: adversarial training's default (pgd_perturb)."""
+    return 2.5 * float(eps) / max(int(steps), 1)
+
+
+# The evaluation default: a large step decayed in stages (fractions of eps per quarter of the steps). A fixed small
+# step creeps towards one corner and stalls there; large early steps jump between corners of the box, and as the
+# early exit keeps any misclassified iterate, the exploration costs nothing; the small late steps then refine.
+DECAY_FRACTIONS = (0.5, 0.25, 0.125, 0.0625)
+
+
+def step_schedule(eps: float, steps: int) -> tuple:
+    """Per-step sizes of the default evaluation rule (DECAY_FRACTIONS of eps over equal stages)."""
+    n = max(int(steps), 1)
+    k = len(DECAY_FRACTIONS)
+    return tuple(float(eps) * DECAY_FRACTIONS[min(k - 1, t * k // n)] for t in range(n))
+
+
+def describe_step(alpha):
+    """A step rule for the record: the float, or the schedule's distinct sizes in order."""
+    if not isinstance(alpha, tuple):
+        return alpha
+    return {"decay": list(dict.fromkeys(alpha))}
+
+
+def alpha_at(alpha, t: int) -> float:
+    """Step size at step t: a fixed float, or a per-step schedule (tuple)."""
+    return alpha[min(t, len(alpha) - 1)] if isinstance(alpha, tuple) else alpha
+
+
+def _other_max(z: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """max_{j != cls} z_j."""
+    return z.scatter(1, cls[:, None], float("-inf")).amax(1)
+
+
+def attack_loss(z: torch.Tensor, y: torch.Tensor, loss: str, target: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row objective to *maximise*.
+
+    ce:     CE(z, y) untargeted, -CE(z, t) targeted.
+    margin: CW margin max_{j!=y} z_j - z_y untargeted, z_t - max_{j!=t} z_j targeted.
+    dlr:    Croce & Hein's DLR loss (untargeted and targeted forms; needs >= 3 / >= 4 classes).
+    """
+    if loss == "ce":
+        if target is None:
+            return F.cross_entropy(z, y, reduction="none")
+        return -F.cross_entropy(z, target, reduction="none")
+    zy = z.gather(1, y[:, None])[:, 0]
+    if loss == "margin":
+        if target is None:
+            return _other_max(z, y) - zy
+        zt = z.gather(1, target[:, None])[:, 0]
+        return zt - _other_max(z, target)
+    if loss == "dlr":
+        zs, _ = z.sort(1, descending=True)
+        if target is None:
+            denom = zs[:, 0] - zs[:, min(2, z.shape[1] - 1)] + 1e-12
+            return (_other_max(z, y) - zy) / denom
+        zt = z.gather(1, target[:, None])[:, 0]
+        k3, k4 = min(2, z.shape[1] - 1), min(3, z.shape[1] - 1)
+        denom = zs[:, 0] - 0.5 * (zs[:, k3] + zs[:, k4]) + 1e-12
+        return (zt - zy) / denom
+    raise AttackError(f"loss must be one of {LOSSES}, got {loss!r}")
+
+
+def random_start(x0, lo, hi, eps, norm, gen):
+    """Random start inside the ball (Linf: uniform; L2: uniform direction, radius U(0,1)*eps), clipped to box."""
+    if norm == "Linf":
+        u = torch.rand(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+        x = x0 + (2.0 * u - 1.0) * eps
+        return torch.clamp(x, lo, hi)
+    g = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+    r = torch.rand((x0.shape[0], 1), generator=gen, device=x0.device, dtype=x0.dtype)
+    g = g * (r * eps / g.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    return project_l2(x0, x0 + g, eps)
+
+
+def start_point(x0, lo, hi, eps, norm, gen, random: bool = True, x_init=None):
+    """Where an ascent starts: x_init brought into the ball (a warm start), else a random point, else x0."""
+    if x_init is not None:
+        return torch.clamp(x_init, lo, hi) if norm == "Linf" else project_l2(x0, x_init, eps)
+    return random_start(x0, lo, hi, eps, norm, gen) if random else x0.clone()
+
+
+def ascent_step(x, g, x0, lo, hi, alpha, eps, norm):
+    """One projected ascent step on flat rows (A, d): the signed gradient (Linf) or the normalised gradient (L2),
+    then back into the ball. alpha: one float, or (A, 1) per row. Returns the new detached x (g is consumed)."""
+    if norm == "Linf":
+        x = x.detach()
+        x = x.add_(g.sign_(), alpha=alpha) if not torch.is_tensor(alpha) else x.addcmul_(g.sign_(), alpha)
+        return torch.clamp(x, lo, hi, out=x)
+    gn = g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    x = x.detach() + g * (alpha / gn)
+    return project_l2(x0, x, eps)
+
+
+def eps_and_step_sizes(eps, step_size, steps: int, norm: str) -> tuple[list[float], list]:
+    """The eps list (one eps or several) and one step rule per eps, validated: a fixed float where step_size is
+    given, else the decayed schedule of :func:`step_schedule` (a tuple of per-step sizes)."""
+    eps_list = [float(eps)] if isinstance(eps, (int, float)) else [float(e) for e in eps]
+    if not eps_list:
+        raise AttackError("eps list is empty")
+    if any(e < 0 or not math.isfinite(e) for e in eps_list):
+        raise AttackError(f"eps must be finite and >= 0, got {eps_list}")
+    if step_size is None:
+        return eps_list, [step_schedule(e, steps) for e in eps_list]
+    if isinstance(step_size, (int, float)):
+        return eps_list, [float(step_size)] * len(eps_list)
+    alphas = [tuple(float(v) for v in a) if isinstance(a, (tuple, list)) else float(a) for a in step_size]
+    if any((min(a) if isinstance(a, tuple) else a) < 0 for a in alphas):
+        raise AttackError(f"step sizes must be >= 0, got {step_size}")
+    if len(alphas) != len(eps_list):
+        raise AttackError("step_size list must have one entry per eps")
+    return eps_list, alphas

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lawbench import attacks
-from lawbench.attacks.pgd import attack_loss, box_bounds
+from lawbench.attacks.threat import attack_loss, box_bounds
 from conftest import digits_split, train_digits_mlp
 
 EPS_LINF = [0.1, 0.05, 0.2]
@@ -154,7 +154,7 @@ def test_joint_schedule_matches_sequential(model, data, targeted):
 
 @pytest.mark.parametrize("loss", ["ce", "margin", "dlr"])
 def test_fast_mlp_path_matches_autograd(model, data, loss, monkeypatch):
-    from lawbench.attacks.pgd import _FastMLP, _logits_and_grad
+    from lawbench.attacks.ascent import FastMLP as _FastMLP, ModelGradient, Rows
     _, _, x, y = data
     xf = x.reshape(x.shape[0], -1).clone()
     fast = _FastMLP.build(model, (64,))
@@ -164,11 +164,15 @@ def test_fast_mlp_path_matches_autograd(model, data, loss, monkeypatch):
     assert _FastMLP.build(torch.nn.Sequential(torch.nn.Flatten(), *model), (1, 8, 8)) is not None
     t = (y + 1) % 10
     for tgt in (None, t):
-        z1, g1 = _logits_and_grad(model, fast, xf.clone(), (64,), y, loss, tgt)
-        z2, g2 = _logits_and_grad(model, None, xf.clone(), (64,), y, loss, tgt)
+        rows = lambda: Rows(x=xf.clone(), y=y, lo=xf, hi=xf, eps=0.0, target=tgt)  # noqa: E731
+        on, off = ModelGradient(model, (64,), loss), ModelGradient(model, (64,), loss)
+        off.fast = None
+        assert on.fast is not None
+        z1, g1 = on(rows())
+        z2, g2 = off(rows())
         assert torch.allclose(z1, z2, atol=1e-5) and torch.allclose(g1, g2, atol=1e-5, rtol=1e-4)
     r1 = attacks.pgd_sweep(model, x, y, [0.05, 0.1], steps=20, seed=0, loss=loss)
-    monkeypatch.setattr(attacks.pgd, "FAST_MLP", False)
+    monkeypatch.setattr(attacks.ascent, "FAST_MLP", False)
     r2 = attacks.pgd_sweep(model, x, y, [0.05, 0.1], steps=20, seed=0, loss=loss)
     assert float((r1.robust == r2.robust).float().mean()) >= 0.97
 
@@ -268,7 +272,7 @@ def test_oom_backoff(model, data):
 
 def test_multimodel_stacked_equals_sequential(data, monkeypatch):
     # autograd everywhere, so both layouts do the same arithmetic up to summation order
-    monkeypatch.setattr(attacks.pgd, "FAST_MLP", False)
+    monkeypatch.setattr(attacks.ascent, "FAST_MLP", False)
     xtr, ytr, x, y = data
     models = [train_digits_mlp(s, xtr[:300], ytr[:300], width=32, epochs=40) for s in range(3)]
     for norm, eps in (("Linf", [0.1, 0.05]), ("L2", [1.0])):

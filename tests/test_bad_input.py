@@ -386,7 +386,7 @@ def test_schema_is_the_one_declaration():
     assert spec.SWEEP_AXES == tuple(k for k, v in spec.SCHEMA.items() if v.sweep)
     assert spec.SCHEMA["recipe"].choices is train.RECIPES
     assert spec.SCHEMA["optimizer"].choices is train.OPTIMIZERS
-    assert spec.SCHEMA["train_norm"].choices is attacks.pgd.NORMS is spec.SCHEMA["threat"].choices
+    assert spec.SCHEMA["train_norm"].choices is attacks.threat.NORMS is spec.SCHEMA["threat"].choices
     assert spec.SCHEMA["autoattack"].names is attacks.autoattack.AA_ATTACKS  # the names run_autoattack accepts
     for key, k in spec.SCHEMA.items():  # every default passes its own declaration
         spec.check_value(key, k.default)
