@@ -9,6 +9,8 @@ does, stage by stage, each stage only on the points still standing:
    ranking follows MALT's argument (Melamed et al. 2023): near a point the model is almost linear, so the class whose
    decision boundary is nearest, margin over the dual norm of the margin's gradient, is the one a targeted attack
    reaches first; AutoAttack's own order (by logit) ignores the gradient;
+   Points whose logits have an exactly zero input Jacobian skip it (no gradient stage can move them) and raise
+   AutoAttack's `zero_gradients` flag;
 3. Square (the original) with an adaptive budget: `square_queries` (1000) where the white-box stages look
    trustworthy, AutoAttack's 5000 and its Square restarts where they do not (AutoAttack's gradient-masking flags:
    zero gradients, a randomized or dynamic model, Square beating the white-box attacks).
@@ -52,6 +54,23 @@ def rank_targets(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, norm:
     return dist.argsort(dim=1)[:, :max(1, min(k, c - 1))]
 
 
+def zero_jacobian(model: torch.nn.Module, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Bool (N,): the logits' input Jacobian is exactly zero at x (checked through a random projection of the logits,
+    zero for a non-zero Jacobian with probability 0). A gradient attack cannot move such a point: input quantization,
+    non-differentiable steps. Cross-entropy alone would also flag saturated softmax points, which DLR still attacks."""
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    xx = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        z = model(xx)
+        v = torch.randn(z.shape, generator=gen, device=x.device, dtype=z.dtype)
+        if not z.requires_grad:
+            return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        (g,) = torch.autograd.grad((z * v).sum(), xx, allow_unused=True)
+    if g is None:
+        return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    return (g.reshape(g.shape[0], -1) == 0).all(1)
+
+
 def run_fast(model, x, y, eps, *, norm, seed=0, log=None, steps=100, targets=3, square_queries=1000,
              batch_size=1000, n_total=None):
     """The fast suite on (x, y) at eps: (robust mask, validated examples, info)."""
@@ -80,6 +99,18 @@ def run_fast(model, x, y, eps, *, norm, seed=0, log=None, steps=100, targets=3, 
     flags: set = set()
     with torch.no_grad():
         n_classes = model(x[:1]).shape[1]
+    if idx.numel():
+        was = model.training
+        model.eval()
+        try:
+            flat = zero_jacobian(model, x[idx], seed)
+        finally:
+            model.train(was)
+        if bool(flat.any()):  # AutoAttack's flag, on the logits' Jacobian: no gradient stage can move these points
+            flags.add("zero_gradients")
+            if log:
+                log(f"fast: {int(flat.sum())} point(s) with an exactly zero input Jacobian skip APGD-T")
+        idx = idx[~flat]
     if idx.numel() and n_classes >= 4:  # the targeted DLR loss needs 4 classes (AutoAttack skips it too)
         t = time.perf_counter()
         res = _ranked_apgd_t(model, x[idx], y[idx], eps, norm, seed, log, targets, batch_size)

@@ -137,6 +137,19 @@ def test_fast_suite_at_or_below_autoattack(zoo, name):
     if name == "quantized":
         assert "zero_gradients" in info["flags"]
         assert info["stages"]["square"]["queries"] == 5000
+        assert "apgd-t" not in info["stages"]  # no gradient stage can move a point whose Jacobian is zero
+    else:
+        assert "apgd-t" in info["stages"] or int(robust.sum()) == 0
+
+
+def test_zero_jacobian_flags_only_flat_points(zoo):
+    """Exactly-zero logit Jacobians: every point of the quantized model, none of the plain one (saturated softmax
+    points included: their logits still move)."""
+    from lawbench.attacks.fast import zero_jacobian
+    models, x, _ = zoo
+    assert bool(zero_jacobian(models["quantized"], x).all())
+    assert not bool(zero_jacobian(models["mlp"], x).any())
+    assert not bool(zero_jacobian(models["mlp"], x * 50.0).any())
 
 
 def test_perf_attacks_quick_writes_json(tmp_path, capsys):
