@@ -295,6 +295,24 @@ def captured(log: Callable[[str], None] | None):
         logger.propagate = old_prop
 
 
+def square_starts(model, x, y, eps, norm, *, starts, queries, seed, batch_size, log, n_total=None) -> AAResult:
+    """Square (the original) with `starts` random starts per point run as rows of one batch: a point is robust when
+    every start fails. Restarts cost one loop instead of `starts` loops: on the few points left at the end of a run,
+    Square's time is its per-iteration overhead, not its rows. pyautoattack draws one square per iteration for the
+    whole batch, so the starts share proposals and differ in their initial stripes and in what each accepts."""
+    n = x.shape[0]
+    rep = lambda t: t.repeat(starts, *([1] * (t.dim() - 1)))  # noqa: E731
+    res = run_autoattack(model, rep(x), rep(y), eps, norm=norm, version=["square"], seed=seed,
+                         batch_size=batch_size, log=log, n_total=n_total, n_queries=queries)
+    still = res.robust.reshape(starts, n)
+    first = (~still).to(torch.int8).argmax(0)  # the first start that broke each point
+    pick = first * n + torch.arange(n, device=x.device)
+    res.robust = still.all(0)
+    res.x_adv = torch.where(res.robust.reshape(-1, *([1] * (x.dim() - 1))), x.detach(), res.x_adv[pick])
+    res.info.update(starts=int(starts), n_attacked=n)
+    return res
+
+
 # pyautoattack's own advice when these flags appear: run Square with more restarts
 MASKING_FLAGS = ("zero_gradients", "square_beats_whitebox", "randomized")
 MASKING_SQUARE_RESTARTS = 2
@@ -302,22 +320,23 @@ MASKING_SQUARE_RESTARTS = 2
 
 def masking_restarts(model, x, y, eps, norm, res, seed, batch_size, log) -> dict:
     """Where AutoAttack saw signs of gradient masking, gradient-based attacks cannot be trusted on the survivors:
-    Square (black box) runs again with other seeds on them, so the pipeline does strictly more than AutoAttack
-    alone on every point it calls robust. Updates ``res`` in place; returns what it did."""
+    Square (black box) runs again from MASKING_SQUARE_RESTARTS fresh random starts per survivor (another seed, the
+    starts as rows of one batch, see square_starts), so the pipeline does strictly more than AutoAttack alone on every
+    point it calls robust. Updates ``res`` in place; returns what it did."""
     done = {"restarts": 0, "broken": 0}
     if not set(res.flags) & set(MASKING_FLAGS) or "square" not in res.info.get("attacks", ()):
         return done
-    for k in range(1, MASKING_SQUARE_RESTARTS + 1):
-        alive = res.robust.nonzero().flatten()
-        if alive.numel() == 0:
-            break
-        if log:
-            log(f"autoattack flags {res.flags}: Square restart {k} on {alive.numel()} survivors")
-        sq = run_autoattack(model, x[alive], y[alive], eps, norm=norm, version=["square"], seed=seed + 1000 * k,
-                            batch_size=batch_size, log=log)
-        got = alive[~sq.robust]
-        res.robust[got] = False
-        res.x_adv[got] = sq.x_adv[~sq.robust]
-        done["restarts"] += 1
-        done["broken"] += int(got.numel())
+    alive = res.robust.nonzero().flatten()
+    if alive.numel() == 0:
+        return done
+    if log:
+        log(f"autoattack flags {res.flags}: Square, {MASKING_SQUARE_RESTARTS} more random starts on each of "
+            f"{alive.numel()} survivors")
+    sq = square_starts(model, x[alive], y[alive], eps, norm, starts=MASKING_SQUARE_RESTARTS, queries=5000,
+                       seed=seed + 1000, batch_size=batch_size, log=log)
+    got = alive[~sq.robust]
+    res.robust[got] = False
+    res.x_adv[got] = sq.x_adv[~sq.robust]
+    done["restarts"] = MASKING_SQUARE_RESTARTS
+    done["broken"] = int(got.numel())
     return done
