@@ -50,6 +50,10 @@ class Rows:
         return replace(self, x=pick(self.x), y=pick(self.y), lo=pick(self.lo), hi=pick(self.hi), pos=pick(self.pos),
                        eps=pick(self.eps), x0=pick(self.x0), target=pick(self.target), alpha=pick(self.alpha))
 
+    def final(self, alive: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pos, x) of the rows still alive after ``ascend`` (its alive mask; None: all)."""
+        return (self.pos, self.x) if alive is None else (self.pos[alive], self.x[alive])
+
 
 @dataclass
 class Ascent:

@@ -64,9 +64,9 @@ def zero_jacobian(model: torch.nn.Module, x: torch.Tensor, seed: int = 0) -> tor
     xx = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         z = model(xx)
-        v = torch.randn(z.shape, generator=gen, device=x.device, dtype=z.dtype)
-        if not z.requires_grad:
+        if not z.requires_grad:  # the forward cut the graph: no gradient reaches the input
             return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        v = torch.randn(z.shape, generator=gen, device=x.device, dtype=z.dtype)
         (g,) = torch.autograd.grad((z * v).sum(), xx, allow_unused=True)
     if g is None:
         return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)

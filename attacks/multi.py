@@ -175,8 +175,8 @@ def _stacked_run(grad: StackedGradient, plan: Ascent, x0, y, lo, hi, alive, eps,
                 pos=flat(pos + torch.arange(M, device=dev)[:, None] * A), x0=flat(xg0) if plan.norm == "L2" else None,
                 groups=M)
     rows, live = ascend(rows, plan, grad, on_break, alive=flat(valid))
-    key = rows.pos[live]
-    x_out[key // A, key % A] = rows.x[live]
+    key, x_last = rows.final(live)
+    x_out[key // A, key % A] = x_last
     return broken, x_out, brk
 
 

@@ -159,10 +159,8 @@ def _run(grad: ModelGradient, plan: Ascent, x0, y, target, lo, hi, eps, start):
     rows = Rows(x=start, y=y, lo=lo, hi=hi, eps=eps, pos=torch.arange(A, device=x0.device),
                 x0=x0 if plan.norm == "L2" else None, target=target)
     rows, alive = ascend(rows, plan, grad, on_break)
-    if alive is None:
-        x_out[rows.pos] = rows.x
-    else:
-        x_out[rows.pos[alive]] = rows.x[alive]
+    pos, x_last = rows.final(alive)
+    x_out[pos] = x_last
     return broken, x_out, brk_step
 
 

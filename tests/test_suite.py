@@ -137,9 +137,28 @@ def test_fast_suite_at_or_below_autoattack(zoo, name):
     if name == "quantized":
         assert "zero_gradients" in info["flags"]
         assert info["stages"]["square"]["queries"] == 5000
-        assert "apgd-t" not in info["stages"]  # no gradient stage can move a point whose Jacobian is zero
+        assert info["stages"]["square"]["starts"] == 3
+        assert "apgd-t" not in info["stages"] and "pgd" not in info["stages"]  # no gradient stage can move them
     else:
         assert "apgd-t" in info["stages"] or int(robust.sum()) == 0
+
+
+def test_square_starts_folds_its_starts_per_point(zoo):
+    """Square from several starts in one batch: a point is robust only when every start failed; a broken point's
+    example is a real one inside the ball, and the starts do at least what each start alone did in that batch."""
+    import torch
+    from lawbench.attacks.autoattack import square_starts
+    models, x, y = zoo
+    model, eps = models["quantized"], 0.08
+    res = square_starts(model, x, y, eps, "Linf", starts=3, queries=300, seed=0, batch_size=1000, log=None)
+    assert res.robust.shape == (x.shape[0],) and res.info["starts"] == 3 and res.x_adv.shape == x.shape
+    with torch.no_grad():
+        wrong = model(res.x_adv).argmax(1) != y
+    clean_wrong = model(x).argmax(1) != y
+    assert bool((wrong | clean_wrong)[~res.robust].all())
+    assert bool((res.x_adv[res.robust] == x[res.robust]).all())
+    assert float((res.x_adv - x).abs().max()) <= eps + 1e-6
+    assert 0 < int((~res.robust).sum()) < x.shape[0]
 
 
 def test_zero_jacobian_flags_only_flat_points(zoo):
