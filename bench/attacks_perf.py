@@ -38,7 +38,7 @@ def zoo(quick: bool, cache: Path, log) -> tuple[dict, torch.Tensor, torch.Tensor
     from lawbench.datasets import load_dataset
     from lawbench.models import get_model
 
-    from bench.perf import _trained, small_cnn
+    from bench.zoo import small_cnn, trained as _trained
     from bench.train import TrainConfig, train
     split = load_dataset("mnist5k", n_train=400 if quick else None, seed=0)
     xtr, ytr = split.x_train, split.y_train
@@ -164,7 +164,7 @@ def _print(res) -> None:
 
 
 def main(argv=None) -> int:
-    from bench.perf import _cache_dir
+    from bench.zoo import cache_dir as _cache_dir
     p = argparse.ArgumentParser(prog="python -m bench perf --attacks", description=__doc__.splitlines()[0])
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--quick", action="store_true", help="tiny models and points (a smoke test)")
@@ -176,6 +176,6 @@ def main(argv=None) -> int:
     res = measure(args.quick, _cache_dir(args.cache), n, args.eps, lambda m: print(m, file=sys.stderr, flush=True))
     _print(res)
     if args.json:
-        from bench.perf import write_json
+        from bench.zoo import write_json
         write_json(args.json, res)
     return 0

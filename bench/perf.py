@@ -18,16 +18,15 @@ Trained models are cached under ``$XDG_CACHE_HOME/lawbench/perf`` (or ``--cache`
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from bench.zoo import cache_dir as _cache_dir, small_cnn, trained as _trained, write_json  # noqa: F401
 
 DEFAULT_EPS = (0.05, 0.1, 0.2, 0.3)
 
@@ -87,33 +86,6 @@ def forward_flops(model: torch.nn.Module, x1: torch.Tensor) -> float:
     return total[0]
 
 
-def _cache_dir(arg) -> Path:
-    if arg:
-        return Path(arg)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lawbench" / "perf"
-
-
-def _trained(name, build, train_fn, cache: Path, log):
-    """Model from the cache, or trained and cached (written to a temporary file, renamed into place)."""
-    model = build()
-    path = cache / f"{name}.pt"
-    if path.exists():
-        try:
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return model.eval(), True
-        except Exception:  # noqa: BLE001 - a stale or torn cache entry is retrained
-            pass
-    log(f"training {name} ...")
-    train_fn(model)
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
-    os.close(fd)
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
-    return model.eval(), False
-
-
 def _acc(mask):
     return round(float(mask.float().mean()), 4)
 
@@ -159,13 +131,6 @@ def bench_pgd(model, x, y, eps, steps, repeats, dev, seed=0):
         "grad_rows_ours": int(r_ours.info["grad_rows"]),
         "grad_rows_torchattacks": int(len(eps) * steps * x.shape[0]),
     }
-
-
-def small_cnn() -> torch.nn.Module:
-    """conv 16 5x5, pool, conv 32 5x5, pool, linear: the small CNN of the strength comparison (MNIST 28x28)."""
-    nn = torch.nn
-    return nn.Sequential(nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 5), nn.ReLU(),
-                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(512, 10))
 
 
 def bench_strength(models: dict, x, y, eps, steps, seeds=(0, 1)) -> dict:
@@ -467,14 +432,6 @@ def main(argv=None) -> int:
     if args.json:
         write_json(args.json, res)
     return 0
-
-
-def write_json(path, res: dict) -> None:
-    """The results as JSON at `path`, atomically (a temporary file renamed into place)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(res, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def _print(res):

@@ -123,6 +123,6 @@ def main(argv=None) -> int:
     res = measure(args.quick, lambda msg: print(msg, file=sys.stderr, flush=True))
     _print(res)
     if args.json:
-        from bench.perf import write_json
+        from bench.zoo import write_json
         write_json(args.json, res)
     return 0
