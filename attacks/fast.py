@@ -150,15 +150,10 @@ def _square(model, x, y, eps, norm, seed, flags: set, square_queries, batch_size
     extra = {"queries": queries, "starts": starts, "masking_restarts": {}}
     if int((~res.robust).sum()) > 0.002 * n_total and not masked:  # AutoAttack's own Square check
         flags.add("square_beats_whitebox")
-        extra["masking_restarts"] = masking_restarts(model, x, y, eps, norm, _flagged(res, flags), seed,
-                                                     batch_size, log)
+        res.flags = sorted(set(res.flags) | flags)  # what masking_restarts reads
+        extra["masking_restarts"] = masking_restarts(model, x, y, eps, norm, res, seed, batch_size, log)
     flags.update(res.flags)
     return res.robust, res.x_adv, time.perf_counter() - t, extra
-
-
-def _flagged(res: AAResult, flags: set) -> AAResult:
-    res.flags = sorted(set(res.flags) | flags)
-    return res
 
 
 def _ranked_apgd_t(model, x, y, eps, norm, seed, log, targets, batch_size) -> AAResult:
