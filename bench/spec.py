@@ -430,6 +430,7 @@ def check_attack_options(spec: dict) -> None:
             where = f"key 'attack.{name}.{option}'"
             if option not in known:
                 raise SpecError(f"{where}: unknown option of attack '{name}' (known: {', '.join(sorted(known))})")
+            _check_option_value(where, value, attack_options(name).get(option))
             if name == "autoattack" and option == "version":
                 raise SpecError(f"{where}: AutoAttack's version is the autoattack key (autoattack = \"plus\")")
             if option == "eps":
@@ -438,6 +439,31 @@ def check_attack_options(spec: dict) -> None:
                     missing = sorted(set(map(float, value)) - set(map(float, spec[f"eps_{threat}"])))
                     if missing:
                         raise SpecError(f"{where}: {missing} not in eps_{threat}")
+
+
+def _check_option_value(where: str, value, default) -> None:
+    """An attack option takes its default's type (bool, int, number, string), and a number whose default is
+    positive (steps, queries, restarts, step sizes) must be positive: `square_queries = -5` would run no query and
+    store every point as robust."""
+    if default is None or option_is_free(default):
+        return
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(value, bool) and isinstance(default, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float))
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise SpecError(f"{where}: expected {type(default).__name__} like its default {default!r}, got {value!r}")
+    if isinstance(default, (int, float)) and not isinstance(default, bool) and default > 0 and not value > 0:
+        raise SpecError(f"{where}: must be > 0, got {value!r}")
+
+
+def option_is_free(default) -> bool:
+    """Defaults of no checkable type (tuples, callables) leave the value to the attack."""
+    return not isinstance(default, (bool, int, float, str))
 
 
 def _fold_pgd_options(spec: dict, overridden: set, preset: dict) -> None:

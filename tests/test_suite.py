@@ -74,9 +74,12 @@ def test_default_suite_keeps_cell_ids_and_counts_its_breaks(tmp_path):
     ("attack.ta-square.bogus=1", "attack.ta-square"),  # not in attacks
     ("attack.autoattack.version=plus", "autoattack"),
     ("attack.pgd.steps=0", "pgd_steps"),
+    ("attack.fast.square_queries=-5", "attack.fast.square_queries"),  # no query run: every point "robust"
+    ("attack.fast.square_queries=2.5", "attack.fast.square_queries"),
+    ("attack.fast.targets=true", "attack.fast.targets"),
 ])
 def test_bad_attack_settings_are_refused(override, culprit, tmp_path):
-    extra = ["attacks=[pgd,ta-square]"] if "bogus" not in override else []
+    extra = [] if "bogus" in override else ["attacks=[fast]"] if "fast" in override else ["attacks=[pgd,ta-square]"]
     res = bench_cli("run", *BASE, *extra, override, "--out", str(tmp_path / "out"))
     assert res.returncode == 2
     assert len(res.stderr.strip().splitlines()) == 1 and culprit in res.stderr
