@@ -21,7 +21,8 @@ from typing import Callable
 
 import torch
 
-from .threat import alpha_at, ascent_step, attack_loss, input_grad
+from .randomized import Randomized
+from .threat import alpha_at, ascent_step, attack_loss, ce_saturated, input_grad
 
 FAST_MLP = True  # module switch (tests compare both paths)
 COMPACT_EVERY = 32  # compact once 1/COMPACT_EVERY of the rows are retired
@@ -128,15 +129,26 @@ def _compaction(alive: torch.Tensor, groups: int) -> torch.Tensor | None:
 
 class ModelGradient:
     """Logits and the input gradient of the summed attack loss of one model, on flat rows reshaped to ``shape``.
-    A plain ReLU MLP takes the autograd-free :class:`FastMLP` path."""
+    A plain ReLU MLP takes the autograd-free :class:`FastMLP` path. A randomized model (attacks.randomized) gets
+    expectation over transformation: each row is repeated ``eot`` times in the batch, the gradient is the sum of the
+    draws' loss gradients, the logits (for the early exit) their mean."""
 
     def __init__(self, model: torch.nn.Module, shape: tuple, loss: str):
         self.model, self.shape, self.loss = model, tuple(shape), loss
         self.fast = FastMLP.build(model, self.shape)
+        self.draws = model.eot if isinstance(model, Randomized) else 1
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(k·A, C) logits of the k draws of every row (k = 1 for a deterministic model)."""
+        xs = x.view(-1, *self.shape)
+        return self.model(xs.repeat(self.draws, *([1] * len(self.shape))) if self.draws > 1 else xs)
+
+    def _mean(self, z: torch.Tensor) -> torch.Tensor:
+        return z if self.draws == 1 else z.view(self.draws, -1, z.shape[1]).mean(0)
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fast.forward(x)[0] if self.fast is not None else self.model(x.view(-1, *self.shape))
+        return self.fast.forward(x)[0] if self.fast is not None else self._mean(self._forward(x))
 
     def __call__(self, rows: Rows, need_grad: bool = True):
         x = rows.x
@@ -145,21 +157,29 @@ class ModelGradient:
         if self.fast is not None:
             z, acts = self.fast.forward(x)
             return z, self.fast.input_grad(loss_grad(z, rows.y, self.loss, rows.target), acts)
+        rep = lambda v: v if v is None or self.draws == 1 else v.repeat(self.draws)  # noqa: E731
         x.requires_grad_(True)
         with torch.enable_grad():
-            z = self.model(x.view(-1, *self.shape))
-            g = input_grad(attack_loss(z, rows.y, self.loss, rows.target).sum(), x)
+            z = self._forward(x)
+            g = input_grad(attack_loss(z, rep(rows.y), self.loss, rep(rows.target)).sum(), x)
         x.requires_grad_(False)
-        return z.detach(), g
+        return self._mean(z.detach()), g
 
 
 def loss_grad(z, y, loss, target):
-    """d(sum of attack_loss)/dz, in closed form for cross-entropy, by autograd on the (A, C) logits otherwise."""
+    """d(sum of attack_loss)/dz, in closed form for cross-entropy (the margin's on saturated rows, as attack_loss),
+    by autograd on the (A, C) logits otherwise."""
     if loss == "ce":
         p = torch.softmax(z, 1)
-        if target is None:
-            return p.scatter_add_(1, y[:, None], torch.full_like(p[:, :1], -1.0))
-        return p.neg_().scatter_add_(1, target[:, None], torch.ones_like(p[:, :1]))
+        if target is not None:
+            return p.neg_().scatter_add_(1, target[:, None], torch.ones_like(p[:, :1]))
+        sat = ce_saturated(z, y)  # the margin's gradient there
+        dz = p.scatter_add_(1, y[:, None], torch.full_like(p[:, :1], -1.0))
+        if bool(sat.any()):
+            runner_up = z[sat].scatter(1, y[sat][:, None], float("-inf")).argmax(1)
+            dz[sat] = 0.0
+            dz[sat] = dz[sat].scatter(1, runner_up[:, None], 1.0).scatter(1, y[sat][:, None], -1.0)
+        return dz
     with torch.enable_grad():
         zl = z.detach().requires_grad_(True)
         (dz,) = torch.autograd.grad(attack_loss(zl, y, loss, target).sum(), zl)

@@ -3,6 +3,8 @@
 * standard: APGD-CE, APGD-T, FAB-T, Square (5000 queries), 100 iterations; targets capped at num_classes - 1.
 * plus: APGD-CE, APGD-DLR, FAB, Square, APGD-T, FAB-T with restarts, as in the original.
 * a list of attack names runs the original attacks with the standard settings in that order ("custom").
+* a randomized model (attacks.randomized.Randomized) gets the original's rand version instead of standard (APGD-CE
+  and APGD-DLR with EOT 20), and EOT in every APGD of a custom list; examples are judged by majority vote.
 
 Vector inputs (N, d) are shown to pyautoattack as square images (N, 1, s, s) through a wrapper (Square needs an
 image); pixels beyond d are padding the model never sees. pyautoattack's gradient-masking checks become flags;
@@ -21,6 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from .pgd import AttackError, check_norm
+from .randomized import Randomized
 from .threat import check_attack
 
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
@@ -41,7 +44,13 @@ FLAG_DOC = {
     "square_beats_whitebox": "black-box Square broke points the white-box attacks could not",
     "dynamic": "the forward pass calls backward/grad (dynamic defense)",
     "n_classes": "too few classes for the DLR / targeted losses",
+    "softmax_saturated": "most points have a softmax saturated at their label (scaled logits?): cross-entropy has no "
+                         "gradient there, PGD ascended the margin loss instead",
 }
+# flags that say an evaluation may be fooled (gradient masking, randomness, scaled logits): rows carry them in
+# `flags`, reports mark such rows
+TRUST_FLAGS = ("randomized", "softmax_output", "zero_gradients", "square_beats_whitebox", "dynamic",
+               "softmax_saturated")
 
 _BATCH_LINE = re.compile(r"^(?P<attack>[a-z\-]+) - \d+/\d+ - (?P<k>\d+) out of (?P<m>\d+) successfully perturbed")
 
@@ -188,13 +197,16 @@ def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
         return AAResult(torch.zeros(0, dtype=torch.bool, device=dev), x.detach().clone(), [], info)
     if (n_target_classes or n_queries) and attacks is None:
         raise AttackError("n_target_classes and n_queries apply to a custom list of attacks, not a version")
+    if isinstance(model, Randomized) and vname == "standard":  # the original's protocol for randomized defenses
+        vname = "rand"
+    info["version"] = vname
     run = _Run(model, norm, vname, attacks, int(batch_size), log, num_classes, n_target_classes, n_queries)
-    x_raw, cap = run(x, y, float(eps), int(seed))
+    x_raw, cap = run(x, y, inner_eps(float(eps), norm), int(seed))
     info.update(attacks=run.attacks_run, n_target_classes=run.n_target_classes,
                 n_queries=int(n_queries or 5000) if "square" in run.attacks_run else None)
-    # One validation path: pyautoattack clips with x +- eps in float32 and may overshoot the ball by an ulp. An
-    # example that is no longer adversarial once projected into the exact ball is re-attacked at a slightly
-    # smaller eps, never silently counted robust.
+    # One validation path: pyautoattack clips with x +- eps in float32 and may overshoot the ball by an ulp (it runs
+    # at inner_eps, so that is rare). An example that is no longer adversarial once projected into the exact ball is
+    # re-attacked at a slightly smaller eps, never silently counted robust.
     checked = check_attack(model, x, y, x_raw, float(eps), norm,
                            rerun=lambda idx, e, k: run(x[idx], y[idx], e, int(seed) + k)[0], batch=batch_size, log=log)
     robust = ~checked.broken
@@ -207,6 +219,15 @@ def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
     info.update(seconds=time.perf_counter() - t0, broken_by=dict(cap.broken_by), warnings=warnings,
                 log_lines=cap.lines, n_total=n_total, check=checked.info)
     return AAResult(robust=robust, x_adv=checked.x_adv, flags=flags, info=info)
+
+
+def inner_eps(eps: float, norm: str) -> float:
+    """The radius pyautoattack is given: a hair below eps, so that its float32 clipping (x +- eps rounded to the
+    nearest float, or a float32 L2 rescale) lands inside the exact ball instead of one ulp outside. An ulp outside
+    matters: a model that quantizes its input rounds such an example back, and re-attacking it costs a whole run."""
+    eps = float(eps)
+    slack = eps * 2.0 ** -20 if norm == "L2" else max(eps * 2.0 ** -20, 2.0 ** -22)
+    return max(eps - slack, eps * 0.5)
 
 
 class _Run:
@@ -244,6 +265,8 @@ class _Run:
                     ntc = max(1, min(self.targets or 9, C - 1))
                     aa.apgd_targeted.n_target_classes = ntc
                     aa.fab.n_target_classes = ntc
+                    if isinstance(model, Randomized):  # every gradient stage averages draws (EOT)
+                        aa.apgd.eot_iter = aa.apgd_targeted.eot_iter = model.eot
                     if self.attacks is not None:  # custom list: standard settings of each attack
                         aa.apgd.n_restarts = 1
                         aa.fab.n_restarts = 1

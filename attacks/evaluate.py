@@ -10,7 +10,8 @@ import torch
 
 from .autoattack import MASKING_FLAGS, MASKING_SQUARE_RESTARTS, masking_restarts, run_autoattack  # noqa: F401
 from .pgd import AttackError, check_norm, pgd_sweep
-from .threat import check_attack
+from .randomized import Randomized, is_randomized, randomized
+from .threat import ce_saturated, check_attack
 
 
 @dataclass
@@ -80,19 +81,25 @@ def robust_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, nor
     was_training = model.training
     model.eval()
     try:
+        target, flags = _as_attacked(model, x, log)
         t0 = time.perf_counter()
-        clean, pgd_robust, x_adv, checks, pgd_info = _pgd_stage(model, x, y, eps_list, norm, steps, restarts,
+        clean, pgd_robust, x_adv, checks, pgd_info = _pgd_stage(target, x, y, eps_list, norm, steps, restarts,
                                                                 step_size, loss, seed, max_batch, log, pgd)
         t_pgd = time.perf_counter() - t0
+        flags |= saturation_flags(target, x, y, clean, max_batch)
         robust = {e: v.clone() for e, v in pgd_robust.items()}
         breaks = {e: ({"pgd": int((clean & ~pgd_robust[e]).sum())} if pgd else {}) for e in eps_list}
-        state = _SuiteState(model, x, y, norm, eps_list, robust, x_adv, checks, breaks, seed, log, aa_phase,
+        state = _SuiteState(target, x, y, norm, eps_list, robust, x_adv, checks, breaks, seed, log, aa_phase,
                             aa_batch_size)
+        state.flags |= flags
         for step in suite:
             state.run(step)
     finally:
         model.train(was_training)
+    verified = {e: bool(state.verified.get(e)) or not bool(robust[e].any()) for e in eps_list}
     info = {
+        "verified": verified,
+        "randomized": ({"eot": target.eot, "votes": target.votes} if isinstance(target, Randomized) else None),
         "pgd": pgd_info,
         "autoattack": state.aa_info,
         "aa_eps": sorted(state.aa_robust),
@@ -109,6 +116,35 @@ def robust_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, nor
     timings = {"pgd": t_pgd, "autoattack": t_aa}
     return RobustEval(clean=clean, pgd_robust=pgd_robust, aa_robust=state.aa_robust, robust=robust, x_adv=x_adv,
                       aa_flags=sorted(state.flags), timings=timings, info=info)
+
+
+# at least this share of the clean-correct points with a saturated softmax raises `softmax_saturated`
+SATURATION_SHARE = 0.5
+
+
+def _as_attacked(model, x, log):
+    """(the model as every attack sees it, flags): a randomized model (two eval forwards differ) is wrapped for
+    majority verdicts and EOT gradients (attacks.randomized) before any stage runs, so every budget is chosen
+    knowing it."""
+    if not is_randomized(model, x):
+        return model, set()
+    wrapped = randomized(model)
+    if log:
+        log(f"randomized model: verdicts by the majority of {wrapped.votes} draws, gradients averaged over "
+            f"{wrapped.eot} draws (EOT)")
+    return wrapped, {"randomized"}
+
+
+@torch.no_grad()
+def saturation_flags(model, x, y, clean, batch=None) -> set:
+    """{"softmax_saturated"} when most clean-correct points have a softmax saturated at their label
+    (attacks.threat.ce_saturated: cross-entropy has no gradient there; every PGD row there ascends the margin)."""
+    idx = clean.nonzero().flatten()
+    if idx.numel() == 0:
+        return set()
+    b = idx.numel() if not batch else int(batch)
+    sat = sum(int(ce_saturated(model(x[idx[s:s + b]]), y[idx[s:s + b]]).sum()) for s in range(0, idx.numel(), b))
+    return {"softmax_saturated"} if sat >= SATURATION_SHARE * idx.numel() else set()
 
 
 def _on_sweep(eps, eps_list, name) -> list:
@@ -162,10 +198,14 @@ class _SuiteState:
         self.flags: set = set()
         self.seconds: dict = {}
         self.details: dict = {}
+        self.verified: dict = {}  # eps -> an AutoAttack-grade attack ran on every point still standing there
 
     def run(self, step: SuiteStep) -> None:
+        from .registry import attack_entry
         t0 = time.perf_counter()
+        grade = attack_entry(step.name).verifies
         for e in step.eps:
+            self.verified[e] = self.verified.get(e, False) or grade
             idx = torch.nonzero(self.robust[e]).flatten()
             if self.log:
                 log_what = step.options.get("version", "") if step.name == "autoattack" else ""

@@ -4,6 +4,9 @@ AutoAttack standard spends most of its time on points it cannot break: APGD-T an
 5000 queries on every robust point. The fast suite keeps what breaks points and drops what measurement says rarely
 does, stage by stage, each stage only on the points still standing:
 
+A randomized model (two eval forwards differ) is detected first: every gradient stage then averages 20 draws (EOT),
+every verdict is a majority over 10 draws, and Square takes the masked budget below.
+
 0. points whose logits have an exactly zero input Jacobian (input quantization, non-differentiable steps) skip the
    gradient stages, which cannot move them, and raise AutoAttack's `zero_gradients` flag;
 1. our batched PGD (cross-entropy, 100 steps, early exit per point: a broken point leaves the batch);
@@ -30,8 +33,9 @@ import time
 import torch
 
 from .autoattack import (MASKING_FLAGS, MASKING_SQUARE_RESTARTS, AAResult, _frozen, aa_view, captured,
-                         flags_from_warnings, masking_restarts, square_starts)
+                         flags_from_warnings, inner_eps, masking_restarts, square_starts)
 from .pgd import pgd_sweep
+from .randomized import Randomized, is_randomized, randomized
 from .threat import check_attack, misclassified
 
 
@@ -39,7 +43,7 @@ def rank_targets(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, norm:
     """(N, k) wrong classes per point, nearest linearised decision boundary first: margin z_y - z_t over the dual
     norm of its input gradient (L1 for Linf, L2 for L2)."""
     x = x.detach().clone().requires_grad_(True)
-    z = model(x)
+    z = model.mean_logits(x) if isinstance(model, Randomized) else model(x)
     n, c = z.shape
     dist = torch.full((n, c), float("inf"), device=x.device)
     zy = z.gather(1, y[:, None]).squeeze(1)
@@ -79,10 +83,13 @@ def run_fast(model, x, y, eps, *, norm, seed=0, log=None, steps=100, targets=3, 
     t0 = time.perf_counter()
     n = x.shape[0]
     n_total = n_total or n
+    flags: set = set()
+    if isinstance(model, Randomized) or is_randomized(model, x):  # known before any budget is chosen
+        model = randomized(model)
+        flags.add("randomized")
     robust = ~misclassified(model, x, y)
     x_adv = x.detach().clone()
     info = {"stages": {}, "flags": []}
-    flags: set = set()
 
     def record(stage, idx, res_robust, res_x, seconds, extra=None):
         broke = idx[~res_robust]
@@ -174,8 +181,9 @@ def _ranked_apgd_t(model, x, y, eps, norm, seed, log, targets, batch_size) -> AA
         with captured(log) as cap, torch.random.fork_rng(devices=devices), _frozen(model):
             for k in aa_checks.funcs:  # pyautoattack never resets its global call counters
                 aa_checks.funcs[k] = 0
-            atk = APGDAttack_targeted(net, n_iter=100, norm=norm, n_restarts=1, eps=float(eps), seed=seed,
-                                      eot_iter=1, rho=.75, n_target_classes=ranked.shape[1], device=x.device,
+            eot = model.eot if isinstance(model, Randomized) else 1
+            atk = APGDAttack_targeted(net, n_iter=100, norm=norm, n_restarts=1, eps=inner_eps(eps, norm), seed=seed,
+                                      eot_iter=eot, rho=.75, n_target_classes=ranked.shape[1], device=x.device,
                                       logger=logging.getLogger("auto-attack"))
             atk.init_hyperparam(xi)
             for j in range(ranked.shape[1]):
@@ -188,8 +196,11 @@ def _ranked_apgd_t(model, x, y, eps, norm, seed, log, targets, batch_size) -> AA
                     part = idx[start:start + batch_size]
                     atk.y_target = ranked[part, j]
                     _, acc, _, adv = atk.attack_single_run(xi[part], y[part])
-                    fooled = part[acc == 0]
-                    examples[fooled] = adv[acc == 0].detach()
+                    hit = acc == 0
+                    if isinstance(model, Randomized) and bool(hit.any()):  # one lucky draw is no break
+                        hit[hit.clone()] = misclassified(model, back(adv[hit]), y[part][hit])
+                    fooled = part[hit]
+                    examples[fooled] = adv[hit].detach()
                     robust[fooled] = False
                     broke += int(fooled.numel())
                 per_target.append(broke)

@@ -30,6 +30,11 @@ class AttackEntry:
     bounded: bool        # True if it searches inside the eps ball itself
     description: str
     factory: Callable = field(repr=False, compare=False, default=None)
+    # AutoAttack grade: a robust accuracy this attack leaves at an eps is verified there (rows' `verified`). With no
+    # eps of its own in a suite, such an attack runs at every eps of the sweep no other one of the suite verifies
+    # when `sweeps` (the fast suite), else at the headline eps (AutoAttack).
+    verifies: bool = False
+    sweeps: bool = False
 
 
 @dataclass
@@ -60,13 +65,16 @@ class Attack:
 _REGISTRY: dict[str, AttackEntry] = {}
 
 
-def register_attack(name: str, *, kind: str, norms=("Linf", "L2"), bounded: bool = True, description: str = ""):
-    """Decorator registering ``fn(model, x, y, eps, *, norm, seed, log, **kw) -> AttackOutput`` under ``name``."""
+def register_attack(name: str, *, kind: str, norms=("Linf", "L2"), bounded: bool = True, description: str = "",
+                    verifies: bool = False, sweeps: bool = False):
+    """Decorator registering ``fn(model, x, y, eps, *, norm, seed, log, **kw) -> AttackOutput`` under ``name``.
+    verifies: the attack is AutoAttack grade; sweeps: with no eps of its own it covers the sweep (AttackEntry)."""
 
     def deco(fn):
         if name in _REGISTRY:
             raise AttackError(f"attack {name!r} is already registered")
-        _REGISTRY[name] = AttackEntry(name, kind, tuple(norms), bounded, description, fn)
+        _REGISTRY[name] = AttackEntry(name, kind, tuple(norms), bounded, description, fn, bool(verifies),
+                                      bool(sweeps))
         return fn
 
     return deco
@@ -92,10 +100,14 @@ def attack_options(name: str) -> dict:
     return out
 
 
-def get_attack(name: str, **kw) -> Attack:
+def attack_entry(name: str) -> AttackEntry:
     if name not in _REGISTRY:
         raise AttackError(f"unknown attack {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return Attack(_REGISTRY[name], kw)
+    return _REGISTRY[name]
+
+
+def get_attack(name: str, **kw) -> Attack:
+    return Attack(attack_entry(name), kw)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,8 +153,9 @@ def _aa_factory(version):
 
 
 register_attack("autoattack", kind="autoattack", description="AutoAttack standard (pyautoattack): APGD-CE, "
-                "APGD-T, FAB-T, Square")(_aa_factory("standard"))
-register_attack("autoattack-plus", kind="autoattack", description="AutoAttack plus (pyautoattack)")(
+                "APGD-T, FAB-T, Square; its rand version on a randomized model", verifies=True)(
+    _aa_factory("standard"))
+register_attack("autoattack-plus", kind="autoattack", description="AutoAttack plus (pyautoattack)", verifies=True)(
     _aa_factory("plus"))
 for _a in AA_ATTACKS:
     register_attack(f"aa-{_a}", kind="autoattack", description=f"pyautoattack {_a.upper()} alone (standard "
@@ -153,7 +166,8 @@ for _a in AA_ATTACKS:
 # the fast suite
 
 @register_attack("fast", kind="suite", description="AutoAttack-grade suite at a fraction of its cost: PGD with "
-                 "early exit, APGD-T on each point's nearest ranked targets, Square with an adaptive budget")
+                 "early exit, APGD-T on each point's nearest ranked targets, Square with an adaptive budget",
+                 verifies=True, sweeps=True)
 def _fast(model, x, y, eps, *, norm, seed, log=None, steps=100, targets=3, square_queries=1000, batch_size=1000):
     from .fast import run_fast
     robust, x_adv, info = run_fast(model, x, y, eps, norm=norm, seed=seed, log=log, steps=steps, targets=targets,
@@ -275,4 +289,4 @@ for _name, _cls, _b, _norms, _bounded, _img, _desc in (
 for _alias in ("fgsm", "cw", "deepfool", "square", "bim", "mifgsm", "fab"):
     _e = _REGISTRY[f"ta-{_alias}"]
     _REGISTRY[_alias] = AttackEntry(_alias, _e.kind, _e.norms, _e.bounded, _e.description + f" (= ta-{_alias})",
-                                    _e.factory)
+                                    _e.factory, _e.verifies, _e.sweeps)

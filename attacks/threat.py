@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import AttackError
+from .randomized import Randomized, majority_misclassified
 
 NORMS = ("Linf", "L2")
 
@@ -128,18 +129,26 @@ def input_grad(obj: torch.Tensor, x: torch.Tensor, **kw) -> torch.Tensor:
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, x: torch.Tensor, batch: int | None = None) -> torch.Tensor:
-    """Argmax predictions in batches of at most ``batch`` rows."""
+    """Argmax predictions in batches of at most ``batch`` rows (a randomized model: its most frequent prediction
+    over its vote draws)."""
     n = x.shape[0]
     b = n if not batch else max(1, int(batch))
-    out = [model(x[s:s + b]).argmax(1) for s in range(0, n, b)]
+    one = (lambda v: model.vote_counts(v).argmax(1)) if isinstance(model, Randomized) else (lambda v: model(v).argmax(1))
+    out = [one(x[s:s + b]) for s in range(0, n, b)]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=x.device)
 
 
 def misclassified(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int | None = None) -> torch.Tensor:
-    """Bool (N,): argmax of the model in eval mode differs from y (the model's mode is restored)."""
+    """Bool (N,): argmax of the model in eval mode differs from y (the model's mode is restored). A randomized model
+    (attacks.randomized.Randomized) misclassifies a point when most of its vote draws do (a tie is no majority)."""
     was = model.training
     model.eval()
     try:
+        if isinstance(model, Randomized):
+            n = x.shape[0]
+            b = n if not batch else max(1, int(batch))
+            parts = [majority_misclassified(model, x[s:s + b], y[s:s + b]) for s in range(0, n, b)]
+            return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool, device=x.device)
         pred = predict(model, x, batch)
     finally:
         model.train(was)
@@ -251,18 +260,27 @@ def _other_max(z: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
     return z.scatter(1, cls[:, None], float("-inf")).amax(1)
 
 
+def ce_saturated(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Bool (A,): the softmax is saturated at the label (p_y == 1 in z's precision), where the cross-entropy gradient
+    p - e_y loses its label term and, on scaled logits, vanishes altogether (logits x 1e4 give exact zeros)."""
+    return torch.softmax(z.detach(), 1).gather(1, y[:, None])[:, 0] >= 1.0
+
+
 def attack_loss(z: torch.Tensor, y: torch.Tensor, loss: str, target: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row objective to *maximise*.
 
-    ce:     CE(z, y) untargeted, -CE(z, t) targeted.
+    ce:     CE(z, y) untargeted, -CE(z, t) targeted. Rows whose softmax is saturated (:func:`ce_saturated`) take
+            the CW margin instead: cross-entropy has no gradient left there, the margin is scale-invariant.
     margin: CW margin max_{j!=y} z_j - z_y untargeted, z_t - max_{j!=t} z_j targeted.
     dlr:    Croce & Hein's DLR loss (untargeted and targeted forms; needs >= 3 / >= 4 classes).
     """
-    if loss == "ce":
-        if target is None:
-            return F.cross_entropy(z, y, reduction="none")
-        return -F.cross_entropy(z, target, reduction="none")
     zy = z.gather(1, y[:, None])[:, 0]
+    if loss == "ce":
+        if target is not None:  # -CE(z, t) keeps the gradient e_t - softmax(z): it never vanishes
+            return -F.cross_entropy(z, target, reduction="none")
+        ce = F.cross_entropy(z, y, reduction="none")
+        sat = ce_saturated(z, y)
+        return torch.where(sat, _other_max(z, y) - zy, ce) if bool(sat.any()) else ce
     if loss == "margin":
         if target is None:
             return _other_max(z, y) - zy

@@ -23,8 +23,8 @@ from bench import __version__
 from bench.device import resolve_device
 from bench import smooth
 from bench import threads
-from bench.spec import DEFAULT_ATTACKS, SMOOTH_KEYS, cell_id, train_key
-from bench.train import TrainConfig, accuracy, train
+from bench.spec import LEGACY_ATTACKS, SMOOTH_KEYS, cell_id, train_key
+from bench.train import TrainConfig, train
 from lawbench.reports.rows import eps_key
 
 INVARIANT_TOL = 1e-9
@@ -153,16 +153,13 @@ def _evaluate(model, data, cell, device, timer, chooser, phase, log) -> dict:
     model.to(device).eval()
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     threat, eps = cell["threat"], cell["eps"]
-    with timer("clean"):
-        phase("clean accuracy")
-        clean_acc = accuracy(model, x_test, y_test)
     suite = attack_suite(cell)
     with timer("attacks"):
         phase(f"PGD {threat} over {len(eps)} eps")
         ev = attacks.robust_eval(model, x_test, y_test, norm=threat, eps=eps, steps=cell["pgd_steps"],
                                  restarts=cell["pgd_restarts"], step_size=cell["pgd_step_size"] or None,
                                  seed=cell["seed"], log=log, aa_phase=lambda n: chooser.phase("autoattack", n),
-                                 pgd="pgd" in cell.get("attacks", DEFAULT_ATTACKS), suite=suite)
+                                 pgd="pgd" in cell_attacks(cell), suite=suite)
     for name, secs in getattr(ev, "timings", {}).items():
         timer.seconds[name] = secs
     n = len(y_test)
@@ -170,6 +167,7 @@ def _evaluate(model, data, cell, device, timer, chooser, phase, log) -> dict:
     def acc(mask) -> float:
         return float(mask.float().sum().item()) / n
 
+    clean_acc = acc(ev.clean)  # the attacks' own verdict (a randomized model: the majority of its draws)
     pgd_acc = {eps_key(e): acc(ev.pgd_robust[e]) for e in eps}
     aa_acc = {eps_key(e): (acc(ev.aa_robust[e]) if e in ev.aa_robust else None) for e in eps}
     robust_acc = {eps_key(e): acc(ev.robust[e]) for e in eps}
@@ -199,6 +197,8 @@ def _evaluate(model, data, cell, device, timer, chooser, phase, log) -> dict:
         "lip_gap": float(upper.value) / float(lower.value) if upper is not None and lower.value > 0 else None,
         "uncertified": refusal,
         "aa_flags": list(ev.aa_flags), "aa_eps": list(cell["aa_eps"]),
+        "verified": {eps_key(e): bool(v) for e, v in ev.info["verified"].items()},
+        "randomized": ev.info["randomized"],
         "aa_attacks": {eps_key(e): list(i.get("attacks", [])) for e, i in ev.info["autoattack"].items()},
         "reattacked": {eps_key(e): int(n) for e, n in ev.info["reattacked"].items()},
         "suite": ev.info["suite"],
@@ -215,19 +215,30 @@ def _evaluate(model, data, cell, device, timer, chooser, phase, log) -> dict:
 
 
 def attack_suite(cell: dict) -> list:
-    """The attacks after the PGD sweep, in the cell's order: each at its own eps ([attack.NAME] eps) or the cell's
-    AutoAttack eps (else the largest eps), with its options. AutoAttack takes its version from the autoattack key
-    and is left out when that is off."""
+    """The attacks after the PGD sweep, in the cell's order, with their options, each at its own eps ([attack.NAME]
+    eps), else: an AutoAttack-grade attack that sweeps (fast) at every eps no other AutoAttack-grade attack of the
+    suite covers, any other at the cell's AutoAttack eps (else the largest eps). AutoAttack takes its version from
+    the autoattack key and is left out when that is off."""
+    names = [n for n in cell_attacks(cell) if n != "pgd" and not (n == "autoattack" and cell["autoattack"] == "off")]
+    headline = cell["aa_eps"] or [max(cell["eps"])]
+    options = {n: dict(cell.get("attack", {}).get(n, {})) for n in names}
+    entries = {n: attacks.attack_entry(n) for n in names}
+    deferred = {n for n in names if entries[n].sweeps and "eps" not in options[n]}
+    eps = {n: [float(e) for e in options[n].pop("eps", headline)] for n in names if n not in deferred}
+    covered = {e for n, es in eps.items() if entries[n].verifies for e in es}
+    for n in deferred:
+        eps[n] = [float(e) for e in cell["eps"] if float(e) not in covered]
     steps = []
-    for name in cell.get("attacks", DEFAULT_ATTACKS):
-        if name == "pgd" or name == "autoattack" and cell["autoattack"] == "off":
-            continue
-        options = dict(cell.get("attack", {}).get(name, {}))
-        eps = options.pop("eps", None) or cell["aa_eps"] or [max(cell["eps"])]
+    for name in names:
         if name == "autoattack":
-            options["version"] = cell["autoattack"]
-        steps.append(attacks.SuiteStep(name, tuple(float(e) for e in eps), options))
+            options[name]["version"] = cell["autoattack"]
+        steps.append(attacks.SuiteStep(name, tuple(eps[name]), options[name]))
     return steps
+
+
+def cell_attacks(cell: dict) -> list:
+    """The cell's `attacks` (a cell without the key runs the suite it was made with, LEGACY_ATTACKS)."""
+    return list(cell.get("attacks", LEGACY_ATTACKS))
 
 
 def _certified_upper(model, in_shape):
@@ -353,6 +364,9 @@ def _fill_row(row: dict, task: CellTask, budget: threads.ThreadBudget, timer: Ti
     row.update(certify.law_quantities(params, row["n_train"], meta.d, meta.d_eff, num_classes=meta.num_classes,
                                       label_noise=cell["label_noise"], c=isoperimetry_constant(meta)))
     row["flags"] = [] if row.get("law_applicable") else ["law-vacuous"]  # Theorem 3 says nothing at this n
+    row["flags"] += [f for f in row["aa_flags"] if f in attacks.TRUST_FLAGS]  # signs the attacks may be fooled
+    if not all(row["verified"].values()):
+        row["flags"].append("unverified")  # an eps where only PGD (or weaker) ran: reports mark its numbers
     if row.get("uncertified"):
         row["flags"].append("uncertified")
     if any(row.get("reattacked", {}).values()):

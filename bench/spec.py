@@ -34,7 +34,10 @@ THREATS = NORMS                                   # the attack engine's norms: t
 AUTOATTACK_VERSIONS = ("standard", "plus", "off")  # pyautoattack's versions, or none
 AUTOATTACK_NAMES = AA_ATTACKS                      # the attacks a custom AutoAttack run may list (in its order)
 ATTACK_NAMES = tuple(e.name for e in list_attacks())  # the attack registry: what `attacks` may name
-DEFAULT_ATTACKS = ["pgd", "autoattack"]            # the PGD eps sweep, then AutoAttack on what it left
+# the PGD eps sweep, the fast suite at every other eps, AutoAttack at the headline eps: every eps verified
+DEFAULT_ATTACKS = ["pgd", "fast", "autoattack"]
+# what a cell without an `attacks` key runs: the suite before every eps was verified (such cells keep their ids)
+LEGACY_ATTACKS = ["pgd", "autoattack"]
 PGD_OPTIONS = {"steps": "pgd_steps", "restarts": "pgd_restarts", "step_size": "pgd_step_size"}  # [attack.pgd]
 INT64_END = 2 ** 63                                # ints are int64; torch.manual_seed takes a seed below this
 
@@ -123,7 +126,8 @@ SCHEMA: dict[str, Key] = {
                    doc="the attacks run, in order, each on the points nothing broke yet: pgd (the PGD sweep over every "
                        "eps), autoattack (the original; its version is the autoattack key), fast (an AutoAttack-grade "
                        "suite at a fraction of its cost) or any attack `bench list` shows; attacks after pgd run at "
-                       "aa_eps unless their options give eps"),
+                       "aa_eps unless their options give eps, except fast, which runs at every eps no other "
+                       "AutoAttack-grade attack of the list covers; an eps where none ran is marked unverified"),
     "attack": Key("table", {}, doc="options per attack, [attack.NAME] option = value (e.g. [attack.ta-square] "
                                    "n_queries = 1000, eps = [0.1, 0.2]); [attack.pgd] steps/restarts/step_size set "
                                    "pgd_steps/pgd_restarts/pgd_step_size"),
@@ -544,7 +548,7 @@ def expand(spec: dict, entries: list = ()) -> list[dict]:
             cell["data_options"] = {**cell["data_options"], "d": d}
         if not cell["target_params"]:  # a cell sized by its width alone: no key, so its id is as before
             cell.pop("target_params")
-        if cell["attacks"] == DEFAULT_ATTACKS and not cell["attack"]:  # the default suite: ids as before
+        if cell["attacks"] == LEGACY_ATTACKS and not cell["attack"]:  # the suite of cells with no key: ids as before
             cell.pop("attacks"), cell.pop("attack")
         if cell["recipe"] != "smooth":  # other recipes ignore them: their cells (and ids) do not change with them
             for key in SMOOTH_KEYS:

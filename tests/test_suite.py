@@ -53,18 +53,40 @@ def test_an_attack_alone_without_pgd(tmp_path):
     assert row["attack_breaks"]["0.05"] == {}  # FGSM ran only at the AutoAttack eps, 0.1
 
 
-def test_default_suite_keeps_cell_ids_and_counts_its_breaks(tmp_path):
-    default = {cell_id(c) for c in expand(build_spec("default", BASE))}
-    named = {cell_id(c) for c in expand(build_spec("default", [*BASE, "attacks=[pgd,autoattack]"]))}
-    assert default == named
-    other = {cell_id(c) for c in expand(build_spec("default", [*BASE, "attacks=[pgd]"]))}
-    assert other.isdisjoint(default)
+def _ids(overrides) -> set:
+    return {cell_id(c) for c in expand(build_spec("default", overrides))}
+
+
+def test_default_suite_verifies_every_eps_and_legacy_ids_hold(tmp_path):
+    default = _ids(BASE)
+    assert default == _ids([*BASE, "attacks=[pgd,fast,autoattack]"])
+    # the suite cells had before every eps was verified keeps their ids (they carry no attacks key) ...
+    legacy = expand(build_spec("default", [*BASE, "attacks=[pgd,autoattack]"]))
+    assert all("attacks" not in c for c in legacy)
+    # ... and is not the default any more: a store of such rows is re-run, not read as verified
+    assert {cell_id(c) for c in legacy}.isdisjoint(default)
+    assert _ids([*BASE, "attacks=[pgd]"]).isdisjoint(default)
     out = tmp_path / "out"
     res = bench_cli("run", *BASE, "autoattack=[apgd-ce]", "--out", str(out))
     assert res.returncode == 0, res.stderr[-2000:]
     (row,) = rows(out)
-    assert row["suite"] == ["pgd", "autoattack"]
+    assert row["suite"] == ["pgd", "fast", "autoattack"]
+    # fast covers every eps AutoAttack does not; every eps is verified
+    aa_eps = row["attack_settings"]["autoattack"]["eps"]
+    assert aa_eps == [0.1] and row["attack_settings"]["fast"]["eps"] == [e for e in row["eps"] if e not in aa_eps]
+    assert row["verified"] == {k: True for k in row["robust_acc"]} and "unverified" not in row["flags"]
     assert_breaks_add_up(row)
+
+
+def test_pgd_alone_is_marked_unverified(tmp_path):
+    out = tmp_path / "out"
+    res = bench_cli("run", *BASE, "attacks=[pgd,autoattack]", "autoattack=[apgd-ce]", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    (row,) = rows(out)
+    # AutoAttack ran at 0.1 only; elsewhere only PGD: unverified unless nothing is left standing
+    for k, v in row["verified"].items():
+        assert v == (k == "0.1" or row["robust_acc"][k] == 0), (k, row["verified"])
+    assert ("unverified" in row["flags"]) == (not all(row["verified"].values()))
 
 
 @pytest.mark.parametrize("override, culprit", [
@@ -100,11 +122,17 @@ def test_fast_suite_through_the_cli(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     (row,) = rows(out)
     assert row["suite"] == ["fast"]
-    stages = row["attack_details"]["fast"]["0.1"]
-    assert list(stages) == ["pgd", "apgd-t", "square"][:len(stages)]
-    assert stages["pgd"]["attacked"] == round(row["clean_acc"] * row["n_test"])  # the correctly classified points
+    assert row["attack_settings"]["fast"]["eps"] == [0.05, 0.1]  # a sweeping attack: every eps of the sweep
+    assert row["verified"] == {"0.05": True, "0.1": True}
+    n = row["n_test"]
+    standing = {"0.05": round(row["clean_acc"] * n), "0.1": round(row["robust_acc"]["0.05"] * n)}
+    for k in ("0.05", "0.1"):  # each eps attacks what nothing broke yet (breaks at 0.05 carry to 0.1)
+        stages = row["attack_details"]["fast"][k]
+        assert list(stages) == ["pgd", "apgd-t", "square"][:len(stages)]
+        assert stages["pgd"]["attacked"] == standing[k]
     assert_breaks_add_up(row)
-    assert sum(s["broke"] for s in stages.values()) == row["attack_breaks"]["0.1"]["fast"]
+    assert sum(s["broke"] for s in stages.values()) == row["attack_breaks"]["0.1"]["fast"] - row["attack_breaks"][
+        "0.05"]["fast"]
 
 
 def quantized(model, levels=8):

@@ -1,0 +1,71 @@
+"""Randomized models: a model whose eval-mode forward pass is random (input noise, random resizing, dropout kept on).
+
+One lucky draw must never decide a result, and one noisy gradient must never steer an attack. Once detected
+(:func:`is_randomized`: the same input, two forward passes, different logits), the model is seen by every attack
+through :class:`Randomized`:
+
+* verdicts: a point counts as misclassified only when the majority of ``votes`` draws misclassify it (ties go to
+  the label: a tie is no majority) -- :func:`attacks.threat.misclassified` reads this wrapper;
+* gradients: every gradient stage averages ``eot`` draws (expectation over transformation, pyautoattack's rand
+  protocol: EOT 20); our PGD repeats each row ``eot`` times in one batch, the original APGD takes ``eot_iter``.
+"""
+from __future__ import annotations
+
+import torch
+
+EOT_DRAWS = 20   # gradient draws per step (pyautoattack's version="rand")
+VOTE_DRAWS = 10  # forward draws per verdict
+
+
+class Randomized(torch.nn.Module):
+    """A randomized model as attacks see it: forward is one draw; ``votes`` draws decide a verdict, ``eot`` draws
+    average a gradient. Wrapping is idempotent (see :func:`randomized`)."""
+
+    def __init__(self, model: torch.nn.Module, eot: int = EOT_DRAWS, votes: int = VOTE_DRAWS):
+        super().__init__()
+        self.model = model
+        self.eot = int(eot)
+        self.votes = int(votes)
+
+    def forward(self, x):
+        return self.model(x)
+
+    @torch.no_grad()
+    def vote_counts(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C) how many of ``votes`` draws predict each class."""
+        counts = None
+        for _ in range(self.votes):
+            z = self.model(x)
+            one = torch.nn.functional.one_hot(z.argmax(1), z.shape[1]).to(torch.int32)
+            counts = one if counts is None else counts + one
+        return counts
+
+    def mean_logits(self, x: torch.Tensor, draws: int | None = None) -> torch.Tensor:
+        """Logits averaged over ``draws`` (default eot) draws, the draws as rows of one batch."""
+        k = int(draws or self.eot)
+        z = self.model(x.repeat(k, *([1] * (x.dim() - 1))))
+        return z.view(k, x.shape[0], -1).mean(0)
+
+
+def is_randomized(model: torch.nn.Module, x: torch.Tensor, points: int = 32) -> bool:
+    """True when two eval-mode forward passes on the same inputs give different logits (the caller sets eval mode).
+    A deterministic model gives bitwise-identical logits for the identical batch on the same device."""
+    if isinstance(model, Randomized):
+        return True
+    if x.shape[0] == 0:
+        return False
+    xs = x[:points]
+    with torch.no_grad():
+        return not torch.equal(model(xs), model(xs))
+
+
+def randomized(model: torch.nn.Module, eot: int = EOT_DRAWS, votes: int = VOTE_DRAWS) -> Randomized:
+    """``model`` seen through :class:`Randomized` (itself when it already is)."""
+    return model if isinstance(model, Randomized) else Randomized(model, eot, votes)
+
+
+def majority_misclassified(model: Randomized, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Bool (N,): the label is not the (strictly) most frequent prediction over ``model.votes`` draws."""
+    counts = model.vote_counts(x)
+    own = counts.gather(1, y.to(counts.device)[:, None]).squeeze(1)
+    return own < counts.amax(1)
