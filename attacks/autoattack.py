@@ -47,10 +47,6 @@ FLAG_DOC = {
     "softmax_saturated": "most points have a softmax saturated at their label (scaled logits?): cross-entropy has no "
                          "gradient there, PGD ascended the margin loss instead",
 }
-# flags that say an evaluation may be fooled (gradient masking, randomness, scaled logits): rows carry them in
-# `flags`, reports mark such rows
-TRUST_FLAGS = ("randomized", "softmax_output", "zero_gradients", "square_beats_whitebox", "dynamic",
-               "softmax_saturated")
 
 _BATCH_LINE = re.compile(r"^(?P<attack>[a-z\-]+) - \d+/\d+ - (?P<k>\d+) out of (?P<m>\d+) successfully perturbed")
 
@@ -332,7 +328,9 @@ def square_starts(model, x, y, eps, norm, *, starts, queries, seed, batch_size, 
     pick = first * n + torch.arange(n, device=x.device)
     res.robust = still.all(0)
     res.x_adv = torch.where(res.robust.reshape(-1, *([1] * (x.dim() - 1))), x.detach(), res.x_adv[pick])
-    res.info.update(starts=int(starts), n_attacked=n)
+    # counts per point, not per (start, point) row
+    res.info.update(starts=int(starts), n_attacked=n, broken_by={"square": int((~res.robust).sum())},
+                    rows_broken=int((~still).sum()))
     return res
 
 

@@ -52,6 +52,13 @@ class SuiteStep:
     eps: tuple
     options: dict = field(default_factory=dict)
 
+    @property
+    def verifies(self) -> bool:
+        """AutoAttack grade: the attack is (registry's AttackEntry.verifies), and an AutoAttack run is a whole version
+        (standard or plus), not a custom list of its attacks."""
+        from .registry import attack_entry
+        return attack_entry(self.name).verifies and isinstance(self.options.get("version", "standard"), str)
+
 
 def robust_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: Sequence[float],
                 steps: int, restarts: int, step_size: float | None = None,
@@ -201,11 +208,9 @@ class _SuiteState:
         self.verified: dict = {}  # eps -> an AutoAttack-grade attack ran on every point still standing there
 
     def run(self, step: SuiteStep) -> None:
-        from .registry import attack_entry
         t0 = time.perf_counter()
-        grade = attack_entry(step.name).verifies
         for e in step.eps:
-            self.verified[e] = self.verified.get(e, False) or grade
+            self.verified[e] = self.verified.get(e, False) or step.verifies
             idx = torch.nonzero(self.robust[e]).flatten()
             if self.log:
                 log_what = step.options.get("version", "") if step.name == "autoattack" else ""

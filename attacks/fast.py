@@ -170,14 +170,14 @@ def _ranked_apgd_t(model, x, y, eps, norm, seed, log, targets, batch_size) -> AA
     from pyautoattack.autopgd_base import APGDAttack_targeted
     from pyautoattack import checks as aa_checks
     net, xi, back = aa_view(model, x)
-    ranked = rank_targets(model, x, y, norm, targets)
-    robust = ~misclassified(model, x, y)
     examples = xi.detach().clone()
     per_target = []
     was_training = model.training
     model.eval()
     devices = [x.device] if x.device.type == "cuda" else []
     try:
+        ranked = rank_targets(model, x, y, norm, targets)  # in eval mode: no dropout draw, no batch statistics
+        robust = ~misclassified(model, x, y)
         with captured(log) as cap, torch.random.fork_rng(devices=devices), _frozen(model):
             for k in aa_checks.funcs:  # pyautoattack never resets its global call counters
                 aa_checks.funcs[k] = 0

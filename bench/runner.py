@@ -25,7 +25,7 @@ from bench import smooth
 from bench import threads
 from bench.spec import LEGACY_ATTACKS, SMOOTH_KEYS, cell_id, train_key
 from bench.train import TrainConfig, train
-from lawbench.reports.rows import eps_key
+from lawbench.reports.rows import TRUST_FLAGS, eps_key
 
 INVARIANT_TOL = 1e-9
 # what a smooth row records of its search
@@ -221,18 +221,18 @@ def attack_suite(cell: dict) -> list:
     the autoattack key and is left out when that is off."""
     names = [n for n in cell_attacks(cell) if n != "pgd" and not (n == "autoattack" and cell["autoattack"] == "off")]
     headline = cell["aa_eps"] or [max(cell["eps"])]
-    options = {n: dict(cell.get("attack", {}).get(n, {})) for n in names}
-    entries = {n: attacks.attack_entry(n) for n in names}
-    deferred = {n for n in names if entries[n].sweeps and "eps" not in options[n]}
-    eps = {n: [float(e) for e in options[n].pop("eps", headline)] for n in names if n not in deferred}
-    covered = {e for n, es in eps.items() if entries[n].verifies for e in es}
-    for n in deferred:
-        eps[n] = [float(e) for e in cell["eps"] if float(e) not in covered]
-    steps = []
+    steps, sweeping = [], []
     for name in names:
+        options = dict(cell.get("attack", {}).get(name, {}))
         if name == "autoattack":
-            options[name]["version"] = cell["autoattack"]
-        steps.append(attacks.SuiteStep(name, tuple(eps[name]), options[name]))
+            options["version"] = cell["autoattack"]
+        if attacks.attack_entry(name).sweeps and "eps" not in options:
+            sweeping.append(len(steps))
+        steps.append(attacks.SuiteStep(name, tuple(float(e) for e in options.pop("eps", headline)), options))
+    covered = {e for i, st in enumerate(steps) if st.verifies and i not in sweeping for e in st.eps}
+    rest = tuple(float(e) for e in cell["eps"] if float(e) not in covered)
+    for i in sweeping:
+        steps[i] = attacks.SuiteStep(steps[i].name, rest, steps[i].options)
     return steps
 
 
@@ -364,7 +364,7 @@ def _fill_row(row: dict, task: CellTask, budget: threads.ThreadBudget, timer: Ti
     row.update(certify.law_quantities(params, row["n_train"], meta.d, meta.d_eff, num_classes=meta.num_classes,
                                       label_noise=cell["label_noise"], c=isoperimetry_constant(meta)))
     row["flags"] = [] if row.get("law_applicable") else ["law-vacuous"]  # Theorem 3 says nothing at this n
-    row["flags"] += [f for f in row["aa_flags"] if f in attacks.TRUST_FLAGS]  # signs the attacks may be fooled
+    row["flags"] += [f for f in row["aa_flags"] if f in TRUST_FLAGS]  # signs the attacks may have been fooled
     if not all(row["verified"].values()):
         row["flags"].append("unverified")  # an eps where only PGD (or weaker) ran: reports mark its numbers
     if row.get("uncertified"):

@@ -10,6 +10,8 @@ import os
 import secrets
 from pathlib import Path
 
+from .rows import TRUST_FLAGS
+
 
 MISSING = "\u2013"  # en dash: how every missing/null value is rendered
 
@@ -74,6 +76,45 @@ def acc_at(row: dict, key: str, eps: float | None) -> float | None:
         if math.isclose(e, eps, rel_tol=1e-9, abs_tol=1e-12):
             return v
     return None
+
+
+# how every report marks a robust accuracy that no AutoAttack-grade attack verified, and says why (UNVERIFIED_NOTE)
+UNVERIFIED_MARK = "†"
+UNVERIFIED_NOTE = (f"{UNVERIFIED_MARK} unverified: only PGD (or a weaker attack) ran at this eps, so the robust "
+                   "accuracy is an upper bound, not a figure verified at AutoAttack grade")
+# how reports mark rows whose attacks may have been fooled (a flag of reports.rows.TRUST_FLAGS)
+FLAGGED_MARK = "⚠"
+
+
+def verified_at(row: dict, eps: float | None) -> bool:
+    """The row's robust accuracy at eps was verified at AutoAttack grade: its `verified` map says so; a row without
+    the map (an older lawbench) only where AutoAttack ran (autoattack_acc set) or nothing was left robust."""
+    if eps is None:
+        return True
+    m = row.get("verified")
+    if isinstance(m, dict):
+        for k, v in m.items():
+            e = num(k)
+            if e is not None and math.isclose(e, eps, rel_tol=1e-9, abs_tol=1e-12):
+                return v is True
+        return False
+    return acc_at(row, "autoattack_acc", eps) is not None or acc_at(row, "robust_acc", eps) == 0
+
+
+def flagged(row: dict) -> list[str]:
+    """The row's flags (in `flags` or `aa_flags`) that say its attacks may have been fooled."""
+    out = []
+    for key in ("flags", "aa_flags"):
+        raw = row.get(key)
+        if isinstance(raw, (list, tuple)):
+            out += [f for f in raw if isinstance(f, str) and f in TRUST_FLAGS]
+    return list(dict.fromkeys(out))
+
+
+def fmt_robust(mean: float | None, ci: float | None = None, verified: bool = True) -> str:
+    """A robust accuracy as fmt_pct gives it, marked when it is unverified (UNVERIFIED_MARK)."""
+    out = fmt_pct(mean, ci)
+    return out if verified or mean is None else out + UNVERIFIED_MARK
 
 
 def row_eps(row: dict) -> list[float]:

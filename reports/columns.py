@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ._util import fmt_eps, fmt_int, fmt_pct, fmt_ratio, fmt_sig, fmt_width, num
+from ._util import FLAGGED_MARK, fmt_eps, fmt_int, fmt_pct, fmt_ratio, fmt_robust, fmt_sig, fmt_width, num
 from .table import Entry, Stat
 
 
@@ -39,12 +39,22 @@ def _ratio(attr: str):
     return cell
 
 
+def _robust(e: Entry):
+    st: Stat = e.robust
+    return fmt_robust(st.mean, st.ci, e.verified(e.eps)), st.mean
+
+
+def _label(e: Entry):
+    """The entry's label, marked when its attacks may have been fooled (its flags say which)."""
+    return (f"{e.label} {FLAGGED_MARK}" if e.flagged else e.label), None
+
+
 def _flags(e: Entry):
     return ", ".join(e.flags), None
 
 
 FAMILY = Column("family", "family", lambda e: (e.family or "?", None), numeric=False)
-MODEL = Column("model", "model", lambda e: (e.label, None), numeric=False,
+MODEL = Column("model", "model", _label, numeric=False,
                title="model entry and width (recipe, n, noise when they vary)")
 WIDTH = Column("width", "width", lambda e: (fmt_width(e.width), num(e.width)))
 SEEDS = Column("seeds", "seeds", lambda e: (str(len(e.rows)), float(len(e.rows))), title="rows (seeds) aggregated")
@@ -56,7 +66,7 @@ EPS = Column("eps", "eps", lambda e: (fmt_eps(e.eps), e.eps),
 CLEAN = Column("clean", "clean %", _pct("clean"))
 PGD = Column("pgd", "PGD %", _pct("pgd"))
 AA = Column("aa", "AutoAttack %", _pct("aa"))
-ROBUST = Column("robust", "robust %", _pct("robust"), title="per-point worst case over every attack")
+ROBUST = Column("robust", "robust %", _robust, title="per-point worst case over every attack")
 CERT = Column("cert", "certified %", _pct("cert"))
 LIP_UP = Column("lip_upper", "lip_upper", _sig("lip_upper"), title="certified global L2 upper bound")
 LIP_LO = Column("lip_lower", "lip_lower", _sig("lip_lower"), title="empirical lower bound")
@@ -67,12 +77,12 @@ LEADERBOARD = (FAMILY, MODEL, WIDTH, SEEDS, P, RATIO, RATIO_EFF, EPS, CLEAN, PGD
                LAW, FLAGS)
 
 RANKING = (
-    Column("model", "Model", lambda e: (e.label, None), numeric=False),
+    Column("model", "Model", _label, numeric=False),
     Column("family", "Family", lambda e: (e.family or "?", None), numeric=False),
     P, RATIO, EPS,
     Column("clean", "Clean %", _pct("clean")),
     Column("aa", "AutoAttack %", _pct("aa")),
-    Column("robust", "Robust %", _pct("robust"), title="ranking key: per-point worst case over every attack"),
+    Column("robust", "Robust %", _robust, title="ranking key: per-point worst case over every attack"),
     Column("cert", "Certified %", _pct("cert")),
     FLAGS,
 )

@@ -7,8 +7,8 @@ from collections import defaultdict
 from rich.table import Table
 from rich.text import Text
 
-from ._util import (MISSING, acc_at, fmt_eps, fmt_int, fmt_pct, fmt_ratio, fmt_sig, fmt_width, is_ok, num,
-                    row_law_scale, row_ratio, text)
+from ._util import (MISSING, UNVERIFIED_NOTE, acc_at, fmt_eps, fmt_int, fmt_pct, fmt_ratio, fmt_robust, fmt_sig,
+                    fmt_width, is_ok, num, row_law_scale, row_ratio, text, verified_at)
 from .table import headline_eps, row_flags, view_key
 
 
@@ -71,7 +71,8 @@ def console_table(rows, *, title: str | None = None) -> Table:
             cells += [
                 fmt_int(p), fmt_ratio(row_ratio(r)), fmt_eps(eps), fmt_pct(num(r.get("clean_acc"))),
                 fmt_pct(acc_at(r, "pgd_acc", eps)), fmt_pct(acc_at(r, "autoattack_acc", eps)),
-                fmt_pct(acc_at(r, "robust_acc", eps)), fmt_pct(acc_at(r, "cert_acc", eps)),
+                fmt_robust(acc_at(r, "robust_acc", eps), verified=verified_at(r, eps)),
+                fmt_pct(acc_at(r, "cert_acc", eps)),
                 fmt_sig(num(r.get("lip_upper"))), fmt_sig(num(r.get("lip_lower"))), fmt_sig(row_law_scale(r)),
             ]
             flags = row_flags(r)
@@ -79,4 +80,6 @@ def console_table(rows, *, title: str | None = None) -> Table:
     if not rows:
         table.add_row("(no rows)", *[""] * (ncols - 1))
     table.caption = "accuracies in % at the headline eps (largest AutoAttack eps, else largest eps)"
+    if any(is_ok(r) and not verified_at(r, headline_eps(r)) for r in rows):
+        table.caption += "; " + UNVERIFIED_NOTE
     return table

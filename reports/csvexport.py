@@ -1,8 +1,9 @@
 """CSV export: one line per result row (failed rows included), the main fields flattened.
 
 Columns: the identifying and scalar fields, `headline_eps`, then for every eps found in the file (sorted)
-`pgd_acc@<eps>`, `autoattack_acc@<eps>`, `robust_acc@<eps>`, `cert_acc@<eps>` (eps as Python's shortest round-trip
-text, e.g. `pgd_acc@0.1`), then `aa_flags` (joined by ";") and `time_<phase>` per timing phase. Numbers are written
+`pgd_acc@<eps>`, `autoattack_acc@<eps>`, `robust_acc@<eps>`, `cert_acc@<eps>`, `verified@<eps>` (eps as Python's
+shortest round-trip text, e.g. `pgd_acc@0.1`; verified: true where an AutoAttack-grade attack verified the robust
+accuracy, false where only PGD or a weaker attack ran), then `aa_flags` (joined by ";") and `time_<phase>` per timing phase. Numbers are written
 at full precision; missing values are empty cells.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 
-from ._util import ACC_KEYS, acc_at, dedupe_eps, num, row_eps, row_law_scale, row_ratio, text
+from ._util import ACC_KEYS, acc_at, dedupe_eps, num, row_eps, row_law_scale, row_ratio, text, verified_at
 from .rows import eps_key
 from .table import headline_eps, row_flags
 
@@ -36,7 +37,7 @@ def render_csv(rows) -> str:
     all_eps = dedupe_eps(e for r in rows for e in row_eps(r))
     phases = list(dict.fromkeys(k for r in rows if isinstance(r.get("timings"), dict) for k in r["timings"]))
     header = list(SCALARS) + ["headline_eps"]
-    header += [f"{k}@{eps_key(e)}" for e in all_eps for k in ACC_KEYS]
+    header += [f"{k}@{eps_key(e)}" for e in all_eps for k in (*ACC_KEYS, "verified")]
     header += ["flags", "aa_flags"] + [f"time_{p}" for p in phases]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -52,7 +53,8 @@ def render_csv(rows) -> str:
                 v = r.get(k)
             line.append(_cell(v))
         line.append(_cell(headline_eps(r)))
-        line += [_cell(acc_at(r, k, e)) for e in all_eps for k in ACC_KEYS]
+        line += [_cell(acc_at(r, k, e) if k != "verified" else verified_at(r, e)) for e in all_eps
+                 for k in (*ACC_KEYS, "verified")]
         aa = r.get("aa_flags")
         line.append(";".join(row_flags(r)))
         line.append(";".join(text(f) for f in aa) if isinstance(aa, (list, tuple)) else text(aa))

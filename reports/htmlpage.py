@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import html
 
-from ._util import MISSING, fmt_ci, fmt_slope, text
+from ._util import FLAGGED_MARK, MISSING, UNVERIFIED_NOTE, fmt_ci, fmt_slope, text
 from .columns import LEADERBOARD, RANKING, Column
 from .markdown import PLOT_TITLES, slope_rows, view_heading_facts
 from .table import Entry, View, failed_rows, ranking
@@ -235,7 +235,9 @@ def render_html(rows, views: list[View], *, source: str = "results.jsonl", image
            f'<p class="meta">From <code>{esc(source)}</code>: {len(rows)} rows ({ok} ok, {len(failed)} failed). '
            "Accuracies in % at the headline eps (a row's largest AutoAttack eps, else its largest eps); mean ± 95% "
            "Student-t interval over seeds where several ran. Ranking by robust accuracy (per-point worst case over "
-           "every attack). Click a column header to sort.</p>"]
+           "every attack). Click a column header to sort.</p>",
+           f'<p class="note">{esc(UNVERIFIED_NOTE)}. {FLAGGED_MARK} flagged: the attacks may have been fooled '
+           "(gradient masking, randomness, scaled logits; the flags column says which).</p>"]
     if views:
         out.append('<nav class="tabs" role="tablist" aria-label="dataset and threat model">')
         for v in views:

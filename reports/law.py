@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._util import acc_at, interpolates, is_ok, num, row_eps, row_ratio, text
+from ._util import acc_at, interpolates, is_ok, num, row_eps, row_ratio, text, verified_at
 from .stats import mean_ci, t_quantile
 
 LAW_EXPONENTS = {"p": -0.5, "n": 0.5, "d": 0.5}
@@ -167,6 +167,11 @@ def frontier_eps(points: list[FrontierPoint]) -> list[float]:
 
 def robust_at(point: FrontierPoint, recipe: str, eps: float) -> float | None:
     return point_stat(point, recipe, lambda r: acc_at(r, "robust_acc", eps))
+
+
+def robust_verified(point: FrontierPoint, recipe: str, eps: float) -> bool:
+    """Every row of the recipe at this width was verified at AutoAttack grade at eps."""
+    return all(verified_at(r, eps) for r in point.rows.get(recipe, []))
 
 
 def smooth_buys_robustness_from(points: list[FrontierPoint], eps: float) -> FrontierPoint | None:

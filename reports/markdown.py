@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from tabulate import tabulate
 
-from ._util import (MISSING, fmt_ci, fmt_eps, fmt_int, fmt_pct, fmt_ratio, fmt_sig, fmt_slope, fmt_width,
-                    interpolates, num, text)
+from ._util import (FLAGGED_MARK, MISSING, UNVERIFIED_NOTE, fmt_ci, fmt_eps, fmt_int, fmt_pct, fmt_ratio, fmt_robust,
+                    fmt_sig, fmt_slope, fmt_width, interpolates, num, text)
 from .columns import LEADERBOARD, RANKING, Column
 from .table import View, failed_rows, ranking, view_context
 from .stats import law_envelope, loglog_slope
@@ -105,7 +105,8 @@ def frontier_table(points) -> str:
                  f"{_count(pt, 'erm')} → {_count(pt, 'smooth')}", _arrow(*stat("train_margin"), fmt_sig),
                  _arrow(*stat("lip_upper"), fmt_sig), _arrow(*stat("lip_lower"), fmt_sig),
                  _arrow(*stat("lip_upper_unit_margin"), fmt_sig), _arrow(*stat("lip_lower_unit_margin"), fmt_sig)]
-        cells += [_arrow(law.robust_at(pt, "erm", e), law.robust_at(pt, "smooth", e), fmt_pct) for e in eps]
+        cells += [" → ".join(fmt_robust(law.robust_at(pt, r, e), verified=law.robust_verified(pt, r, e))
+                             for r in ("erm", "smooth")) for e in eps]
         body.append(cells)
     return md_table(headers, body, ["right"] * len(headers))
 
@@ -208,6 +209,8 @@ def render_markdown(rows, views: list[View], *, source: str = "results.jsonl", p
                "Lipschitz constant of order at least law_scale = sqrt(n·d/p). Robust accuracy is the per-point "
                "worst case over every attack run; ranking is by robust accuracy.")
     out.append("")
+    out += [f"{UNVERIFIED_NOTE}. {FLAGGED_MARK} flagged: the attacks may have been fooled (gradient masking, "
+            "randomness, scaled logits; the flags column says which).", ""]
     if not views:
         out += ["No successful rows.", ""]
     for view in views:

@@ -81,16 +81,21 @@ def plot_robust_vs_ratio(views: list[View]) -> Figure:
         eps_list = sorted({e for en in view.entries for e in en.by_eps.get("robust", {})})
         cmap = matplotlib.colormaps["viridis"]
         drawn = False
+        used: set = set()
         for fi, fam in enumerate(_families(view)):
             ents = [e for e in view.entries if e.family == fam]
             marker = MARKERS[fi % len(MARKERS)]
             for ei, eps in enumerate(eps_list):
-                xs, ys, es = _series(ents, lambda e: e.by_eps.get("robust", {}).get(eps))
+                get = lambda e, eps=eps: e.by_eps.get("robust", {}).get(eps)  # noqa: E731
+                xs, ys, es = _series(ents, get)
                 if not xs:
                     continue
                 color = cmap(0.1 + 0.8 * ei / max(1, len(eps_list) - 1))
                 ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * v for v in es], marker=marker, color=color,
                             capsize=2, linewidth=1.2, markersize=4, label=f"{fam} eps={fmt_eps(eps)}")
+                unverified, flagged = _marked_points(ents, get, eps)
+                _mark(ax, unverified, UNVERIFIED, used)
+                _mark(ax, flagged, FLAGGED, used)
                 drawn = True
             xs, ys, es = _series(ents, lambda e: e.clean)
             if xs:
@@ -111,6 +116,36 @@ def plot_robust_vs_ratio(views: list[View]) -> Figure:
 
 
 NOT_INTERPOLATING = "does not interpolate (outside the law's premise)"
+UNVERIFIED = "unverified: only PGD ran there (an upper bound)"
+FLAGGED = "flagged: the attacks may have been fooled"
+# how each mark is drawn over a point: a wide hollow grey square, a red cross
+MARKS = {UNVERIFIED: dict(marker="s", markersize=11, markerfacecolor="none", markeredgecolor="0.45",
+                          markeredgewidth=1.1),
+         FLAGGED: dict(marker="x", markersize=9, color="red", markeredgewidth=1.6)}
+
+
+def _mark(ax, pts, kind: str, used: set) -> None:
+    """Mark points (x, y in %) as `kind` (UNVERIFIED or FLAGGED); one legend entry per panel and kind."""
+    if not pts:
+        return
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="none", zorder=4,
+            label="_nolegend_" if kind in used else kind, **MARKS[kind])
+    used.add(kind)
+
+
+def _marked_points(ents: list[Entry], get, eps) -> tuple[list, list]:
+    """(unverified, flagged) points (p/(n·d), value in %) of the entries' metric `get` at eps."""
+    unverified, flagged = [], []
+    for e in ents:
+        xs, ys, _ = _series([e], get)
+        if not xs:
+            continue
+        pt = (xs[0], 100 * ys[0])
+        if not e.verified(eps):
+            unverified.append(pt)
+        if e.flagged:
+            flagged.append(pt)
+    return unverified, flagged
 
 
 def _mark_not_interpolating(ax, ents, attr, marker, color, labelled: bool) -> bool:
@@ -184,6 +219,7 @@ def plot_accuracy_by_family(views: list[View]) -> Figure:
     for ax, (view, fam) in zip(axes, panels):
         ents = [e for e in view.entries if e.family == fam]
         drawn = False
+        used: set = set()
         for attr, color, name in (("clean", "0.3", "clean"), ("robust", "C1", "robust"), ("cert", "C2", "certified")):
             xs, ys, es = _series(ents, lambda e: getattr(e, attr))
             if not xs:
@@ -191,6 +227,10 @@ def plot_accuracy_by_family(views: list[View]) -> Figure:
             ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * v for v in es], marker="o", color=color, capsize=2,
                         linewidth=1.2, markersize=4, label=name)
             drawn = True
+        for e in ents:  # the robust point at each entry's own headline eps
+            unverified, flagged = _marked_points([e], lambda en: en.robust, e.eps)
+            _mark(ax, unverified, UNVERIFIED, used)
+            _mark(ax, flagged, FLAGGED, used)
         eps = sorted({e.eps for e in ents if e.eps is not None})
         ax.set_title(f"{view.title} · {fam} (eps {', '.join(fmt_eps(e) for e in eps) or '–'})", fontsize=9)
         if not drawn:
@@ -249,18 +289,22 @@ def plot_frontier(views: list[View]) -> Figure:
         ax.legend(fontsize=7)
         eps_list = law.frontier_eps(points)
         cmap = matplotlib.colormaps["viridis"]
+        used: set = set()
         for ei, e in enumerate(eps_list):
             color = cmap(0.1 + 0.8 * ei / max(1, len(eps_list) - 1))
             for recipe, style, face in (("erm", "-", None), ("smooth", "--", "white")):
-                xs, ys = [], []
+                xs, ys, unverified = [], [], []
                 for pt in points:
                     v = law.robust_at(pt, recipe, e)
                     if v is not None and pt.ratio:
                         xs.append(pt.ratio)
                         ys.append(100 * v)
+                        if not law.robust_verified(pt, recipe, e):
+                            unverified.append((pt.ratio, 100 * v))
                 if xs:
                     ax_r.plot(xs, ys, linestyle=style, marker="o", color=color, markerfacecolor=face or color,
                               markersize=4, linewidth=1.2, label=f"{recipe} eps={fmt_eps(e)}")
+                    _mark(ax_r, unverified, UNVERIFIED, used)
         _accuracy_axes(ax_r, "robust accuracy (%)")
         ax_r.set_title("robust accuracy: ERM (solid) vs smooth (dashed)", fontsize=9)
         ax_r.legend(fontsize=6, ncols=2)

@@ -18,6 +18,12 @@ REQUIRED_KEYS = (
 )
 
 
+# flags that say a row's attacks may have been fooled (gradient masking, randomness, scaled logits); the runner copies
+# AutoAttack's and the suite's into the row's `flags`, reports mark rows carrying one (in `flags` or `aa_flags`)
+TRUST_FLAGS = ("randomized", "softmax_output", "zero_gradients", "square_beats_whitebox", "dynamic",
+               "softmax_saturated")
+
+
 def eps_key(eps: float) -> str:
     """The key of an eps in a row's accuracy maps: the shortest text that round-trips the float ("0.1", "1.0")."""
     return repr(float(eps))

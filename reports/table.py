@@ -7,7 +7,7 @@ import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from ._util import (acc_at, acc_map, dedupe_eps, is_ok, num, row_eps, row_law_scale, row_ratio, row_suite,
+from ._util import (acc_at, acc_map, dedupe_eps, flagged, verified_at, is_ok, num, row_eps, row_law_scale, row_ratio, row_suite,
                     suite_label, text)
 from .stats import mean_ci
 
@@ -132,6 +132,11 @@ class Entry:
     flags: list[str]
     by_eps: dict = field(default_factory=dict)  # {metric: {eps: Stat}} for pgd/aa/robust/cert
     label: str = ""
+    unverified: frozenset = frozenset()  # eps where a row's robust accuracy was not verified at AutoAttack grade
+    flagged: list = field(default_factory=list)  # flags saying the attacks may have been fooled (TRUST_FLAGS)
+
+    def verified(self, eps: float | None) -> bool:
+        return eps not in self.unverified
 
     @property
     def sort_key(self):
@@ -184,6 +189,8 @@ def make_entry(rows: list[dict], confidence: float = 0.95) -> Entry:
         lip_upper=Stat.of([num(r.get("lip_upper")) for r in rows], confidence),
         lip_lower=Stat.of([num(r.get("lip_lower")) for r in rows], confidence),
         flags=list(dict.fromkeys(flags)), by_eps=by_eps,
+        unverified=frozenset(e for e in all_eps if any(not verified_at(r, e) for r in rows)),
+        flagged=list(dict.fromkeys(f for r in rows for f in flagged(r))),
     )
 
 

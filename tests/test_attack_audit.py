@@ -370,7 +370,7 @@ def test_masking_restarts_real_square_breaks_a_quantized_model(quant, monkeypatc
     eps = 0.16
     robust = ~misclassified(model, x, y)
     x_adv = x.clone()
-    pre = robust.nonzero().flatten()[:2]  # two points an earlier attack "broke", with its own (valid) example
+    pre = robust.nonzero().flatten()[:2]  # "broken" by an earlier attack: must stay so
     robust[pre] = False
     x_adv[pre] = torch.clamp(x[pre] + 0.05, 0, 1)
     alive = robust.nonzero().flatten()

@@ -71,11 +71,17 @@ def test_default_suite_verifies_every_eps_and_legacy_ids_hold(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     (row,) = rows(out)
     assert row["suite"] == ["pgd", "fast", "autoattack"]
-    # fast covers every eps AutoAttack does not; every eps is verified
-    aa_eps = row["attack_settings"]["autoattack"]["eps"]
-    assert aa_eps == [0.1] and row["attack_settings"]["fast"]["eps"] == [e for e in row["eps"] if e not in aa_eps]
+    # a custom AutoAttack list (TINY's [apgd-ce]) verifies nothing: fast covers every eps, and every eps is verified
+    assert row["attack_settings"]["autoattack"]["eps"] == [0.1] and row["attack_settings"]["fast"]["eps"] == row["eps"]
     assert row["verified"] == {k: True for k in row["robust_acc"]} and "unverified" not in row["flags"]
     assert_breaks_add_up(row)
+    # AutoAttack standard verifies its headline eps: fast takes the others
+    from bench.runner import attack_suite
+    (cell,) = expand(build_spec("default", [*BASE, "autoattack=standard"]))
+    assert [(st.name, st.eps, st.verifies) for st in attack_suite(cell)] == [("fast", (0.05,), True),
+                                                                             ("autoattack", (0.1,), True)]
+    (cell,) = expand(build_spec("default", [*BASE, "autoattack=standard", "attack.fast.eps=[0.1]"]))
+    assert [(st.name, st.eps) for st in attack_suite(cell)] == [("fast", (0.1,)), ("autoattack", (0.1,))]
 
 
 def test_pgd_alone_is_marked_unverified(tmp_path):
