@@ -89,9 +89,9 @@ def test_pgd_alone_is_marked_unverified(tmp_path):
     res = bench_cli("run", *BASE, "attacks=[pgd,autoattack]", "autoattack=[apgd-ce]", "--out", str(out))
     assert res.returncode == 0, res.stderr[-2000:]
     (row,) = rows(out)
-    # AutoAttack ran at 0.1 only; elsewhere only PGD: unverified unless nothing is left standing
-    for k, v in row["verified"].items():
-        assert v == (k == "0.1" or row["robust_acc"][k] == 0), (k, row["verified"])
+    # no AutoAttack-grade attack ran: unverified unless nothing is left standing
+    for k, v in row["verified"].items():  # a custom AutoAttack list ([apgd-ce]) verifies nothing either
+        assert v == (row["robust_acc"][k] == 0), (k, row["verified"])
     assert ("unverified" in row["flags"]) == (not all(row["verified"].values()))
 
 
@@ -209,17 +209,30 @@ def test_zero_jacobian_flags_only_flat_points(zoo):
 
 
 def test_perf_attacks_quick_writes_json(tmp_path, capsys):
-    """`bench perf --attacks --quick`: every zoo model measured three ways; the maxima recomputed from them."""
+    """`bench perf --attacks --quick`: the MLPs of the zoo (the masked ones included) measured three ways at every
+    eps of the sweep; the maxima recomputed from them."""
     import bench.perf as perf
     out = tmp_path / "attacks.json"
-    assert perf.main(["--attacks", "--quick", "--json", str(out), "--cache", str(tmp_path / "cache")]) == 0
+    assert perf.main(["--attacks", "--quick", "--models", "mlp-*", "--json", str(out), "--cache",
+                      str(tmp_path / "cache")]) == 0
     res = json.loads(out.read_text())
-    assert set(res["models"]) == {"mlp-erm", "mlp-pgdat", "cnn-erm", "cnn-pgdat", "mlp-quantized"}
+    assert set(res["models"]) == {"mlp-erm", "mlp-pgdat", "mlp-quantized", "mlp-scaled", "mlp-quant16", "mlp-noisy"}
+    assert res["sweep"] == [0.05, 0.1, 0.2, 0.3]
     per = res["models"].values()
     assert res["fast_acc_gap_max"] == max(m["fast_acc_gap"] for m in per)
     assert res["fast_time_ratio"] == max(m["fast_time_ratio"] for m in per)
     assert res["pipeline_time_ratio"] == max(m["pipeline_time_ratio"] for m in per)
-    for m in per:
-        assert m["acc_pipeline"] <= m["acc_autoattack"]  # our pipeline never above AutoAttack alone
-        assert m["acc_fast"] <= m["clean"] and m["acc_autoattack"] <= m["clean"]
+    assert res["masked_pipeline_time_ratio"] == max(res["models"][k]["pipeline_time_ratio"]
+                                                    for k in ("mlp-scaled", "mlp-quant16", "mlp-noisy"))
+    gaps = [g[k] for m in per for g in m["eps"].values() for k in ("pipeline_gap", "fast_gap")]
+    assert res["gap_max_all_eps"] == max(gaps)
+    for name, m in res["models"].items():
+        assert set(m["eps"]) == {"0.05", "0.1", "0.2", "0.3"}
+        for k, g in m["eps"].items():
+            assert g["pipeline_gap"] == round(g["pipeline"] - g["autoattack"], 2)
+            assert g["pipeline_verified"], (name, k)  # the default pipeline verifies every eps
+            assert g["fast"] <= m["clean"] and g["autoattack"] <= m["clean"]
+    assert "randomized" in res["models"]["mlp-noisy"]["flags_pipeline"]
+    assert "softmax_saturated" in res["models"]["mlp-scaled"]["flags_pipeline"]
+    assert "zero_gradients" in res["models"]["mlp-quant16"]["flags_pipeline"]
     assert "fast_time_ratio" in capsys.readouterr().out
