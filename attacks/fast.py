@@ -4,21 +4,25 @@ AutoAttack standard spends most of its time on points it cannot break: APGD-T an
 5000 queries on every robust point. The fast suite keeps what breaks points and drops what measurement says rarely
 does, stage by stage, each stage only on the points still standing:
 
-A randomized model (two eval forwards differ) is detected first: every gradient stage then averages 20 draws (EOT),
-every verdict is a majority over 10 draws, and Square takes the masked budget below.
+A randomized model (two eval forwards differ) is detected first, before any budget is chosen: every gradient stage
+then averages 20 draws (EOT), every verdict is a majority over 10 draws, and the stages follow AutoAttack's rand
+version (a cross-entropy stage, then an untargeted DLR stage; Square gets its small budget: each of its queries sees
+one noisy draw, which is why the rand version runs none).
 
 0. points whose logits have an exactly zero input Jacobian (input quantization, non-differentiable steps) skip the
    gradient stages, which cannot move them, and raise AutoAttack's `zero_gradients` flag;
-1. our batched PGD (cross-entropy, 100 steps, early exit per point: a broken point leaves the batch);
+1. our batched PGD (cross-entropy, the margin where the softmax is saturated, 100 steps, early exit per point: a
+   broken point leaves the batch); `steps = 0` skips it (the default suite does, after its own PGD sweep);
 2. APGD-T (the original, pyautoattack) on the `targets` most promising wrong classes of each point instead of 9. The
    ranking follows MALT's argument (Melamed et al. 2023): near a point the model is almost linear, so the class whose
    decision boundary is nearest, margin over the dual norm of the margin's gradient, is the one a targeted attack
-   reaches first; AutoAttack's own order (by logit) ignores the gradient;
+   reaches first; AutoAttack's own order (by logit) ignores the gradient. On a randomized model: the original
+   APGD-DLR with EOT instead (the rand version's second stage);
 3. Square (the original) with an adaptive budget: `square_queries` (1000) from one start where the white-box stages
-   look trustworthy; where AutoAttack's gradient-masking flags are up (zero gradients, a randomized model), its 5000
-   queries from 1 + MASKING_SQUARE_RESTARTS random starts per point, run as rows of one batch (on the few points
-   left late in a run, Square's time is its per-iteration overhead, so three starts cost little more than one).
-   Square beating the white-box stages raises AutoAttack's flag and buys the extra starts on the points left.
+   look trustworthy; where the gradients are masked (zero gradients), its 5000 queries from MASKED_STARTS random
+   starts per point, run as rows of one batch (on the few points left late in a run, Square's time is its
+   per-iteration overhead, so two starts cost little more than one). Square beating the white-box stages raises
+   AutoAttack's flag and buys AutoAttack's masking restarts on the points left.
 
 FAB-T is left out (the cost AutoAttack spends on it goes to the ranked targets instead; `bench perf --attacks`
 compares the result with AutoAttack standard on the zoo). The flags of AutoAttack's
@@ -32,11 +36,15 @@ import time
 
 import torch
 
-from .autoattack import (MASKING_FLAGS, MASKING_SQUARE_RESTARTS, AAResult, _frozen, aa_view, captured,
-                         flags_from_warnings, inner_eps, masking_restarts, square_starts)
+from .autoattack import (MASKING_FLAGS, AAResult, _frozen, aa_view, captured, flags_from_warnings, inner_eps,
+                         masking_restarts, run_autoattack, square_starts)
 from .pgd import pgd_sweep
 from .randomized import Randomized, is_randomized, randomized
 from .threat import check_attack, misclassified
+
+
+# Square's random starts per point where the gradients are masked (each start a row of one batch)
+MASKED_STARTS = 2
 
 
 def rank_targets(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str, k: int) -> torch.Tensor:
@@ -104,9 +112,9 @@ def run_fast(model, x, y, eps, *, norm, seed=0, log=None, steps=100, targets=3, 
         flags.add("zero_gradients")
         if log:
             log(f"fast: {int(flat.sum())} point(s) with an exactly zero input Jacobian skip PGD and APGD-T")
-    # 1. PGD with early exit
+    # 1. PGD with early exit (steps = 0: skipped, e.g. after a suite's own PGD sweep at this eps)
     idx = (robust & ~flat).nonzero().flatten()
-    if idx.numel():
+    if idx.numel() and steps > 0:
         t = time.perf_counter()
         pr = pgd_sweep(model, x[idx], y[idx], [eps], norm=norm, steps=steps, restarts=1, seed=seed, log=log)
         ck = check_attack(model, x[idx], y[idx], pr.x_adv[0], eps, norm, log=log)
@@ -115,7 +123,12 @@ def run_fast(model, x, y, eps, *, norm, seed=0, log=None, steps=100, targets=3, 
     idx = (robust & ~flat).nonzero().flatten()
     with torch.no_grad():
         n_classes = model(x[:1]).shape[1]
-    if idx.numel() and n_classes >= 4:  # the targeted DLR loss needs 4 classes (AutoAttack skips it too)
+    if idx.numel() and "randomized" in flags and n_classes >= 3:  # AutoAttack rand's second stage, with EOT
+        t = time.perf_counter()
+        res = run_autoattack(model, x[idx], y[idx], eps, norm=norm, version=["apgd-dlr"], seed=seed,
+                             batch_size=batch_size, log=log, n_total=n_total)
+        record("apgd-dlr", idx, res.robust, res.x_adv, time.perf_counter() - t, {"eot": model.eot})
+    elif idx.numel() and n_classes >= 4:  # the targeted DLR loss needs 4 classes (AutoAttack skips it too)
         t = time.perf_counter()
         res = _ranked_apgd_t(model, x[idx], y[idx], eps, norm, seed, log, targets, batch_size)
         flags.update(res.flags)
@@ -145,15 +158,18 @@ def _flat_points(model, x, robust, seed) -> torch.Tensor:
 
 
 def _square(model, x, y, eps, norm, seed, flags: set, square_queries, batch_size, log, n_total):
-    """Square on the survivors: `square_queries` from one start where the white-box stages look trustworthy;
-    where AutoAttack's masking flags are up, its 5000 queries from 1 + MASKING_SQUARE_RESTARTS random starts per
-    point (one batch, see square_starts). Square beating the white-box stages raises AutoAttack's flag and buys the
-    extra starts on the points still standing. Returns record()'s (robust, examples, seconds, extra)."""
+    """Square on the survivors: `square_queries` from one start where the white-box stages look trustworthy, and on
+    a randomized model (AutoAttack's rand version runs no Square: each query sees one noisy draw); where the
+    gradients are masked (zero gradients, Square beating the white-box stages), its 5000 queries from MASKED_STARTS
+    random starts per point (one batch, see square_starts). Square beating the white-box stages raises AutoAttack's
+    flag and buys the extra starts on the points still standing. Returns record()'s (robust, examples, seconds,
+    extra)."""
     t = time.perf_counter()
-    masked = bool(flags & set(MASKING_FLAGS))
-    queries, starts = (5000, 1 + MASKING_SQUARE_RESTARTS) if masked else (square_queries, 1)
+    masked = bool(flags & set(MASKING_FLAGS) - {"randomized"})
+    queries, starts = (5000, MASKED_STARTS) if masked else (square_queries, 1)
     res = square_starts(model, x, y, eps, norm, starts=starts, queries=queries, seed=seed, batch_size=batch_size,
                         log=log, n_total=n_total)
+    masked = masked or "randomized" in flags  # a randomized model's noisy Square is no sign of masking
     extra = {"queries": queries, "starts": starts, "masking_restarts": {}}
     if int((~res.robust).sum()) > 0.002 * n_total and not masked:  # AutoAttack's own Square check
         flags.add("square_beats_whitebox")

@@ -132,7 +132,7 @@ def _ours(model, x, y, eps, seed, suite):
     from lawbench.attacks import SuiteStep, robust_eval
     sweep = sorted(set(SWEEP) | {eps})
     if suite == "pipeline":
-        steps = [SuiteStep("fast", tuple(e for e in sweep if e != eps), {}),
+        steps = [SuiteStep("fast", tuple(e for e in sweep if e != eps), {"steps": 0}),  # as the CLI's default
                  SuiteStep("autoattack", (eps,), {"version": "standard"})]
     else:
         steps = [SuiteStep("fast", tuple(sweep), {})]

@@ -31,7 +31,8 @@ def list_command(args, console: Console) -> int:
         table.add_row(entry.name, entry.family, str(entry.inputs), ", ".join(getattr(entry, "datasets", ()) or ()),
                       escape(f"[{shown[0]}] " + " ".join(counts)))
     console.print(table)
-    attack_items = {a.name: escape(f"[{a.kind}; {', '.join(a.norms)}] {a.description}") for a in attacks.list_attacks()}
+    attack_items = {a.name: escape(f"[{a.kind}; {', '.join(a.norms)}{'; AutoAttack grade' if a.verifies else ''}] "
+                                   f"{a.description}") for a in attacks.list_attacks()}
     for title, items in (("datasets", datasets.list_datasets()), ("presets", list_presets()),
                          ("attacks", attack_items)):
         t = Table(title=title)

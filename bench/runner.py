@@ -228,6 +228,8 @@ def attack_suite(cell: dict) -> list:
             options["version"] = cell["autoattack"]
         if attacks.attack_entry(name).sweeps and "eps" not in options:
             sweeping.append(len(steps))
+        if name == "fast" and "pgd" in cell_attacks(cell):  # the sweep's PGD already ran at every eps
+            options.setdefault("steps", 0)
         steps.append(attacks.SuiteStep(name, tuple(float(e) for e in options.pop("eps", headline)), options))
     covered = {e for i, st in enumerate(steps) if st.verifies and i not in sweeping for e in st.eps}
     rest = tuple(float(e) for e in cell["eps"] if float(e) not in covered)

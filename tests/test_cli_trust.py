@@ -3,6 +3,7 @@ a quantizing model is verified at every eps by the default suite and flagged in 
 import textwrap
 
 from conftest import ROOT, TINY, bench_cli
+from lawbench.attacks.fast import MASKED_STARTS
 from lawbench.reports.rows import read_rows
 
 PLUGIN = textwrap.dedent('''
@@ -86,7 +87,7 @@ def test_quantized_plugin_model_is_verified_and_flagged(tmp_path):
     assert sum(row["attack_breaks"]["0.1"].values()) > 0
     for k in ("0.05", "0.1"):
         stages = row["attack_details"]["fast"][k]
-        assert "apgd-t" not in stages and stages["square"]["starts"] == 3, stages  # masked: the larger budget
+        assert "apgd-t" not in stages and stages["square"]["starts"] == MASKED_STARTS, stages  # masked: more starts
     # the masking flag is in the row's flags, not only in aa_flags
     assert "zero_gradients" in row["aa_flags"] and "zero_gradients" in row["flags"]
     assert row["lip_upper"] is None and "Quant" in row["uncertified"]  # a custom module: never certified
