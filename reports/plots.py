@@ -128,7 +128,7 @@ def _mark(ax, pts, kind: str, used: set) -> None:
     """Mark points (x, y in %) as `kind` (UNVERIFIED or FLAGGED); one legend entry per panel and kind."""
     if not pts:
         return
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="none", zorder=4,
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="none", zorder=4, gid=kind,
             label="_nolegend_" if kind in used else kind, **MARKS[kind])
     used.add(kind)
 
