@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 run: $(STAMP)
 	$(VENV)/bin/python -m bench run
 
+# Test files run in parallel, one worker per CPU (at most 2: each worker's torch uses one thread, see tests/conftest.py);
+# a file stays on one worker, so its module fixtures (trained models) are built once.
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(2, len(os.sched_getaffinity(0)))))")
+
 test: $(STAMP) browser
-	$(VENV)/bin/python -m pytest -q -rs
+	$(VENV)/bin/python -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile
 
 # The HTML leaderboard tests render the page in headless Chromium: Debian's `chromium` package (a browser that downloads
 # its own build, like playwright's or puppeteer's, cannot be installed without internet). `make browser` installs it

@@ -22,6 +22,7 @@ import torch
 
 from .ascent import Ascent, ModelGradient, Rows, ascend
 from .errors import AttackError
+from .randomized import Randomized, majority_misclassified
 from .threat import (alpha_at, attack_loss, box_bounds, check_loss, check_norm, default_step_size, describe_step,  # noqa: F401
                      eps_and_step_sizes, predict, start_point)
 
@@ -144,23 +145,32 @@ def _empty_record(x0: torch.Tensor, E: int):
 
 
 def _run(grad: ModelGradient, plan: Ascent, x0, y, target, lo, hi, eps, start):
-    """One PGD run with per-row early exit. Returns (broken (A,), final or breaking iterate (A, d), step (A,))."""
+    """One PGD run with per-row early exit. Returns (broken (A,), final or breaking iterate (A, d), step (A,)).
+    On a randomized model a hit (the mean logits of the EOT draws misclassify) counts, and its row exits, only when
+    the majority verdict of fresh draws confirms it; otherwise the row keeps ascending."""
     A = x0.shape[0]
     broken = torch.zeros(A, dtype=torch.bool, device=x0.device)
     x_out = torch.empty_like(x0)
     brk_step = torch.full((A,), -1, dtype=torch.long, device=x0.device)
+    noisy = isinstance(grad.model, Randomized)
 
     def on_break(rows, hit, t):
+        if noisy:
+            idx = hit.nonzero().flatten()
+            sure = majority_misclassified(grad.model, rows.x[idx].view(-1, *grad.shape), rows.y[idx])
+            hit = torch.zeros_like(hit).index_fill_(0, idx[sure], True)
         hp = rows.pos[hit]
         broken[hp] = True
         x_out[hp] = rows.x[hit]
         brk_step[hp] = t
+        return hit
 
     rows = Rows(x=start, y=y, lo=lo, hi=hi, eps=eps, pos=torch.arange(A, device=x0.device),
                 x0=x0 if plan.norm == "L2" else None, target=target)
     rows, alive = ascend(rows, plan, grad, on_break)
     pos, x_last = rows.final(alive)
-    x_out[pos] = x_last
+    last = ~broken[pos]  # rows without a hit end at their last iterate
+    x_out[pos[last]] = x_last[last]
     return broken, x_out, brk_step
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 EOT_DRAWS = 20   # gradient draws per step (pyautoattack's version="rand")
-VOTE_DRAWS = 10  # forward draws per verdict
+VOTE_DRAWS = 25  # forward draws per verdict: fewer make each re-judging of a borderline example a coin flip
 
 
 class Randomized(torch.nn.Module):

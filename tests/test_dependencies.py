@@ -36,6 +36,7 @@ IMPORT_NAMES = {
     "scikit-learn": "sklearn",
     "tomli": "tomli",
     "pytest": "pytest",
+    "pytest-xdist": "xdist",
     "scipy": "scipy",
     "pillow": "PIL",
     "packaging": "packaging",
