@@ -15,8 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # original attack (APGD-CE, well under a second here; the standard version costs 10-15 s per tiny cell, mostly
 # Square's 5000 queries). Tests that check plumbing use it; tests/test_cli.py's tiny_run keeps the standard version.
 # ERM on clean labels (the default run adds label noise and the smooth recipe; tests/test_law.py runs those).
+# TINY runs the cheap suite of earlier versions (PGD, then a custom AutoAttack of APGD-CE alone): tests of the default
+# suite (PGD, fast at every eps, AutoAttack) say so (tests/test_suite.py, test_cli_trust.py, test_cli_masked.py)
 TINY = ["n_train=200", "n_test=40", "width=[8,32]", "epochs=15", "pgd_steps=10", "eps_Linf=[0.05,0.1]",
-        "aa_eps_Linf=[0.1]", "lip_points=64", "autoattack=[apgd-ce]", "recipe=erm", "label_noise=0"]
+        "aa_eps_Linf=[0.1]", "lip_points=64", "autoattack=[apgd-ce]", "attacks=[pgd,autoattack]", "recipe=erm",
+        "label_noise=0"]
 
 # The suite shares its CPUs (a developer's other work, CI neighbours). Under contention OpenMP's spin-waiting makes a
 # two-thread torch up to 15x slower than one thread (a tiny cell's AutoAttack: 214 s instead of 14 s on a busy

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import bench_cli
+from lawbench.attacks.randomized import EOT_DRAWS, VOTE_DRAWS
 from lawbench.reports.rows import read_rows
 
 PLUGIN = textwrap.dedent('''
@@ -96,5 +97,5 @@ def test_fooling_model_at_most_pyautoattack_at_every_eps(name, fooled):
         ref = _reference(model, data.x_test, data.y_test, float(k), name == "fool-noisy")
         assert round(ours * N_TEST) <= ref + 1, (name, k, round(ours * N_TEST), ref)
     if name == "fool-noisy":
-        assert row["randomized"] == {"eot": 20, "votes": 10}
+        assert row["randomized"] == {"eot": EOT_DRAWS, "votes": VOTE_DRAWS} and EOT_DRAWS == 20
         assert row["attack_settings"]["autoattack"]["version"] == "standard"  # asked for; ran as rand

@@ -34,7 +34,8 @@ def _run_plugin_model(tmp_path, model: str, *extra: str):
     """One tiny cell of a plugin model through the CLI: (completed process, its row)."""
     (tmp_path / "trust_plugin.py").write_text(PLUGIN)
     out = tmp_path / "out"
-    over = [a for a in TINY if not a.startswith("width=")] + ["width=16", *extra]
+    own = tuple(e.split("=")[0] + "=" for e in extra)  # keys the caller sets replace TINY's
+    over = [a for a in TINY if not a.startswith(("width=", *own))] + ["width=16", *extra]
     res = bench_cli("run", *over, f"model={model}", "--plugin", "trust_plugin", "--out", str(out),
                     env={"PYTHONPATH": str(tmp_path)})
     assert res.returncode == 0, res.stdout + res.stderr
@@ -76,7 +77,7 @@ def test_uncertifiable_model_is_attacked_and_flagged(tmp_path):
 
 def test_quantized_plugin_model_is_verified_and_flagged(tmp_path):
     # the quantizer has zero input gradients: only the black-box Square finds examples
-    _, row = _run_plugin_model(tmp_path, "trust-quant", "autoattack=[square]")
+    _, row = _run_plugin_model(tmp_path, "trust-quant", "autoattack=[square]", "attacks=[pgd,fast,autoattack]")
     assert row["status"] == "ok"
     assert row["aa_attacks"]["0.1"] == ["square"]
     # MNIST pixels sit on the k/255 grid and 0.1 = 25.5/255: at eps itself pyautoattack's float32 clipping overshoots

@@ -7,10 +7,11 @@ import json
 import pytest
 
 from bench.spec import build_spec, cell_id, expand
+from lawbench.attacks.fast import MASKED_STARTS
 from conftest import TINY, bench_cli
 
 # TINY's AutoAttack is the custom [apgd-ce]; these sweeps name their own attacks
-BASE = [a for a in TINY if not a.startswith("autoattack=")] + ["width=[8]"]
+BASE = [a for a in TINY if not a.startswith(("autoattack=", "attacks="))] + ["width=[8]"]
 
 
 def rows(out) -> list[dict]:
@@ -174,7 +175,7 @@ def test_fast_suite_at_or_below_autoattack(zoo, name):
     if name == "quantized":
         assert "zero_gradients" in info["flags"]
         assert info["stages"]["square"]["queries"] == 5000
-        assert info["stages"]["square"]["starts"] == 3
+        assert info["stages"]["square"]["starts"] == MASKED_STARTS
         assert "apgd-t" not in info["stages"] and "pgd" not in info["stages"]  # no gradient stage can move them
     else:
         assert "apgd-t" in info["stages"] or int(robust.sum()) == 0
@@ -188,7 +189,7 @@ def test_square_starts_folds_its_starts_per_point(zoo):
     models, x, y = zoo
     model, eps = models["quantized"], 0.08
     res = square_starts(model, x, y, eps, "Linf", starts=3, queries=300, seed=0, batch_size=1000, log=None)
-    assert res.robust.shape == (x.shape[0],) and res.info["starts"] == 3 and res.x_adv.shape == x.shape
+    assert res.robust.shape == (x.shape[0],) and res.info["starts"] == MASKED_STARTS and res.x_adv.shape == x.shape
     with torch.no_grad():
         wrong = model(res.x_adv).argmax(1) != y
     clean_wrong = model(x).argmax(1) != y
