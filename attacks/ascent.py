@@ -176,9 +176,9 @@ def loss_grad(z, y, loss, target):
         sat = ce_saturated(z, y)  # the margin's gradient there
         dz = p.scatter_add_(1, y[:, None], torch.full_like(p[:, :1], -1.0))
         if bool(sat.any()):
-            runner_up = z[sat].scatter(1, y[sat][:, None], float("-inf")).argmax(1)
-            dz[sat] = 0.0
-            dz[sat] = dz[sat].scatter(1, runner_up[:, None], 1.0).scatter(1, y[sat][:, None], -1.0)
+            ys = y[sat][:, None]
+            runner_up = z[sat].scatter(1, ys, float("-inf")).argmax(1, keepdim=True)
+            dz[sat] = torch.zeros_like(dz[sat]).scatter_(1, runner_up, 1.0).scatter_(1, ys, -1.0)
         return dz
     with torch.enable_grad():
         zl = z.detach().requires_grad_(True)

@@ -5,7 +5,8 @@ AutoAttack standard spends most of its time on points it cannot break: APGD-T an
 does, stage by stage, each stage only on the points still standing:
 
 A randomized model (two eval forwards differ) is detected first, before any budget is chosen: every gradient stage
-then averages 20 draws (EOT), every verdict is a majority over 10 draws, and the stages follow AutoAttack's rand
+then averages EOT_DRAWS draws, every verdict is a majority over VOTE_DRAWS draws (attacks.randomized), and the
+stages follow AutoAttack's rand
 version (a cross-entropy stage, then an untargeted DLR stage; Square gets its small budget: each of its queries sees
 one noisy draw, which is why the rand version runs none).
 
@@ -169,9 +170,10 @@ def _square(model, x, y, eps, norm, seed, flags: set, square_queries, batch_size
     queries, starts = (5000, MASKED_STARTS) if masked else (square_queries, 1)
     res = square_starts(model, x, y, eps, norm, starts=starts, queries=queries, seed=seed, batch_size=batch_size,
                         log=log, n_total=n_total)
-    masked = masked or "randomized" in flags  # a randomized model's noisy Square is no sign of masking
     extra = {"queries": queries, "starts": starts, "masking_restarts": {}}
-    if int((~res.robust).sum()) > 0.002 * n_total and not masked:  # AutoAttack's own Square check
+    # AutoAttack's own Square check; a randomized model's noisy Square is no sign of masking
+    escalate = not masked and "randomized" not in flags
+    if int((~res.robust).sum()) > 0.002 * n_total and escalate:
         flags.add("square_beats_whitebox")
         res.flags = sorted(set(res.flags) | flags)  # what masking_restarts reads
         extra["masking_restarts"] = masking_restarts(model, x, y, eps, norm, res, seed, batch_size, log)

@@ -40,11 +40,10 @@ class Randomized(torch.nn.Module):
             counts = one if counts is None else counts + one
         return counts
 
-    def mean_logits(self, x: torch.Tensor, draws: int | None = None) -> torch.Tensor:
-        """Logits averaged over ``draws`` (default eot) draws, the draws as rows of one batch."""
-        k = int(draws or self.eot)
-        z = self.model(x.repeat(k, *([1] * (x.dim() - 1))))
-        return z.view(k, x.shape[0], -1).mean(0)
+    def mean_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits averaged over ``eot`` draws, the draws as rows of one batch."""
+        z = self.model(x.repeat(self.eot, *([1] * (x.dim() - 1))))
+        return z.view(self.eot, x.shape[0], -1).mean(0)
 
 
 # logits differing by more than this share of their scale make a model randomized; below it, the differences are

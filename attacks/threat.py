@@ -133,8 +133,8 @@ def predict(model: torch.nn.Module, x: torch.Tensor, batch: int | None = None) -
     over its vote draws)."""
     n = x.shape[0]
     b = n if not batch else max(1, int(batch))
-    one = (lambda v: model.vote_counts(v).argmax(1)) if isinstance(model, Randomized) else (lambda v: model(v).argmax(1))
-    out = [one(x[s:s + b]) for s in range(0, n, b)]
+    scores = model.vote_counts if isinstance(model, Randomized) else model
+    out = [scores(x[s:s + b]).argmax(1) for s in range(0, n, b)]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=x.device)
 
 

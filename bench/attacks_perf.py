@@ -6,14 +6,14 @@ PGD-trained CNN, and five models built to fool evaluations, all the undefended M
 quantization to 8, 16 and 256 levels (zero gradient almost everywhere), logits multiplied by 1e4 (cross-entropy
 saturates) and Gaussian input noise at every forward pass (randomized). Per model, on the same points and seed, at
 every eps of the sweep: robust accuracy of pyautoattack alone (standard; rand for the randomized model, its examples
-judged by the majority of 10 draws; at eps·(1−2⁻²⁰), inside the exact ball), of our default pipeline (PGD sweep, the
-fast suite at every eps but the headline, AutoAttack standard at the headline) and of the fast suite at every eps.
-Times: pyautoattack at the headline eps alone against each of ours over the whole sweep.
+judged by the majority of VOTE_DRAWS (25) draws, as ours are; at eps·(1−2⁻²⁰), inside the exact ball), of our default
+pipeline (PGD sweep, the fast suite at every eps but the headline, AutoAttack standard at the headline) and of the
+fast suite at every eps. Times: pyautoattack at the headline eps alone against each of ours over the whole sweep.
 
 JSON keys: ``gap_max_all_eps`` (max over models, eps and both of ours of ours − pyautoattack, in points),
-``masked_pipeline_time_ratio`` (max over the scaled, 16- and 256-level and noisy models of our pipeline over the whole sweep
-against pyautoattack at the headline eps alone), ``masked_fast_time_ratio`` (the same for the fast suite at the
-headline eps alone), ``pipeline_time_ratio``, ``fast_time_ratio`` (the same over every model),
+``masked_pipeline_time_ratio`` (max over the scaled, 16- and 256-level and noisy models of our pipeline over the
+whole sweep against pyautoattack at the headline eps alone), ``masked_fast_time_ratio`` (the same for the fast suite
+at the headline eps alone), ``pipeline_time_ratio``, ``fast_time_ratio`` (the same over every model),
 ``fast_sweep_time_ratio`` (fast over the sweep against pyautoattack at every eps of it), the headline gaps
 ``fast_acc_gap_max``, ``pipeline_acc_gap_max``, and per model the details.
 """
@@ -118,8 +118,8 @@ def zoo(quick: bool, cache: Path, log, pattern: str = "*") -> tuple[dict, torch.
 
 def reference(model, x, y, eps, seed) -> torch.Tensor:
     """Robust mask of pyautoattack alone, as a user runs it: standard, or its rand version (EOT 20) for a randomized
-    model with each example judged by the majority of 10 draws; at eps·(1−2⁻²⁰) so that its float32 clipping stays
-    inside the exact ball (an ulp outside, a quantizer rounds an example back)."""
+    model with each example judged by the majority of VOTE_DRAWS draws (as ours); at eps·(1−2⁻²⁰) so that its float32
+    clipping stays inside the exact ball (an ulp outside, a quantizer rounds an example back)."""
     from pyautoattack import AutoAttack
     from lawbench.attacks import is_randomized
     from lawbench.attacks.randomized import Randomized

@@ -3,8 +3,8 @@
 Columns: the identifying and scalar fields, `headline_eps`, then for every eps found in the file (sorted)
 `pgd_acc@<eps>`, `autoattack_acc@<eps>`, `robust_acc@<eps>`, `cert_acc@<eps>`, `verified@<eps>` (eps as Python's
 shortest round-trip text, e.g. `pgd_acc@0.1`; verified: true where an AutoAttack-grade attack verified the robust
-accuracy, false where only PGD or a weaker attack ran), then `aa_flags` (joined by ";") and `time_<phase>` per timing phase. Numbers are written
-at full precision; missing values are empty cells.
+accuracy, false where only PGD or a weaker attack ran), then `aa_flags` (joined by ";") and `time_<phase>` per
+timing phase. Numbers are written at full precision; missing values are empty cells.
 """
 from __future__ import annotations
 
