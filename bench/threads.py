@@ -1,27 +1,29 @@
-"""The thread policy: how many torch threads each phase of a cell uses, chosen deliberately and recorded in the row.
+"""The thread policy: how many torch threads each phase of a cell uses, chosen by a rule and recorded in the row.
 
 A cell's budget is the CPUs this process may use (`os.sched_getaffinity`) divided by the cells running beside it on
 the same machine, or `--threads`. Within the budget, more threads are not always faster: on tiny tensors (AutoAttack
 on a few dozen survivors, small models) every op is a parallel region that waits for its slowest thread, and on a
-shared machine one descheduled thread stalls them all. So each phase's count is measured, not guessed: the cell's own
-model runs forward and backward at the phase's batch size with 1 thread and with the budget, and the faster wins.
+shared machine one descheduled thread stalls them all. So a phase runs on the whole budget only when one forward of
+the cell's model at the phase's batch is long enough to share (PARALLEL_MACS multiply-adds), else on one thread.
+
+The rule reads the model and the batch, never a clock: thread counts change float sums (a matmul split over two
+threads adds in another order), and the smooth search's accept/refuse steps amplify such differences into another
+model. A timing probe chose differently under different load, so the same cell gave different rows; this rule gives
+the same count, hence the same numbers, on the same machine whatever else runs on it.
 """
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-PROBE_REPS = 5        # timed repetitions per thread count (median), after one warm-up
-PROBE_SECONDS = 1.0   # the probe's time budget per phase; fewer reps when one repetition is slow
-# More threads must be this much faster to be chosen. The risk is lopsided: a wrong "1" costs at most the parallel
-# speed-up, a wrong "many" on a shared machine up to 10x (one descheduled thread stalls every op); a probe of a few
-# milliseconds is noisy, and `bench perf --scale` saw a 5% win at 2 threads turn into a loss once the cell ran.
-SPEEDUP_NEEDED = 1.25
+# Multiply-adds of Linear and Conv2d layers in one forward at the phase's batch from which the phase uses the whole
+# budget. Measured here (2 cores, quiet): an MNIST MLP forward+backward runs 1.3-1.8x faster on 2 threads from 1.6e7
+# multiply-adds up; beside a busy process a descheduled thread stalls each op for a scheduler slice (~4 ms), which
+# costs little only once an op takes tens of milliseconds: ~1e8 multiply-adds at this machine's ~20 GFLOP/s.
+PARALLEL_MACS = 1 << 27
 
 
 def available_cpus() -> int:
@@ -75,48 +77,49 @@ def use_threads(n: int):
         torch.set_num_threads(old)
 
 
-def _time_steps(model: torch.nn.Module, x: torch.Tensor, counts: tuple) -> dict:
-    """Median milliseconds of one forward and backward of the model's logits at each thread count. The counts take
-    turns, repetition by repetition, so a change in the machine's load during the probe falls on all of them alike
-    (timed one after the other, a burst of load on one side decided the choice)."""
-    def step():
-        xi = x.detach().clone().requires_grad_(True)
-        model.zero_grad(set_to_none=True)
-        model(xi).sum().backward()
+def forward_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Multiply-adds of the Linear and Conv2d layers (plain or subclassed) in one forward of x, counted by hooks on
+    a no-grad forward in eval mode: Linear out·in, Conv2d out·(in/groups)·kernel. Other layers count nothing (a
+    model without these layers runs on one thread)."""
+    total = [0]
 
-    times: dict = {t: [] for t in counts}
-    for t in counts:  # warm-up: allocations and kernel selection
-        with use_threads(t):
-            step()
-    spent = 0.0
-    for _ in range(PROBE_REPS):
-        for t in counts:
-            with use_threads(t):
-                t0 = time.perf_counter()
-                step()
-                dt = time.perf_counter() - t0
-            times[t].append(dt)
-            spent += dt
-        if spent > PROBE_SECONDS:
-            break
-    return {t: 1000 * statistics.median(v) for t, v in times.items()}
+    def count(mod, inp, out):
+        if isinstance(mod, torch.nn.Linear):
+            total[0] += out.numel() * mod.in_features
+        else:
+            k = mod.kernel_size[0] * mod.kernel_size[1]
+            total[0] += out.numel() * (mod.in_channels // mod.groups) * k
+
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    hooks = [m.register_forward_hook(count) for m in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return total[0]
 
 
 class ThreadChooser:
-    """Per phase, the torch threads a cell uses: the budget where it runs the cell's model clearly faster than one
-    thread here and now at that phase's batch size (SPEEDUP_NEEDED), else 1 (measured once per phase, when the
-    phase first asks). Off CPU, with a budget of 1,
-    or with threads set by the user, nothing is measured. `record()` is the row's `threads` field."""
+    """Per phase, the torch threads a cell uses: the budget when one forward of the cell's model at the phase's
+    batch has at least PARALLEL_MACS multiply-adds, else 1 (decided once per phase, when the phase first asks). With
+    a budget of 1, threads set by the user, or off CPU, the budget is used as it is. `record()` is the row's
+    `threads` field."""
 
     def __init__(self, model: torch.nn.Module, x_sample: torch.Tensor, budget: ThreadBudget, device: torch.device):
-        self.model, self.x_sample, self.budget, self.device = model, x_sample, budget, device
+        self.budget, self.device = budget, device
         self.phases: dict[str, int] = {}
-        self.probe_ms: dict[str, dict] = {}
-        self.measured = device.type == "cpu" and budget.per_cell > 1 and not budget.threads
+        self.macs: dict[str, int] = {}
+        self.ruled = device.type == "cpu" and budget.per_cell > 1 and not budget.threads
+        self.macs_per_point = forward_macs(model, x_sample[:1].to(device)) if self.ruled else 0
 
     def threads(self, phase: str, batch: int) -> int:
         if phase not in self.phases:
-            self.phases[phase] = self._measure(phase, batch) if self.measured else self.budget.per_cell
+            self.phases[phase] = self._rule(phase, batch) if self.ruled else self.budget.per_cell
         return self.phases[phase]
 
     @contextmanager
@@ -124,27 +127,16 @@ class ThreadChooser:
         with use_threads(self.threads(phase, batch)):
             yield
 
-    def _measure(self, phase: str, batch: int) -> int:
-        n, size = self.budget.per_cell, max(1, int(batch))
-        x = self.x_sample[:size]
-        if x.shape[0] < size:  # fewer points than the batch: repeat them (only the shape matters)
-            x = x.repeat((size + x.shape[0] - 1) // x.shape[0], *[1] * (x.dim() - 1))[:size]
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            timed = {t: round(ms, 3) for t, ms in _time_steps(self.model, x.to(self.device), (1, n)).items()}
-        finally:
-            self.model.zero_grad(set_to_none=True)
-            self.model.train(was_training)
-        self.probe_ms[phase] = {"batch": size, **{str(t): ms for t, ms in timed.items()}}
-        return n if timed[n] * SPEEDUP_NEEDED <= timed[1] else 1
+    def _rule(self, phase: str, batch: int) -> int:
+        self.macs[phase] = self.macs_per_point * max(1, int(batch))
+        return self.budget.per_cell if self.macs[phase] >= PARALLEL_MACS else 1
 
     def record(self) -> dict:
         why = self.budget.reason()
-        if self.measured:
-            why += (f"; per phase the budget where it ran the cell's model at the phase's batch {SPEEDUP_NEEDED}x "
-                    f"faster than 1 thread, else 1")
+        if self.ruled:
+            why += (f"; per phase the budget where one forward at the phase's batch has >= {PARALLEL_MACS:.3g} "
+                    f"multiply-adds, else 1")
         elif self.device.type != "cpu":
-            why += f"; on {self.device.type}, not timed"
-        return {"budget": self.budget.per_cell, "reason": why, "phases": dict(self.phases),
-                "probe_ms": dict(self.probe_ms)}
+            why += f"; on {self.device.type}, the budget as it is"
+        return {"budget": self.budget.per_cell, "reason": why, "phases": dict(self.phases), "macs": dict(self.macs),
+                "rule": "macs" if self.ruled else "budget"}
