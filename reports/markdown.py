@@ -1,6 +1,8 @@
 """The Markdown leaderboard (GitHub tables through tabulate)."""
 from __future__ import annotations
 
+import re
+
 from tabulate import tabulate
 
 from ._util import (FLAGGED_MARK, MISSING, UNVERIFIED_NOTE, fmt_ci, fmt_eps, fmt_int, fmt_pct, fmt_ratio, fmt_robust,
@@ -18,10 +20,16 @@ PLOT_TITLES = {
 }
 
 
+# What a Markdown renderer would read as HTML: '<' opening a tag, comment or declaration, '&' opening an entity.
+_TAG_OPEN = re.compile(r"<(?=[A-Za-z/!?])")
+_ENTITY = re.compile(r"&(?=#?\w+;)")
+
+
 def md_escape(s: str) -> str:
-    """A single-line table cell: pipes escaped, angle brackets as entities (GitHub would swallow them as tags)."""
-    return (text(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
-            or MISSING)
+    """A single-line table cell, readable as plain text too: pipes escaped, and a backslash before the few '<' and
+    '&' a renderer would take for a tag or an entity (no HTML entities: 'p < n·d' stays as it is)."""
+    out = _ENTITY.sub(r"\\&", _TAG_OPEN.sub(r"\\<", text(s))).replace("|", "\\|")
+    return out or MISSING
 
 
 def md_table(headers, rows, aligns) -> str:

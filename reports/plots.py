@@ -59,6 +59,26 @@ def _families(view: View) -> list[str]:
     return list(dict.fromkeys(e.family for e in view.entries))
 
 
+LINE_KEYS = ("family", "recipe", "label_noise", "n_train", "train_eps")  # what tells two lines of one panel apart
+
+
+def _lines(view: View) -> list[tuple[str, list[Entry]]]:
+    """One line per configuration apart from width and model: (label, its entries) for each family, recipe, label
+    noise, n and training eps of the view (ERM and smooth points at the same p are two lines, never one zig-zag).
+    The label names the family and whatever else differs between the view's lines."""
+    groups: dict = {}
+    for e in view.entries:
+        groups.setdefault(tuple(getattr(e, k) for k in LINE_KEYS), []).append(e)
+    varying = [i for i in range(1, len(LINE_KEYS)) if len({k[i] for k in groups}) > 1]
+    names = {"recipe": "{}", "label_noise": "noise {:g}", "n_train": "n={:g}", "train_eps": "train eps {:g}"}
+
+    def label(key) -> str:
+        parts = [str(key[0])] + [names[LINE_KEYS[i]].format(key[i]) for i in varying if key[i] is not None]
+        return " ".join(parts)
+
+    return [(label(k), ents) for k, ents in groups.items()]
+
+
 def _mark_ratio_one(ax) -> None:
     ax.axvline(1.0, color="0.3", linestyle=":", linewidth=1.2, label="p = n·d")
 
@@ -82,8 +102,7 @@ def plot_robust_vs_ratio(views: list[View]) -> Figure:
         cmap = matplotlib.colormaps["viridis"]
         drawn = False
         used: set = set()
-        for fi, fam in enumerate(_families(view)):
-            ents = [e for e in view.entries if e.family == fam]
+        for fi, (fam, ents) in enumerate(_lines(view)):
             marker = MARKERS[fi % len(MARKERS)]
             for ei, eps in enumerate(eps_list):
                 get = lambda e, eps=eps: e.by_eps.get("robust", {}).get(eps)  # noqa: E731
@@ -169,8 +188,7 @@ def plot_lipschitz(views: list[View]) -> Figure:
     for ax, view in zip(axes, views):
         drawn = marked = False
         xs_all = []
-        for fi, fam in enumerate(_families(view)):
-            ents = [e for e in view.entries if e.family == fam]
+        for fi, (fam, ents) in enumerate(_lines(view)):
             marker = MARKERS[fi % len(MARKERS)]
             for attr, color, name in (("lip_upper", "C3", "upper"), ("lip_lower", "C0", "lower")):
                 xs, ys, es = _series(ents, lambda e: getattr(e, attr))

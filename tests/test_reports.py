@@ -143,8 +143,7 @@ def expected_entries(rows):
 
 def split_cells(line: str) -> list[str]:
     cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]
-    return [c.strip().replace("\\|", "|").replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
-            for c in cells]
+    return [re.sub(r"\\([<&|])", r"\1", c.strip()) for c in cells]
 
 
 def md_tables(md: str) -> dict:
@@ -328,7 +327,8 @@ def test_markdown_failed_rows_slopes_and_plots(rendered):
     failed = tables[("Failed rows", None)]
     assert len(failed) == 1 and failed[0]["cell_id"] == "failed-cell"
     assert failed[0]["error"] == ERROR  # escaped for Markdown, unescaped by the parser
-    assert "<b>" not in md
+    assert not re.search(r"(?<!\\)<[a-z/]", md)  # no tag a renderer would swallow ...
+    assert not re.search(r"&[a-z]+;", md)  # ... and no HTML entity a reader of the plain text would have to decode
     slopes = tables[("mnist5k · Linf", "Log-log slope of the Lipschitz bounds against p/(n·d)")]
     first = slopes[0]
     assert (first["bound"], first["scope"]) == ("lip_lower", "all families")
@@ -507,14 +507,35 @@ def test_console_table(rendered):
             ps.append(cells[4])
     assert len(ps) == 13 and ps[-1] == "–"  # 4 widths × 3 seeds, then the failed row (no p) in its family
     assert [int(p) for p in ps[:-1]] == sorted(int(p) for p in ps[:-1])
-    # the headline values of one row appear as percentages
+    # the row's values: accuracies in % (robust at every eps, cert at the headline eps), bounds at margin 1 where the
+    # row interpolates, raw and marked where not; a flag every row carries is said once, under the table
     r = next(r for r in rows if r["cell_id"] == "mlp-128-1-Linf")
     cells = next(c for c in ([x.strip() for x in ln.split("│")] for ln in blk) if c[1:4] == ["mlp", "128", "1"])
-    # model, width, seed, p, p/(n·d), eps, clean, PGD, AutoAttack, robust, certified, lip_upper, lip_lower, law_scale
-    assert cells[4:7] == [str(r["params"]), f"{r['ratio']:.3g}", "0.1"]
-    assert cells[7:12] == [f"{100 * v:.2f}" for v in (r["clean_acc"], r["pgd_acc"]["0.1"], r["autoattack_acc"]["0.1"],
-                                                      r["robust_acc"]["0.1"], r["cert_acc"]["0.1"])]
-    assert float(cells[13]) == pytest.approx(r["lip_lower"], rel=1e-3)
+    # model, width, seed, p, p/(n·d), clean, robust at each eps, cert, lip_upper m=1, lip_lower m=1, law_scale, flags
+    assert cells[4:7] == [str(r["params"]), f"{r['ratio']:.3g}", f"{100 * r['clean_acc']:.1f}"]
+    shown = [v.rstrip("†") for v in cells[7].split(" / ")]
+    assert [float(v) for v in shown] == [pytest.approx(round(100 * r["robust_acc"][k], 1))
+                                         for k in sorted(r["robust_acc"], key=float)]
+    assert cells[7].count("†") == sum(not v for v in r["verified"].values()) if "verified" in r else True
+    assert float(cells[8]) == pytest.approx(100 * r["cert_acc"]["0.1"], abs=0.051)
+    lo = r.get("lip_lower_unit_margin")
+    assert float(cells[10].rstrip("*")) == pytest.approx(lo if lo is not None else r["lip_lower"], rel=1e-3)
+    assert cells[10].endswith("*") == (lo is None)
+    heading = next(ln for ln in lines if "mnist5k · Linf · mlp" in ln)
+    assert "eps 0.05 / 0.1 / 0.2 / 0.3" in heading and "@0.1" in heading
+
+
+def test_console_table_says_a_shared_flag_once():
+    """A flag every row carries goes in one line under the table; flags that differ stay on their rows."""
+    from rich.console import Console
+    base = {"status": "ok", "dataset": "d", "threat": "Linf", "model": "mlp", "family": "mlp", "eps": [0.1],
+            "robust_acc": {"0.1": 0.5}, "verified": {"0.1": True}, "clean_acc": 0.9, "params": 10, "ratio": 0.1}
+    rows = [{**base, "width": 1, "flags": ["law-vacuous"]}, {**base, "width": 2, "flags": ["law-vacuous", "odd-one"]}]
+    con = Console(record=True, width=300, color_system=None)
+    con.print(reports.console_table(rows))
+    out = con.export_text()
+    assert "every row: law-vacuous" in out and out.count("law-vacuous") == 1
+    assert [ln for ln in out.splitlines() if "odd-one" in ln][0].split("│")[2].strip() == "2"
 
 
 def test_bad_input_and_empty_store(tmp_path):
