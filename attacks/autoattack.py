@@ -90,13 +90,18 @@ class _ImageView(torch.nn.Module):
         return self.model(z.reshape(z.shape[0], -1)[:, : self.d].reshape(z.shape[0], *self.in_shape))
 
 
+# The smallest image side Square can attack: its L2 initialisation tiles the image with squares of side h // 5 (a
+# 4x4 view of d=16 divided by zero).
+SQUARE_MIN_SIDE = 5
+
+
 def image_shape_for(in_shape: Sequence[int]) -> tuple | None:
     """None when ``in_shape`` is already (C, H, W) with H == W; else the (1, s, s) view used for AutoAttack."""
     in_shape = tuple(in_shape)
     if len(in_shape) == 3 and in_shape[1] == in_shape[2]:
         return None
     d = math.prod(in_shape)
-    s = max(2, math.isqrt(d - 1) + 1) if d > 1 else 2
+    s = max(SQUARE_MIN_SIDE, math.isqrt(d - 1) + 1) if d > 1 else SQUARE_MIN_SIDE
     return (1, s, s)
 
 

@@ -179,3 +179,18 @@ def test_registry(model, data):
     fg = attacks.get_attack("fgsm").run(model, x, y, 0.1, norm="Linf")
     pg = attacks.get_attack("pgd", steps=20).run(model, x, y, 0.1, norm="Linf")
     assert int(pg.robust.sum()) <= int(fg.robust.sum())
+
+
+def test_square_attacks_small_vector_data_in_l2():
+    """Vector data of fewer than 25 coordinates (the law-d preset's d=16) is shown to Square as a 5x5 image at least:
+    its L2 start tiles the image with squares of side h // 5 and divided by zero on the 4x4 view."""
+    from lawbench.attacks.autoattack import image_shape_for, square_starts
+    assert image_shape_for((16,)) == (1, 5, 5) and image_shape_for((64,)) == (1, 8, 8)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2)).eval()
+    x = torch.rand(20, 16)
+    y = model(x).argmax(1)
+    res = square_starts(model, x, y, 0.5, "L2", starts=1, queries=50, seed=0, batch_size=20, log=None)
+    adv = res.x_adv
+    assert adv.shape == x.shape and float((adv - x).norm(dim=1).max()) <= 0.5 * (1 + 1e-6)
+    assert int(res.robust.sum()) < len(y)  # it attacked: some points broken at this radius
