@@ -29,7 +29,8 @@ from lawbench.reports.rows import TRUST_FLAGS, eps_key
 
 INVARIANT_TOL = 1e-9
 # what a smooth row records of its search
-SMOOTH_ROW_KEYS = ("smooth_penalty", "smooth_searched", "smooth_trace", "smooth_base", "smooth_output_scale")
+SMOOTH_ROW_KEYS = ("smooth_penalty", "smooth_searched", "smooth_trace", "smooth_base", "smooth_output_scale",
+                   "smooth_attempts", "smooth_winner", "smooth_erm_bound", "smooth_bound_method", "smooth_no_gain")
 
 
 class InvariantError(AssertionError):
@@ -93,12 +94,15 @@ def _train_or_load(model, data, cell, ckpt_dir: Path, device, phase, chooser: th
         base = _train_or_load(model, data, erm_cell(cell), ckpt_dir, device, phase, chooser)
         with chooser.phase("train", cfg.batch_size):
             found = smooth.search(model, data.x_train, data.y_train, cfg, device,
-                                  progress=lambda k, lam, ok, lip: phase(f"smooth stage {k} lambda {lam:.3g} "
-                                                                         f"{'fits' if ok else 'breaks the fit'}"))
+                                  progress=lambda a, k, lam, ok, lip: phase(
+                                      f"smooth attempt {a} stage {k} lambda {lam:.3g} "
+                                      f"{'fits' if ok else 'breaks the fit'}"))
         meta = {"train_key": key, "epochs_run": base["epochs_run"], "train_acc": base["train_acc"],
                 "train_seconds": found.seconds, "smooth_base": base["train_key"], "smooth_penalty": found.penalty,
                 "smooth_searched": found.searched, "smooth_trace": found.trace,
-                "smooth_output_scale": found.output_scale}
+                "smooth_output_scale": found.output_scale, "smooth_attempts": found.attempts,
+                "smooth_winner": found.winner, "smooth_erm_bound": found.erm_bound,
+                "smooth_bound_method": found.bound_method, "smooth_no_gain": found.no_gain}
     else:
         with chooser.phase("train", cfg.batch_size):
             result = train(model, data.x_train, data.y_train, cfg, device,
@@ -369,6 +373,8 @@ def _fill_row(row: dict, task: CellTask, budget: threads.ThreadBudget, timer: Ti
     row["flags"] += [f for f in row["aa_flags"] if f in TRUST_FLAGS]  # signs the attacks may have been fooled
     if not all(row["verified"].values()):
         row["flags"].append("unverified")  # an eps where only PGD (or weaker) ran: reports mark its numbers
+    if row.get("smooth_no_gain"):
+        row["flags"].append("smooth-no-gain")  # no attempt of the search (retry included) beat ERM's interpolator
     if row.get("uncertified"):
         row["flags"].append("uncertified")
     if any(row.get("reattacked", {}).values()):

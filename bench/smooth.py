@@ -1,30 +1,44 @@
-"""The `smooth` recipe: per width, the interpolator with the smallest Lipschitz constant a penalty search finds.
+"""The `smooth` recipe: per width, the interpolator with the smallest certified Lipschitz bound that several searches find.
 
-The law bounds the *smoothest* model that fits the noisy training set, not whichever one ERM lands on. The search:
+The law bounds the *smoothest* model that fits the noisy training set, not whichever one ERM lands on. One search
+(an *attempt*):
 
-* starts from ERM's interpolator (trained, or the cached ERM checkpoint of the same cell), so every stage begins
-  from a model that fits every training label, noisy ones included;
+* starts from an interpolator: ERM's (trained, or the cached ERM checkpoint of the same cell), or, for the
+  `scratch` attempt, a fresh initialisation trained with the hinge and the first penalty until it fits every label
+  (a start that owes nothing to ERM's basin);
 * fine-tunes it with a hinge on the logit margin, mean(relu(margin_target - margin)), plus lambda times the sum of
   log operator norms of the linear layers (Linear, Conv2d), lambda growing geometrically stage by stage (annealing);
   a stage is accepted while the model still interpolates, the first that does not ends the growth, and bisection
   in log lambda between the last accepted and the first refused value refines it;
-* keeps the accepted stage with the smallest ratio of the product of operator norms to the smallest training
-  margin, then scales the output layer so that margin is exactly the target: every smooth model fits its training
-  set with the same output scale, and its Lipschitz constant is measured there.
+* keeps its accepted stage with the smallest ratio of the product of operator norms to the smallest training margin.
+
+The recipe runs 1 + smooth_restarts attempts from ERM (each restart starts half a growth step lower, with its own
+batch order) and, with smooth_scratch, one from scratch. Each attempt's result is measured by the certified bound a
+row reports (lawbench.certify.lipschitz_upper, L2) over its smallest training margin, the same quantity for every
+attempt and for ERM's interpolator; the lowest wins, and the output layer is scaled so the smallest margin is exactly
+the target. A search whose attempts all end at or above ERM's interpolator has failed: it is retried once from ERM
+(a lower first penalty, twice the epochs per stage); if that fails too the row keeps ERM's interpolator (it is the
+smoothest interpolator found) and says so (`no_gain`; the runner flags the row `smooth-no-gain`).
 
 Why these choices:
 * The product of the layers' operator norms is (an upper bound of) the certified global bound a row reports as
   lip_upper, and the law speaks of the global constant. A penalty on input gradients at sampled points lowers the
-  local slopes only where it samples and leaves the certificate where it was.
+  local slopes only where it samples and leaves the certificate where it was. Within an attempt the product ranks the
+  stages (it costs nothing); between attempts the certificate itself decides, because the row reports it and a
+  product can rank two models in the other order than their certificates.
 * A margin: a classifier's logits can be scaled down without changing one prediction, so "the smallest Lipschitz
   constant that fits" has no minimum without one (a search on interpolation alone drifts to margins near 0). The
   law's f(x_i) = y_i fixes the output scale; a logit margin (default 1) is its classification analogue, and
   Lipschitz constant over smallest margin is the scale-free quantity the search minimises. Rows of every recipe
   record their smallest training margin.
+* Several attempts: one annealing path is chaotic (an accept or a refuse flips with the float sums), so one attempt's
+  end point moved by 30% between runs; the minimum over attempts moves far less, and the spread of the attempts is
+  recorded so a reader sees how far the search is from settled.
 * Operator norms by power iteration with vectors kept across steps (as spectral normalisation does): one iteration
   per step costs two layer applications, and the estimate converges as the weights move slowly.
 
-Every random choice (batch order per stage) flows from the config's seed; the search is deterministic on CPU.
+Every random choice (initialisation of the scratch attempt, batch order per stage) flows from the config's seed; the
+search is deterministic on CPU for a given thread count (bench.threads chooses it by rule).
 """
 from __future__ import annotations
 
@@ -108,13 +122,53 @@ class OperatorNorms:
             return float(torch.exp(self.log_norms()))
 
 
+@dataclass(frozen=True)
+class Start:
+    """Where one attempt starts: `erm` (ERM's interpolator) or `scratch` (a fresh initialisation), its first penalty,
+    the seed of its batch order (and of the scratch initialisation) and its epochs per stage."""
+    method: str
+    penalty: float
+    seed: int
+    epochs: int
+    retry: bool = False
+
+
+def starts(cfg) -> list[Start]:
+    """The attempts a search runs (the retry is added only when these all fail): from ERM at smooth_lambda; then each
+    restart r from ERM at smooth_lambda * growth^(-r/2), so the restarts' penalties fall between and below the first
+    attempt's; then one from scratch."""
+    base = cfg.seed * 1000 + 7
+    out = [Start("erm", cfg.smooth_lambda * cfg.smooth_growth ** (-r / 2), base + 100 * r, cfg.smooth_epochs)
+           for r in range(1 + cfg.smooth_restarts)]
+    if cfg.smooth_scratch:
+        out.append(Start("scratch", cfg.smooth_lambda, base + 100 * len(out), cfg.smooth_epochs))
+    return out
+
+
+def retry_start(cfg, attempts: int) -> Start:
+    """The one retry of a search whose attempts all failed: from ERM, the first penalty one growth step below the
+    lowest the restarts tried, twice the epochs per stage."""
+    lowest = cfg.smooth_lambda * cfg.smooth_growth ** (-cfg.smooth_restarts / 2)
+    return Start("erm", lowest / cfg.smooth_growth, cfg.seed * 1000 + 7 + 100 * attempts, 2 * cfg.smooth_epochs,
+                 retry=True)
+
+
 @dataclass
 class SmoothResult:
-    penalty: float               # the chosen lambda (0: no stage kept the fit, the ERM weights stand)
-    trace: list = field(default_factory=list)
+    penalty: float               # the winner's lambda (0: no attempt beat ERM's interpolator, which stands)
+    trace: list = field(default_factory=list)     # every stage of every attempt ("attempt": its index)
     seconds: float = 0.0
     searched: bool = True        # False when the ERM start did not interpolate (nothing to search from)
     output_scale: float | None = None  # the factor that set the smallest margin to the target (None: not applied)
+    attempts: list = field(default_factory=list)  # one record per attempt (see _record)
+    winner: int | None = None    # index of the winning attempt; None: ERM's interpolator stands
+    erm_bound: float | None = None  # ERM's interpolator: certified bound over its smallest margin
+    bound_method: str = "certified"  # "certified" (lipschitz_upper), or "product" where certify refuses the model
+
+    @property
+    def no_gain(self) -> bool:
+        """The search found no interpolator below ERM's (retry included)."""
+        return self.searched and self.winner is None
 
 
 def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[bool, float, float]:
@@ -123,14 +177,14 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[bool, floa
     return bool((m > 0).all()), float((m > 0).float().mean()), float(m.min())
 
 
-def _stage(model, x, y, cfg, lam: float, stage: int, norms: OperatorNorms) -> bool:
-    """Fine-tune in place for cfg.smooth_epochs epochs at penalty lam; the model ends at the last epoch that still
-    interpolates (a fresh optimizer's first steps can knock a point over that later epochs win back). Returns
-    whether any epoch did."""
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.smooth_lr or cfg.lr / 10)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + 7 + stage)
+def _epochs(model, x, y, cfg, lam: float, norms: OperatorNorms, gen: torch.Generator, epochs: int, lr: float,
+            stop_margin: float | None = None) -> bool:
+    """Train in place with the hinge plus lam times the log norms and end at the last epoch that interpolates (a
+    fresh optimizer's first steps can knock a point over that later epochs win back), or earlier, at the first epoch
+    whose smallest margin reaches stop_margin. Returns whether any epoch interpolated."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     kept = None
-    for _ in range(cfg.smooth_epochs):
+    for _ in range(epochs):
         order = torch.randperm(len(x), generator=gen).to(x.device)
         model.train()
         for i in range(0, len(x), cfg.batch_size):
@@ -143,60 +197,164 @@ def _stage(model, x, y, cfg, lam: float, stage: int, norms: OperatorNorms) -> bo
             opt.step()
         if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(f"smooth search diverged at lambda {lam:g}; lower lr")
-        if _fit(model, x, y)[0]:
+        fits, _, margin = _fit(model, x, y)
+        if fits:
             kept = copy.deepcopy(model.state_dict())
+            if stop_margin is not None and margin >= stop_margin:
+                break
     if kept is not None:
         model.load_state_dict(kept)
     return kept is not None
 
 
+def _reinit(model: nn.Module, seed: int) -> None:
+    """Every module's own initialisation, drawn from `seed` (the global generator is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in model.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+
+
+def certified_ratio(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norms: OperatorNorms) -> tuple[float, str]:
+    """(bound over the smallest training margin, how the bound was taken): the certified L2 bound a row reports,
+    or the product of operator norms where certify refuses the model."""
+    from lawbench import certify
+    margin = _fit(model, x, y)[2]
+    try:
+        return certify.lipschitz_upper(model, tuple(x.shape[1:]), pairs=False).value / margin, "certified"
+    except certify.CertifyError:
+        return norms.product() / margin, "product"
+
+
+class _Attempt:
+    """One anneal from one start; `best` is its accepted stage with the smallest product per unit margin."""
+
+    def __init__(self, model, x, y, cfg, start: Start, index: int, progress):
+        self.model, self.x, self.y, self.cfg, self.start, self.index = model, x, y, cfg, start, index
+        self.progress, self.trace, self.best = progress, [], None
+        self.norms = OperatorNorms(model, x, start.seed)
+        self.gen = torch.Generator().manual_seed(start.seed)
+
+    def stage(self, lam: float, refine: bool) -> bool:
+        kept = copy.deepcopy(self.model.state_dict())
+        t0 = time.perf_counter()
+        _epochs(self.model, self.x, self.y, self.cfg, lam, self.norms, self.gen, self.start.epochs,
+                self.cfg.smooth_lr or self.cfg.lr / 10)
+        self.note(lam, refine, time.perf_counter() - t0)
+        ok = self.trace[-1]["interpolates"]
+        if not ok:
+            self.model.load_state_dict(kept)  # the next stage starts from the last model that fits
+        return ok
+
+    def note(self, lam: float, refine: bool, seconds: float, **extra) -> None:
+        ok, acc, margin = _fit(self.model, self.x, self.y)  # at the stage's last interpolating epoch, if it had one
+        lip = self.norms.product()
+        self.trace.append({"attempt": self.index, "lambda": lam, "interpolates": ok, "train_acc": acc,
+                           "min_margin": margin, "lip_product": lip, "accepted": ok, "refine": refine,
+                           "seconds": round(seconds, 3), **extra})
+        if self.progress is not None:
+            self.progress(self.index, len(self.trace) - 1, lam, ok, lip)
+        if ok and lam > 0 and (self.best is None or lip / margin < self.best[0]):
+            self.best = (lip / margin, lam, copy.deepcopy(self.model.state_dict()))
+
+    def run(self) -> None:
+        cfg, lam = self.cfg, self.start.penalty
+        good, bad = 0.0, None
+        for stage in range(cfg.smooth_stages):  # anneal: lambda grows while the model still interpolates
+            if not self.stage(lam, False):
+                bad = lam
+                break
+            good, lam = lam, lam * cfg.smooth_growth
+        for _ in range(cfg.smooth_refine if bad is not None else 0):  # bisect in log lambda: last kept .. refused
+            mid = math.sqrt(good * bad) if good > 0 else bad / cfg.smooth_growth
+            if self.stage(mid, True):
+                good = mid
+            else:
+                bad = mid
+
+
+def _from_scratch(model, x, y, cfg, start: Start) -> tuple[bool, float]:
+    """A fresh initialisation trained with the hinge and the first penalty until every training margin reaches the
+    target (at most cfg.epochs epochs at the training rate; else its last epoch that fits): the scratch attempt's
+    start. Returns (fits, seconds)."""
+    t0 = time.perf_counter()
+    _reinit(model, start.seed)
+    norms = OperatorNorms(model, x, start.seed)
+    gen = torch.Generator().manual_seed(start.seed + 1)
+    fits = _epochs(model, x, y, cfg, start.penalty, norms, gen, cfg.epochs, cfg.lr, stop_margin=cfg.smooth_margin)
+    return fits, time.perf_counter() - t0
+
+
+def _run_attempt(model, x, y, cfg, start: Start, index: int, erm_state: dict, progress) -> _Attempt:
+    """One attempt from its start; the model ends at the attempt's best stage (unchanged start if none)."""
+    model.load_state_dict(erm_state)
+    fits, seconds = True, 0.0
+    if start.method == "scratch":
+        fits, seconds = _from_scratch(model, x, y, cfg, start)
+    att = _Attempt(model, x, y, cfg, start, index, progress)
+    att.note(0.0 if start.method == "erm" else start.penalty, False, seconds, start=start.method)
+    if fits:
+        att.run()
+    if att.best is not None:
+        model.load_state_dict(att.best[2])
+    return att
+
+
+def _record(att: _Attempt, bound: float | None, seconds: float) -> dict:
+    s = att.start
+    return {"method": s.method, "first_penalty": s.penalty, "seed": s.seed, "epochs_per_stage": s.epochs,
+            "retry": s.retry, "start_fits": att.trace[0]["interpolates"], "stages": len(att.trace) - 1,
+            "penalty": None if att.best is None else att.best[1], "bound_unit_margin": bound,
+            "won": False, "seconds": round(seconds, 3)}
+
+
 def search(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, device="cpu", progress=None) -> SmoothResult:
-    """Anneal the Lipschitz penalty from the interpolating `model` (modified in place to the chosen stage)."""
-    start = time.perf_counter()
+    """Every attempt from the interpolating `model` (ERM's; modified in place to the winner, output scaled).
+    progress(attempt, stage, lambda, fits, product) after every stage."""
+    start_time = time.perf_counter()
     device = torch.device(device)
     model.to(device)
     x, y = x.to(device), y.to(device)
     norms = OperatorNorms(model, x, cfg.seed)
     ok, acc, margin = _fit(model, x, y)
-    trace = [{"lambda": 0.0, "interpolates": ok, "train_acc": acc, "min_margin": margin,
+    trace = [{"attempt": None, "lambda": 0.0, "interpolates": ok, "train_acc": acc, "min_margin": margin,
               "lip_product": norms.product(), "accepted": ok, "start": "erm"}]
     if not ok:
         model.eval()
-        return SmoothResult(0.0, trace, time.perf_counter() - start, searched=False)
-    best = [trace[0]["lip_product"] / margin, 0.0, copy.deepcopy(model.state_dict())]
+        return SmoothResult(0.0, trace, time.perf_counter() - start_time, searched=False)
+    erm_bound, method = certified_ratio(model, x, y, norms)
+    erm_state = copy.deepcopy(model.state_dict())
+    found: list[tuple[_Attempt, float | None, dict]] = []
 
-    def attempt(lam: float, stage: int, refine: bool) -> bool:
-        kept = copy.deepcopy(model.state_dict())
+    def attempt(start: Start) -> None:
         t0 = time.perf_counter()
-        _stage(model, x, y, cfg, lam, stage, norms)
-        ok, acc, margin = _fit(model, x, y)  # at the stage's last interpolating epoch, if it had one
-        lip = norms.product()
-        trace.append({"lambda": lam, "interpolates": ok, "train_acc": acc, "min_margin": margin, "lip_product": lip,
-                      "accepted": ok, "refine": refine, "seconds": round(time.perf_counter() - t0, 3)})
-        if progress is not None:
-            progress(len(trace) - 1, lam, ok, lip)
-        if not ok:
-            model.load_state_dict(kept)  # the next stage starts from the last model that fits
-        elif lip / margin < best[0]:
-            best[:] = [lip / margin, lam, copy.deepcopy(model.state_dict())]
-        return ok
+        att = _run_attempt(model, x, y, cfg, start, len(found), erm_state, progress)
+        bound = None
+        if att.best is not None:
+            bound, how = certified_ratio(model, x, y, att.norms)
+            bound = bound if how == method else None  # one measure for ERM and every attempt
+        found.append((att, bound, _record(att, bound, time.perf_counter() - t0)))
+        trace.extend(att.trace)
 
-    good, bad, lam = 0.0, None, cfg.smooth_lambda
-    for stage in range(cfg.smooth_stages):  # anneal: lambda grows while the model still interpolates
-        if not attempt(lam, stage, False):
-            bad = lam
-            break
-        good, lam = lam, lam * cfg.smooth_growth
-    for r in range(cfg.smooth_refine if bad is not None else 0):  # bisect in log lambda: last kept .. first refused
-        mid = math.sqrt(good * bad) if good > 0 else bad / cfg.smooth_growth
-        if attempt(mid, cfg.smooth_stages + r, True):
-            good = mid
-        else:
-            bad = mid
-    model.load_state_dict(best[2])
+    gains = lambda: [i for i, (_, b, _) in enumerate(found) if b is not None and b < erm_bound]  # noqa: E731
+    for st in starts(cfg):
+        attempt(st)
+    if not gains():
+        attempt(retry_start(cfg, len(found)))
+    wins = gains()
+    winner = min(wins, key=lambda i: (found[i][1], i)) if wins else None
+    records = [rec for _, _, rec in found]
+    if winner is None:
+        model.load_state_dict(erm_state)
+    else:
+        model.load_state_dict(found[winner][0].best[2])
+        records[winner]["won"] = True
     scaled = _scale_output(model, x, y, cfg.smooth_margin)
     model.eval()
-    return SmoothResult(best[1], trace, time.perf_counter() - start, output_scale=scaled)
+    penalty = 0.0 if winner is None else found[winner][0].best[1]
+    return SmoothResult(penalty, trace, time.perf_counter() - start_time, output_scale=scaled, attempts=records,
+                        winner=winner, erm_bound=erm_bound, bound_method=method)
 
 
 def _scale_output(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: float) -> float | None:

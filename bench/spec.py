@@ -113,6 +113,10 @@ SCHEMA: dict[str, Key] = {
     "smooth_refine": Key("int", 1, lo=0,
                          doc="smooth only: bisection steps after the first penalty that breaks the fit"),
     "smooth_lr": Key("float", 0.0, lo=0, doc="smooth only: fine-tuning learning rate; 0: lr / 10"),
+    "smooth_restarts": Key("int", 2, lo=0, hi=16, doc="smooth only: attempts from ERM beyond the first, each at a "
+                                                       "lower first penalty with its own batch order"),
+    "smooth_scratch": Key("int", 1, lo=0, hi=1, doc="smooth only: 1 adds an attempt from a fresh initialisation "
+                                                    "(hinge and penalty until it fits), 0 leaves it out"),
     "seed": Key("int", 0, lo=0, sweep=True),
     # evaluation
     "threat": Key("choice", "Linf", choices=THREATS, sweep=True),

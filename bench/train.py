@@ -40,6 +40,8 @@ class TrainConfig:
     smooth_refine: int = 1            # smooth: bisection steps after the first penalty that breaks the fit
     smooth_lr: float = 0.0            # smooth: fine-tuning rate; 0: lr / 10 (a fresh optimizer at the full rate
                                       # knocks memorised points over)
+    smooth_restarts: int = 2          # smooth: attempts from ERM beyond the first (bench.smooth.starts)
+    smooth_scratch: int = 1           # smooth: 1 adds an attempt from a fresh initialisation
     seed: int = 0
 
     def as_dict(self) -> dict:

@@ -13,7 +13,7 @@ from test_cli import run_in_process
 
 # Gaussian d=16, n=200, 20% flipped labels: widths 256 and 1024 (p/(n·d) 1.5 and 6) interpolate under ERM.
 LAW_TINY = ["law", "width=[256,1024]", "seed=[0,1]", "label_noise=0.2", "n_train=200", "n_test=100",
-            "d=16", "recipe=[erm,smooth]", "pgd_steps=5", "eps_L2=[0.5]", "smooth_epochs=100",
+            "d=16", "recipe=[erm,smooth]", "pgd_steps=5", "eps_L2=[0.5]", "smooth_epochs=25", "smooth_restarts=1",
             "lip_points=64"]
 
 
@@ -69,21 +69,23 @@ def test_smooth_recipe_interpolates_below_erm_at_every_width_and_seed(law_run):
 
 
 def test_smooth_rows_record_the_search(law_run):
-    """The trace starts at ERM's checkpoint (the ERM row's own), penalties grow by the factor while the fit holds,
-    every accepted stage interpolates, and the chosen penalty is the accepted stage with the smallest norm product
-    per unit margin."""
+    """The trace starts at ERM's checkpoint (the ERM row's own); the row records every attempt (bench.smooth.starts)
+    and which won: the lowest certified bound at margin 1 of them all, below ERM's, which is the ERM row's own bound
+    at margin 1; the row's bound at margin 1 is the winner's (tests/test_smooth.py checks the search itself)."""
     out, rows = law_run
     for erm, smooth in _pairs(rows):
         trace = smooth["smooth_trace"]
         assert smooth["smooth_base"] == erm["train_key"] and smooth["smooth_searched"] is True
         assert trace[0]["lambda"] == 0.0 and trace[0]["start"] == "erm"
         assert trace[0]["min_margin"] == pytest.approx(erm["train_margin"], rel=1e-5)
-        growth = [t["lambda"] for t in trace[1:] if not t["refine"]]
-        assert growth[0] == pytest.approx(1e-3)
-        assert all(b == pytest.approx(4 * a) for a, b in zip(growth, growth[1:]))
-        assert all(t["interpolates"] and t["min_margin"] > 0 for t in trace if t["accepted"])
-        best = min((t for t in trace if t["accepted"]), key=lambda t: t["lip_product"] / t["min_margin"])
-        assert smooth["smooth_penalty"] == best["lambda"]
+        attempts = smooth["smooth_attempts"]
+        assert [a["method"] for a in attempts[:3]] == ["erm", "erm", "scratch"]  # smooth_restarts=1
+        assert smooth["smooth_erm_bound"] == pytest.approx(erm["lip_upper_unit_margin"], rel=1e-6)
+        won = attempts[smooth["smooth_winner"]]
+        assert won["won"] and won["bound_unit_margin"] == min(a["bound_unit_margin"] for a in attempts
+                                                              if a["bound_unit_margin"] is not None)
+        assert smooth["lip_upper_unit_margin"] == pytest.approx(won["bound_unit_margin"], rel=1e-4)
+        assert smooth["smooth_penalty"] == won["penalty"] and "smooth-no-gain" not in smooth["flags"]
 
 
 def test_smooth_rerun_reuses_both_checkpoints(law_run, capsys, tmp_path):
@@ -151,7 +153,7 @@ def test_report_frontier_and_exponents_read_back_against_the_rows(law_run):
     for r in rows:  # at margin 1: the bound over the smallest training margin
         assert r["lip_upper_unit_margin"] == pytest.approx(r["lip_upper"] / r["train_margin"], rel=1e-12)
     margins = [r["lip_lower"] / r["train_margin"] / math.sqrt(1 / r["ratio"]) for r in rows if r["interpolates"]]
-    assert min(margins) >= c * (1 - 1e-3) and min(margins) == pytest.approx(c, rel=1e-3)
+    assert min(margins) >= c * (1 - 5e-3) and min(margins) == pytest.approx(c, rel=5e-3)  # c shown to 3 digits
     exps = _md_tables(md, "### Exponents")
     line = next(t for t in exps if t["study"] == "gauss · L2 · mlp · erm · noise 0.2" and t["bound"] == "lip_upper")
     assert line["b (n; law +0.5)"] == "not varied" and line["c (d; law +0.5)"] == "not varied"
@@ -169,7 +171,7 @@ def test_smooth_below_erm_on_noisy_mnist(tmp_path, capsys):
     smooth model's certified bound at margin 1 is below ERM's (raw bounds compare only at equal margins)."""
     code, _, err = run_in_process(["run", "law-mnist", "n_train=300", "n_test=50", "width=[64,256]", "seed=0",
                                    "pgd_steps=3", "eps_Linf=[0.05]", "aa_eps_Linf=[]", "autoattack=off",
-                                   "lip_points=32", "--out", str(tmp_path)], capsys)
+                                   "lip_points=32", "smooth_restarts=0", "--out", str(tmp_path)], capsys)
     assert code == 0, err
     rows = read_rows(tmp_path / "results.jsonl")
     for erm, smooth in _pairs(rows):
