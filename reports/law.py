@@ -56,6 +56,43 @@ class Exponents:
     n_points: int = 0
     method: str = "none"
     varied: tuple = ()
+    regime: str = "all"              # a key of REGIMES, or "all"
+    peak: float | None = None        # p/(n·d) of the interpolation peak the fit starts at (None: not located)
+    before_peak: int = 0             # interpolating rows of the regime left out as lying before the peak
+
+
+# The law's two regimes: below p = n·d its scale sqrt(n·d/p) exceeds 1 and binds; above, the smoothest fit is bounded
+# by the data's own geometry, not by p. One exponent fitted across both is neither.
+REGIMES = {"p < n·d": lambda ratio: ratio < 1, "p ≥ n·d": lambda ratio: ratio >= 1}
+
+
+def interpolation_peak(rows, y: str) -> float | None:
+    """The p/(n·d) where the mean over seeds of log y peaks among interpolating rows (Lipschitz constants show double
+    descent: they rise up to the interpolation threshold and fall past it, Gamba et al. 2023; a slope fitted across
+    the peak is meaningless). None with fewer than three distinct ratios: nothing to locate."""
+    by: dict = defaultdict(list)
+    for r in interpolating(rows):
+        ratio, v = row_ratio(r), law_units(r, y)
+        if ratio and v and ratio > 0 and v > 0 and math.isfinite(v):
+            by[round(ratio, 12)].append(math.log(v))
+    if len(by) < 3:
+        return None
+    return max(sorted(by), key=lambda k: float(np.mean(by[k])))
+
+
+def _in(row: dict, regime: str) -> bool:
+    ratio = row_ratio(row)
+    return ratio is not None and REGIMES[regime](ratio)
+
+
+def _past_peak(rows, y: str, regime: str) -> tuple[list, float | None, int]:
+    """(the rows of the regime at or past the study's peak, the peak, how many rows of the regime lie before it)."""
+    peak = interpolation_peak(rows, y)
+    inside = [r for r in rows if regime == "all" or _in(r, regime)]
+    if peak is None:
+        return inside, None, 0
+    kept = [r for r in inside if row_ratio(r) is not None and round(row_ratio(r), 12) >= peak]
+    return kept, peak, len(inside) - len(kept)
 
 
 def _design(rows, y: str, dim: str):
@@ -68,20 +105,29 @@ def _design(rows, y: str, dim: str):
     return np.array(pts, dtype=float).reshape(-1, 4)
 
 
-def fit_exponents(rows, y: str = "lip_upper", dim: str = "d", confidence: float = 0.95) -> list[Exponents]:
+def fit_exponents(rows, y: str = "lip_upper", dim: str = "d", confidence: float = 0.95, regime: str = "all",
+                  past_peak: bool = False) -> list[Exponents]:
     """Per study (see study_key), OLS of log y on the logs of whichever of p, n, d vary, per seed over its
     interpolating rows; with several seeds the exponents' mean and Student-t interval over seeds, with one the
-    regression's own standard errors. `dim` = "d_eff" puts the intrinsic dimension in place of d."""
-    studies: dict = defaultdict(lambda: defaultdict(list))
+    regression's own standard errors. `dim` = "d_eff" puts the intrinsic dimension in place of d. `regime` (a key
+    of REGIMES) keeps the rows on one side of p = n·d; `past_peak` keeps only the rows at or past the study's
+    interpolation peak (interpolation_peak, located over all its rows)."""
+    studies: dict = defaultdict(list)
     for r in interpolating(rows):
-        studies[study_key(r)][text(r.get("seed"))].append(r)
+        studies[study_key(r)].append(r)
     out = []
     names = ("p", "n", "d")
     for key in sorted(studies, key=repr):
-        per_seed = {s: _design(rs, y, dim) for s, rs in studies[key].items()}
+        kept, peak, before = _past_peak(studies[key], y, regime)
+        if not past_peak:
+            kept, peak, before = [r for r in studies[key] if regime == "all" or _in(r, regime)], None, 0
+        by_seed: dict = defaultdict(list)
+        for r in kept:
+            by_seed[text(r.get("seed"))].append(r)
+        per_seed = {s: _design(rs, y, dim) for s, rs in by_seed.items()}
         varied = tuple(v for i, v in enumerate(names)
                        if any(len(np.unique(np.round(X[:, i], 9))) > 1 for X in per_seed.values() if len(X)))
-        res = Exponents(key, y, dim, varied=varied)
+        res = Exponents(key, y, dim, varied=varied, regime=regime, peak=peak, before_peak=before)
         fits = []
         for X in per_seed.values():
             cols = [names.index(v) for v in varied]

@@ -98,12 +98,28 @@ def _count(point, recipe) -> str:
     return f"{k}/{n}"
 
 
+def _attempts(point) -> str:
+    """The smooth search's spread at one width: the lowest and highest certified bound at margin 1 its attempts
+    ended at (over every seed), how many attempts that is, and how many rows found nothing below ERM's."""
+    rows = point.rows.get("smooth", [])
+    bounds = [num(a.get("bound_unit_margin")) for r in rows for a in (r.get("smooth_attempts") or [])
+              if isinstance(a, dict)]
+    ended = [b for b in bounds if b is not None]
+    if not bounds:
+        return MISSING
+    out = (f"{fmt_sig(min(ended))} … {fmt_sig(max(ended))} ({len(ended)}/{len(bounds)} ended)" if ended
+           else f"none ended (0/{len(bounds)})")
+    failed = sum(1 for r in rows if r.get("smooth_no_gain") is True)
+    return out + (f", {failed} no gain" if failed else "")
+
+
 def frontier_table(points) -> str:
     """One line per width: p, p/(n·d), then 'ERM → smooth' for the rows that interpolate, their smallest training
     margin, lip_upper, lip_lower and robust accuracy at each eps (means over seeds)."""
     eps = law.frontier_eps(points)
     headers = ["width", "p", "p/(n·d)", "interpolating", "train margin", "lip_upper", "lip_lower",
-               "lip_upper at margin 1", "lip_lower at margin 1"]
+               "lip_upper at margin 1", "lip_lower at margin 1", "lip_upper at 1st-percentile margin 1",
+               "smooth attempts at margin 1"]
     headers += [f"robust @{fmt_eps(e)}" for e in eps]
     body = []
     for pt in points:
@@ -112,7 +128,8 @@ def frontier_table(points) -> str:
         cells = [fmt_width(pt.width), fmt_int(pt.params), fmt_ratio(pt.ratio),
                  f"{_count(pt, 'erm')} → {_count(pt, 'smooth')}", _arrow(*stat("train_margin"), fmt_sig),
                  _arrow(*stat("lip_upper"), fmt_sig), _arrow(*stat("lip_lower"), fmt_sig),
-                 _arrow(*stat("lip_upper_unit_margin"), fmt_sig), _arrow(*stat("lip_lower_unit_margin"), fmt_sig)]
+                 _arrow(*stat("lip_upper_unit_margin"), fmt_sig), _arrow(*stat("lip_lower_unit_margin"), fmt_sig),
+                 _arrow(*stat("lip_upper_q01_margin"), fmt_sig), _attempts(pt)]
         cells += [" → ".join(fmt_robust(law.robust_at(pt, r, e), verified=law.robust_verified(pt, r, e))
                              for r in ("erm", "smooth")) for e in eps]
         body.append(cells)
@@ -150,27 +167,38 @@ def frontier_notes(key, points) -> list[str]:
 
 
 def exponent_table(rows) -> str:
-    """a, b, c of log Lip = a·log p + b·log n + c·log d + const per study, beside the law's (−1/2, +1/2, +1/2)."""
+    """a, b, c of log Lip = a·log p + b·log n + c·log d + const per study and regime (p < n·d, p ≥ n·d), each fitted
+    past the study's interpolation peak, beside the law's (−1/2, +1/2, +1/2)."""
     body = []
     for y in ("lip_upper", "lip_lower"):
         for dim in ("d", "d_eff"):
-            for res in law.fit_exponents(rows, y=y, dim=dim):
-                if dim == "d_eff" and "d" not in res.varied:
-                    continue  # with d fixed, d_eff is one constant too: the same a and b, no c
-                cells = [law.study_title(res.key), y, dim]
-                for v in ("p", "n", "d"):
-                    if v not in res.varied or v not in res.coef:
-                        cells.append("not varied" if v not in res.varied else MISSING)
-                        continue
-                    h = res.half.get(v)
-                    ci = "" if h is None else f" [{res.coef[v] - h:.3f}, {res.coef[v] + h:.3f}]"
-                    cells.append(f"{res.coef[v]:.3f}{ci}")
-                cells += [str(res.n_seeds), str(res.n_points), {"seeds": "t-interval over seeds",
-                          "regression": "one seed, regression s.e."}.get(res.method, "too few points")]
-                body.append(cells)
-    headers = ["study", "bound", "dimension", "a (p; law −0.5)", "b (n; law +0.5)", "c (d; law +0.5)", "seeds",
-               "points", "interval"]
-    return md_table(headers, body, ["left", "left", "left", "right", "right", "right", "right", "right", "left"])
+            for regime in law.REGIMES:
+                for res in law.fit_exponents(rows, y=y, dim=dim, regime=regime, past_peak=True):
+                    if dim == "d_eff" and "d" not in res.varied:
+                        continue  # with d fixed, d_eff is one constant too: the same a and b, no c
+                    if not res.n_points and not res.before_peak:
+                        continue  # no row of the study in this regime
+                    body.append(_exponent_cells(res))
+    headers = ["study", "bound", "dimension", "regime", "a (p; law −0.5)", "b (n; law +0.5)", "c (d; law +0.5)",
+               "seeds", "points", "peak left out", "interval"]
+    return md_table(headers, body, ["left"] * 4 + ["right"] * 5 + ["left"] * 2)
+
+
+def _exponent_cells(res) -> list[str]:
+    cells = [law.study_title(res.key), res.y, res.dim, res.regime]
+    for v in ("p", "n", "d"):
+        if v not in res.varied or v not in res.coef:
+            cells.append("not varied" if v not in res.varied else MISSING)
+            continue
+        h = res.half.get(v)
+        ci = "" if h is None else f" [{res.coef[v] - h:.3f}, {res.coef[v] + h:.3f}]"
+        cells.append(f"{res.coef[v]:.3f}{ci}")
+    peak = ("not located (under 3 ratios)" if res.peak is None
+            else f"peak at p/(n·d) {res.peak:.3g}; {res.before_peak} row(s) before it")
+    cells += [str(res.n_seeds), str(res.n_points), peak,
+              {"seeds": "t-interval over seeds", "regression": "one seed, regression s.e."}.get(res.method,
+                                                                                             "too few points")]
+    return cells
 
 
 def law_section(rows) -> list[str]:
@@ -180,9 +208,12 @@ def law_section(rows) -> list[str]:
            "models. Frontier cells read ERM → smooth (means over seeds); the smooth recipe fits at a smallest "
            "training margin of 1, ERM at whatever margin it stopped with, so the two compare at margin 1 (a "
            "classifier's logits scale freely: bound / smallest training margin). Exponents: per seed, OLS of log Lip on "
-           "the "
-           "logs of the variables that vary, Lipschitz constants in the law's units (synthetic Gaussian data: "
-           "times the data's scale, so inputs have norm about 1 at every d).", ""]
+           "the logs of the variables that vary, Lipschitz constants in the law's units (synthetic Gaussian data: "
+           "times the data's scale, so inputs have norm about 1 at every d). They are fitted for p < n·d (where the "
+           "law's scale sqrt(n·d/p) exceeds 1) and p ≥ n·d separately, each only at and past the study's "
+           "interpolation peak (the p/(n·d) where the mean log bound is largest: Lipschitz constants rise up to the "
+           "interpolation threshold and fall past it, and a slope across the peak is meaningless); the table says "
+           "where the peak is and how many rows before it were left out.", ""]
     frontiers = law.frontier_points(rows)
     for key, points in frontiers.items():
         out += [f"### Frontier: {md_escape(law.frontier_title(key))}", "", frontier_table(points), ""]

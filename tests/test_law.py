@@ -8,6 +8,7 @@ import torch
 from lawbench import certify
 from lawbench import datasets
 from lawbench import models
+from lawbench.reports import markdown
 from lawbench.reports.rows import read_rows
 from test_cli import run_in_process
 
@@ -221,3 +222,30 @@ def test_exponent_fit_recovers_known_exponents_in_the_law_units():
         assert res.coef[v] == pytest.approx(per_seed[:, j].mean(), abs=1e-9)
         assert res.half[v] == pytest.approx(half, rel=1e-6)
     assert res.n_points == 36 and res.method == "seeds"
+
+
+def test_exponents_split_at_p_equals_nd_and_start_at_the_peak():
+    """A width sweep whose Lipschitz constant rises up to an interpolation peak (p/(n·d) = 0.2), then falls as
+    p^-0.25 up to p = n·d and as p^-0.5 beyond: each regime's fit recovers its own exponent, leaves out the rows before
+    the peak and says where the peak is; a fit across both regimes and the peak would give neither exponent."""
+    from lawbench.reports import law
+    n, d = 1000, 10
+
+    def lip(ratio):
+        if ratio < 0.2:
+            return 5 * (ratio / 0.2) ** 1.0  # the rise towards the interpolation threshold
+        return 5 * (ratio / 0.2) ** -0.25 if ratio < 1 else 5 * 5 ** -0.25 * ratio ** -0.5
+
+    ratios = [0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 2.0, 4.0, 8.0]
+    rows = [{"status": "ok", "interpolates": True, "dataset": "gauss", "threat": "L2", "family": "mlp",
+             "recipe": "erm", "label_noise": 0.2, "seed": 0, "params": r * n * d, "n_train": n, "d": d,
+             "ratio": r, "lip_upper": lip(r)} for r in ratios]
+    assert law.interpolation_peak(rows, "lip_upper") == pytest.approx(0.2)
+    below, = law.fit_exponents(rows, regime="p < n·d", past_peak=True)
+    above, = law.fit_exponents(rows, regime="p ≥ n·d", past_peak=True)
+    assert below.coef["p"] == pytest.approx(-0.25, abs=1e-9) and below.before_peak == 2 and below.n_points == 4
+    assert above.coef["p"] == pytest.approx(-0.5, abs=1e-9) and above.before_peak == 0 and above.n_points == 4
+    across, = law.fit_exponents(rows)
+    assert abs(across.coef["p"] + 0.25) > 0.05 and abs(across.coef["p"] + 0.5) > 0.05
+    md = markdown.exponent_table(rows)
+    assert "peak at p/(n·d) 0.2; 2 row(s) before it" in md and "p ≥ n·d" in md and "-0.500" in md
