@@ -128,3 +128,15 @@ def test_ray_driver_killed_resumes_without_loss_or_duplicates(tmp_path):
     assert len(ids) == len(set(ids)) == 6
     assert after[:len(before)] == before
     assert f"{len(before)} already in" in res.stdout
+
+
+def test_pool_hands_out_the_widest_cell_first(tmp_path):
+    """A free pool worker takes the widest pending cell (ties in submission order): the sweep's longest chain, the
+    widest ERM cell and then its smooth cell, starts at once instead of last."""
+    from collections import deque
+    from bench.executors.pool import PoolExecutor
+    from bench.runner import CellTask
+    pool = PoolExecutor({"workers": 2}, lambda event: None, tmp_path)
+    pool.pending = deque(CellTask({"width": w, "tag": i}, str(tmp_path)) for i, w in enumerate([40, 1280, 160, 1280]))
+    order = [pool._next().cell["tag"] for _ in range(4)]
+    assert order == [1, 3, 2, 0] and not pool.pending

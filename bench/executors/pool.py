@@ -58,6 +58,19 @@ class PoolExecutor(Executor):
         self.pending.extend(tasks)
         self._assign()
 
+    def _next(self):
+        """The pending task a free worker takes: the widest model first (ties: in submission order). Longest cells
+        first: the widest ERM cell and then its smooth cell, the sweep's longest chain, start at once, and the small
+        cells fill the other workers meanwhile (in submission order, the chain started last and ran alone at the
+        end: the default sweep took 388 s instead of about 200)."""
+        def width(k: int) -> float:
+            w = self.pending[k].cell.get("width")
+            return float(w) if isinstance(w, (int, float)) and not isinstance(w, bool) else 0.0
+        k = max(range(len(self.pending)), key=lambda i: (width(i), -i))
+        task = self.pending[k]
+        del self.pending[k]
+        return task
+
     def _assign(self) -> None:
         while self.pending:
             idle = [w for w in self.workers if w not in self.assigned]
@@ -65,7 +78,7 @@ class PoolExecutor(Executor):
                 idle = [self._spawn()]
             if not idle:
                 return
-            task = self.pending.popleft()
+            task = self._next()
             self.tries[task.cell_id] = self.tries.get(task.cell_id, 0) + 1
             self.assigned[idle[0]] = task
             self.workers[idle[0]][1].put(task)
