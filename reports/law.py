@@ -59,6 +59,7 @@ class Exponents:
     regime: str = "all"              # a key of REGIMES, or "all"
     peak: float | None = None        # p/(n·d) of the interpolation peak the fit starts at (None: not located)
     before_peak: int = 0             # interpolating rows of the regime left out as lying before the peak
+    rows_kept: int = 0               # interpolating rows of the regime at or past the peak (fitted where enough)
 
 
 # The law's two regimes: below p = n·d its scale sqrt(n·d/p) exceeds 1 and binds; above, the smoothest fit is bounded
@@ -127,7 +128,8 @@ def fit_exponents(rows, y: str = "lip_upper", dim: str = "d", confidence: float 
         per_seed = {s: _design(rs, y, dim) for s, rs in by_seed.items()}
         varied = tuple(v for i, v in enumerate(names)
                        if any(len(np.unique(np.round(X[:, i], 9))) > 1 for X in per_seed.values() if len(X)))
-        res = Exponents(key, y, dim, varied=varied, regime=regime, peak=peak, before_peak=before)
+        res = Exponents(key, y, dim, varied=varied, regime=regime, peak=peak, before_peak=before,
+                        rows_kept=len(kept))
         fits = []
         for X in per_seed.values():
             cols = [names.index(v) for v in varied]

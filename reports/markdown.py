@@ -176,7 +176,7 @@ def exponent_table(rows) -> str:
                 for res in law.fit_exponents(rows, y=y, dim=dim, regime=regime, past_peak=True):
                     if dim == "d_eff" and "d" not in res.varied:
                         continue  # with d fixed, d_eff is one constant too: the same a and b, no c
-                    if not res.n_points and not res.before_peak:
+                    if not res.rows_kept and not res.before_peak:
                         continue  # no row of the study in this regime
                     body.append(_exponent_cells(res))
     headers = ["study", "bound", "dimension", "regime", "a (p; law −0.5)", "b (n; law +0.5)", "c (d; law +0.5)",
@@ -195,7 +195,7 @@ def _exponent_cells(res) -> list[str]:
         cells.append(f"{res.coef[v]:.3f}{ci}")
     peak = ("not located (under 3 ratios)" if res.peak is None
             else f"peak at p/(n·d) {res.peak:.3g}; {res.before_peak} row(s) before it")
-    cells += [str(res.n_seeds), str(res.n_points), peak,
+    cells += [str(res.n_seeds), str(res.rows_kept), peak,
               {"seeds": "t-interval over seeds", "regression": "one seed, regression s.e."}.get(res.method,
                                                                                              "too few points")]
     return cells
