@@ -92,9 +92,8 @@ class PoolExecutor(Executor):
                 item = self.results.get_nowait()
         except queue_mod.Empty:
             pass
-        done.extend(self._reap())
-        self._assign()
-        return done
+        done.extend(self._reap())  # free workers are assigned at the next submit: after the driver has released
+        return done                # the cells these rows unblock, so the widest of them can be chosen
 
     def _handle(self, item) -> list:
         kind, wid, payload = item
