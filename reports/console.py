@@ -66,7 +66,7 @@ def console_table(rows, *, title: str | None = None) -> Table:
     multi_seed = len({text(r.get("seed")) for r in rows}) > 1
     multi_recipe = len({text(r.get("recipe")) for r in rows}) > 1
     table = Table(title=title, show_lines=False, header_style="bold", pad_edge=False)
-    table.add_column("model", overflow="fold")
+    table.add_column("model", overflow="fold", max_width=28)  # a group heading folds instead of widening it
     table.add_column("width", justify="right")
     if multi_recipe:
         table.add_column("recipe")

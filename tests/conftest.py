@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # suite (PGD, fast at every eps, AutoAttack) say so (tests/test_suite.py, test_cli_trust.py, test_cli_masked.py)
 TINY = ["n_train=200", "n_test=40", "width=[8,32]", "epochs=15", "pgd_steps=10", "eps_Linf=[0.05,0.1]",
         "aa_eps_Linf=[0.1]", "lip_points=64", "autoattack=[apgd-ce]", "attacks=[pgd,autoattack]", "recipe=erm",
-        "label_noise=0"]
+        "label_noise=0", "executor.name=local"]
 
 # The suite shares its CPUs (a developer's other work, CI neighbours). Under contention OpenMP's spin-waiting makes a
 # two-thread torch up to 15x slower than one thread (a tiny cell's AutoAttack: 214 s instead of 14 s on a busy

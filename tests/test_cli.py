@@ -172,6 +172,7 @@ def test_rows_say_whether_the_model_interpolates_the_noisy_labels(tmp_path, caps
     import torch
     out = tmp_path / "out"
     code, _, err = run_in_process(["run", "recipe=erm", "n_train=100", "n_test=20", "label_noise=0.2", "width=[1,256]",
+                                   "executor.name=local",
                                    "epochs=300", "pgd_steps=2", "eps_Linf=[0.05]", "aa_eps_Linf=[]", "autoattack=off",
                                    "lip_points=16", "--out", str(out)], capsys)
     assert code == 0, err
@@ -288,7 +289,8 @@ WRAPPER = textwrap.dedent('''
 ''')
 
 CHEAP = ["n_train=100", "n_test=20", "epochs=2", "pgd_steps=2", "eps_Linf=[0.1]", "aa_eps_Linf=[0.1]",
-         "lip_points=8", "autoattack=off", "width=[4,5,6,7,8,9,10,11,12,13]", "recipe=erm", "label_noise=0"]
+         "lip_points=8", "autoattack=off", "width=[4,5,6,7,8,9,10,11,12,13]", "recipe=erm", "label_noise=0",
+         "executor.name=local"]
 
 
 def _wait_for(pred, timeout: float, proc, what: str):

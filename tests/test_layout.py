@@ -156,7 +156,8 @@ def test_list_and_run_beside_lookalike_folders_and_a_foreign_datasets(hostile_di
     assert res.returncode == 0, res.stderr[-2000:]
     assert "mlp" in res.stdout and "mnist5k" in res.stdout and "pgd" in res.stdout
     res = bench_cli("run", "n_train=100", "n_test=20", "width=[8]", "epochs=3", "pgd_steps=5", "eps_Linf=[0.1]",
-                    "aa_eps_Linf=[0.1]", "autoattack=[apgd-ce]", "lip_points=16", "recipe=erm", "--out", "out",
+                    "aa_eps_Linf=[0.1]", "autoattack=[apgd-ce]", "lip_points=16", "recipe=erm",
+                    "executor.name=local", "--out", "out",
                     cwd=work, env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     rows = [json.loads(line) for line in (work / "out" / "results.jsonl").read_text().splitlines()]

@@ -13,7 +13,7 @@ from bench import threads
 # memorise, and the smooth search, whose accept/refuse steps amplify any difference in the float sums.
 CELL = ["n_train=300", "n_test=40", "width=2048", "epochs=60", "label_noise=0.1", "recipe=[erm,smooth]",
         "smooth_epochs=2", "smooth_stages=2", "pgd_steps=10", "eps_Linf=[0.05,0.1]", "aa_eps_Linf=[0.1]",
-        "attacks=[pgd]", "lip_points=64"]
+        "attacks=[pgd]", "lip_points=64", "executor.name=local", "executor.threads=0"]  # the thread rule, in process
 TIMES = ("seconds", "timings", "checkpoint_cached")  # what a clock measures, or whether a cache was hit
 
 
