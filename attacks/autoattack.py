@@ -102,7 +102,18 @@ def image_shape_for(in_shape: Sequence[int]) -> tuple | None:
         return None
     d = math.prod(in_shape)
     s = max(SQUARE_MIN_SIDE, math.isqrt(d - 1) + 1) if d > 1 else SQUARE_MIN_SIDE
+    while not _square_tiles_fit(s):
+        s += 1
     return (1, s, s)
+
+
+def _square_tiles_fit(h: int) -> bool:
+    """Square's L2 start tiles an h x h image with squares of side h // 5 from an offset of (h - 5 (h // 5)) // 2; a
+    square cut by the border (12 x 12: squares of 2 from 1, the last over pixels 11..12) fails to broadcast, so the
+    view's side is one whose squares each lie wholly inside or wholly outside the image."""
+    side = h // 5
+    start = (h - 5 * side) // 2
+    return all(start + k * side + side <= h or start + k * side >= h for k in range(h // side))
 
 
 class _Capture(logging.Handler):

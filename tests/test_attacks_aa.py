@@ -181,14 +181,17 @@ def test_registry(model, data):
     assert int(pg.robust.sum()) <= int(fg.robust.sum())
 
 
-def test_square_attacks_small_vector_data_in_l2():
-    """Vector data of fewer than 25 coordinates (the law-d preset's d=16) is shown to Square as a 5x5 image at least:
-    its L2 start tiles the image with squares of side h // 5 and divided by zero on the 4x4 view."""
+@pytest.mark.parametrize("d", [16, 128])
+def test_square_attacks_vector_data_in_l2(d):
+    """Vector data is shown to Square as an image whose L2 start fits: at least 5x5 (its squares have side h // 5:
+    the 4x4 view of the law-d preset's d=16 divided by zero), and a side whose squares the border does not cut (the
+    12x12 view of d=128 failed to broadcast)."""
     from lawbench.attacks.autoattack import image_shape_for, square_starts
     assert image_shape_for((16,)) == (1, 5, 5) and image_shape_for((64,)) == (1, 8, 8)
+    assert image_shape_for((128,)) == (1, 13, 13)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2)).eval()
-    x = torch.rand(20, 16)
+    model = torch.nn.Sequential(torch.nn.Linear(d, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2)).eval()
+    x = torch.rand(20, d)
     y = model(x).argmax(1)
     res = square_starts(model, x, y, 0.5, "L2", starts=1, queries=50, seed=0, batch_size=20, log=None)
     adv = res.x_adv
