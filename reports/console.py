@@ -11,6 +11,7 @@ from ._util import (MISSING, UNVERIFIED_MARK, UNVERIFIED_NOTE, acc_at, fmt_eps, 
                     is_ok, num, row_eps, row_law_scale, row_ratio, text, verified_at)
 from .table import headline_eps, row_flags, view_key
 
+ROBUST_HEADER = "robust % at each eps"  # its group heading cell names the eps, the next one the headline eps
 RAW_MARK = "*"  # a Lipschitz bound not at margin 1 (the row does not interpolate)
 
 
@@ -72,7 +73,7 @@ def console_table(rows, *, title: str | None = None) -> Table:
         table.add_column("recipe")
     if multi_seed:
         table.add_column("seed", justify="right")
-    for name in ("p", "p/(n·d)", "clean", "robust % at each eps", "cert", "lip_upper m=1", "lip_lower m=1",
+    for name in ("p", "p/(n·d)", "clean", ROBUST_HEADER, "cert", "lip_upper m=1", "lip_lower m=1",
                  "law_scale"):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("flags", overflow="fold")
@@ -88,7 +89,7 @@ def console_table(rows, *, title: str | None = None) -> Table:
         if gi:
             table.add_section()
         head = [Text(" · ".join(gk), style="bold cyan")] + [""] * (ncols - 1)
-        at = 2 + multi_recipe + multi_seed + 3  # the robust column: after model, width, recipe?, seed?, p, ratio, clean
+        at = [c.header for c in table.columns].index(ROBUST_HEADER)
         head[at:at + 2] = _eps_heading(groups[gk])
         table.add_row(*head)
         for r in sorted(groups[gk], key=_row_sort_key):

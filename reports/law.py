@@ -82,6 +82,9 @@ def interpolation_peak(rows, y: str) -> float | None:
 
 
 def _in(row: dict, regime: str) -> bool:
+    """The row lies in the regime (a key of REGIMES; "all" holds every row)."""
+    if regime == "all":
+        return True
     ratio = row_ratio(row)
     return ratio is not None and REGIMES[regime](ratio)
 
@@ -89,7 +92,7 @@ def _in(row: dict, regime: str) -> bool:
 def _past_peak(rows, y: str, regime: str) -> tuple[list, float | None, int]:
     """(the rows of the regime at or past the study's peak, the peak, how many rows of the regime lie before it)."""
     peak = interpolation_peak(rows, y)
-    inside = [r for r in rows if regime == "all" or _in(r, regime)]
+    inside = [r for r in rows if _in(r, regime)]
     if peak is None:
         return inside, None, 0
     kept = [r for r in inside if row_ratio(r) is not None and round(row_ratio(r), 12) >= peak]
@@ -119,9 +122,10 @@ def fit_exponents(rows, y: str = "lip_upper", dim: str = "d", confidence: float 
     out = []
     names = ("p", "n", "d")
     for key in sorted(studies, key=repr):
-        kept, peak, before = _past_peak(studies[key], y, regime)
-        if not past_peak:
-            kept, peak, before = [r for r in studies[key] if regime == "all" or _in(r, regime)], None, 0
+        if past_peak:
+            kept, peak, before = _past_peak(studies[key], y, regime)
+        else:
+            kept, peak, before = [r for r in studies[key] if _in(r, regime)], None, 0
         by_seed: dict = defaultdict(list)
         for r in kept:
             by_seed[text(r.get("seed"))].append(r)
