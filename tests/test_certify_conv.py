@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -47,16 +48,24 @@ CONVS = [
 ]
 
 
+def looseness(cfg) -> float:
+    """How far above the exact norm the circular embedding may land. A valid kernel over an input its own size has one
+    output: the exact norm is ||w||_2, the circular one up to ||w||_1 <= sqrt(taps)*||w||_2 (2.6x seen over 300 seeds);
+    every other case stays below 1.52x over 300 seeds."""
+    c_in, c_out, k, s, p, dil, H, W = cfg
+    return 3.0 if (p, k, H, W) == (0, 3, 3, 3) else 2.0
+
+
 @pytest.mark.parametrize("cfg", CONVS, ids=[f"conv{i}" for i in range(len(CONVS))])
 def test_conv_bound_dominates_exact_operator_norm(cfg):
     c_in, c_out, k, s, p, dil, H, W = cfg
-    torch.manual_seed(hash(str(cfg)) % 1000)
+    torch.manual_seed(zlib.crc32(str(cfg).encode()))     # str hashes change per process (PYTHONHASHSEED)
     conv = nn.Conv2d(c_in, c_out, k, stride=s, padding=p, dilation=dil).double()
     M = explicit_matrix(conv, (c_in, H, W))
     exact = exact_l2(M)
     bound = conv_l2_bound(conv.weight, conv.stride, conv_padding(conv, (H, W)), conv.dilation, (H, W))
     assert bound >= exact * (1 - 1e-12), (bound, exact)
-    assert bound <= 2.0 * exact, (bound, exact)         # the circular embedding is not wildly loose
+    assert bound <= looseness(cfg) * exact, (bound, exact)   # the circular embedding is not wildly loose
     linf = conv_linf(conv.weight, conv.stride, conv_padding(conv, (H, W)), conv.dilation, (c_in, H, W))
     assert linf == pytest.approx(float(M.abs().sum(1).max()), rel=1e-12)
     # the whole-model path agrees (a tiny conv alone is built explicitly: exact)
