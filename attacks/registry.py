@@ -95,7 +95,8 @@ def attack_options(name: str) -> dict:
     params = inspect.signature(entry.factory).parameters
     out = {k: (None if p.default is inspect.Parameter.empty else p.default) for k, p in params.items()
            if k not in _CALL_PARAMS and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-    for k in getattr(entry.factory, "extra_options", ()):
+    extra = getattr(entry.factory, "extra_options", ())
+    for k in (extra() if callable(extra) else extra):
         out.setdefault(k, None)
     return out
 
@@ -217,7 +218,7 @@ def _ta_factory(cls_name: str, build: Callable, needs_image: bool = False, bound
         return AttackOutput(~checked.broken, checked.x_adv,
                             {"attack": cls_name, "torchattacks_kw": kw, "check": checked.info})
 
-    run.extra_options = _torchattacks_options(cls_name, build)
+    run.extra_options = lambda: _torchattacks_options(cls_name, build)  # imports torchattacks only when asked
     return run
 
 

@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--executor", default=None, metavar="NAME",
                      help="local (default: in this process), pool (local workers), ray, slurm; also [executor] name")
     run.add_argument("--threads", default=None, metavar="N",
-                     help="torch threads per cell (default: the thread policy, measured per phase)")
+                     help="torch threads per cell; 0: the thread rule per phase (default: the spec's executor.threads)")
     run.add_argument("--workers", default=None, metavar="N", help="pool: cells at once (default: CPUs / threads)")
     run.add_argument("--address", default=None, help="ray: the cluster to join (default: start a local instance)")
     lst = sub.add_parser("list", help="models, datasets, presets and attacks")

@@ -26,9 +26,10 @@ from pathlib import Path
 # epochs), AutoAttack standard at 0.1. Smaller cells measure process start-up more than execution.
 GRID = ["width=640", "recipe=erm", "epochs=100", "seed=[0,1,2,3,4,5,6,7]"]
 GRID_QUICK = ["n_train=200", "n_test=40", "width=16", "recipe=erm", "epochs=5", "pgd_steps=5", "eps_Linf=[0.1]",
-              "autoattack=[apgd-ce]", "lip_points=32", "seed=[0,1,2,3,4,5,6,7]"]
+              "autoattack=off", "attacks=[pgd]", "lip_points=32", "seed=[0,1,2,3]"]
 DEFAULT_QUICK = ["n_train=200", "n_test=40", "width=[16,32]", "recipe=erm", "epochs=5", "pgd_steps=5",
-                 "eps_Linf=[0.1]", "autoattack=[apgd-ce]", "lip_points=32"]
+                 "eps_Linf=[0.1]", "autoattack=off", "attacks=[pgd]", "lip_points=32"]
+LOCAL = ["--executor", "local", "--threads", "0"]  # the default preset names a pool of 1-thread workers
 EXECUTORS = {"pool": ["--executor", "pool", "--workers", "2", "--threads", "1"],
              "ray": ["--executor", "ray", "--threads", "1"]}
 
@@ -80,7 +81,7 @@ def measure(quick: bool, log) -> dict:
     default = ["default", *DEFAULT_QUICK] if quick else ["default"]
     res = {"cpus": len(os.sched_getaffinity(0)), "quick": quick, "grid": grid, "executors": {}}
     log("grid: local with the thread policy ...")
-    res["executors"]["local"] = run_sweep(["default", *grid], log)
+    res["executors"]["local"] = run_sweep(["default", *grid, *LOCAL], log)
     for name, flags in EXECUTORS.items():
         log(f"grid: {name}, 2 workers x 1 thread ...")
         res["executors"][name] = run_sweep(["default", *grid, *flags], log)

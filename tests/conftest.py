@@ -42,6 +42,18 @@ def bench_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: di
                           text=True, timeout=timeout, env=full_env)
 
 
+def run_in_process(argv, capsys) -> tuple[int, str, str]:
+    """`python -m bench ...` through bench.cli.main in this process, without an interpreter's start-up: (exit code,
+    stdout, stderr)."""
+    from bench.cli import main
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
 @pytest.fixture
 def cli():
     return bench_cli

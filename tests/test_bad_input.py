@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import bench_cli
+from conftest import bench_cli, run_in_process
 from lawbench.reports.rows import REQUIRED_KEYS
 
 
@@ -274,16 +274,6 @@ def ctx(tmp_path) -> Ctx:
     (out / "logs").mkdir(parents=True)
     (out / "results.jsonl").write_text(json.dumps(valid_row()) + "\n")
     return Ctx(tmp=tmp_path, out=out)
-
-
-def run_in_process(argv: list[str], capsys) -> tuple[int, str, str]:
-    from bench.cli import main
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse
-        code = exc.code
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def test_at_least_40_cases():

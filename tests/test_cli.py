@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, SUBPROCESS_ENV, TINY, bench_cli
+from conftest import ROOT, SUBPROCESS_ENV, TINY, bench_cli, run_in_process
 from lawbench.reports.rows import REQUIRED_KEYS, read_rows
 
 STANDARD_AA = ["apgd-ce", "apgd-t", "fab-t", "square"]  # pyautoattack's standard version, in its order
@@ -24,14 +24,6 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     res = bench_cli("run", *TINY, "autoattack=standard", "--out", str(out))
     return out, res
-
-
-def run_in_process(argv, capsys):
-    """`python -m bench ...` through bench.cli.main in this process: (exit code, stdout, stderr)."""
-    from bench.cli import main
-    code = main(argv)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def parse_results_table(stdout: str) -> list[dict]:

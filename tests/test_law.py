@@ -10,7 +10,7 @@ from lawbench import datasets
 from lawbench import models
 from lawbench.reports import markdown
 from lawbench.reports.rows import read_rows
-from test_cli import run_in_process
+from conftest import run_in_process
 
 # Gaussian d=16, n=200, 20% flipped labels: widths 256 and 1024 (p/(n·d) 1.5 and 6) interpolate under ERM.
 LAW_TINY = ["law", "width=[256,1024]", "seed=[0,1]", "label_noise=0.2", "n_train=200", "n_test=100",

@@ -11,7 +11,7 @@ from bench import threads
 
 # A width whose training batch crosses the thread rule's threshold (2 threads where 2 CPUs are free), label noise to
 # memorise, and the smooth search, whose accept/refuse steps amplify any difference in the float sums.
-CELL = ["n_train=300", "n_test=40", "width=2048", "epochs=60", "label_noise=0.1", "recipe=[erm,smooth]",
+CELL = ["n_train=200", "n_test=40", "width=2048", "epochs=20", "label_noise=0.1", "recipe=[erm,smooth]",
         "smooth_epochs=2", "smooth_stages=2", "pgd_steps=10", "eps_Linf=[0.05,0.1]", "aa_eps_Linf=[0.1]",
         "attacks=[pgd]", "lip_points=64", "executor.name=local", "executor.threads=0"]  # the thread rule, in process
 TIMES = ("seconds", "timings", "checkpoint_cached")  # what a clock measures, or whether a cache was hit

@@ -13,7 +13,7 @@ def test_scale_quick_writes_json(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert set(res["executors"]) == {"local", "pool", "ray"}
     for name, run in res["executors"].items():
-        assert run["cells"] == 8 and run["seconds"] > 0
+        assert run["cells"] == 4 and run["seconds"] > 0
         # pool and ray run 2 workers x 1 thread; local chooses per phase within its budget
         chosen = {int(n) for phase in run["threads_chosen"].values() for n in phase}
         assert chosen <= ({1} if name != "local" else set(range(1, res["cpus"] + 1)))

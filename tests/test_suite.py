@@ -8,7 +8,7 @@ import pytest
 
 from bench.spec import build_spec, cell_id, expand
 from lawbench.attacks.fast import MASKED_STARTS
-from conftest import TINY, bench_cli
+from conftest import TINY, bench_cli, run_in_process
 
 # TINY's AutoAttack is the custom [apgd-ce]; these sweeps name their own attacks
 BASE = [a for a in TINY if not a.startswith(("autoattack=", "attacks="))] + ["width=[8]"]
@@ -107,11 +107,11 @@ def test_pgd_alone_is_marked_unverified(tmp_path):
     ("attack.fast.square_queries=2.5", "attack.fast.square_queries"),
     ("attack.fast.targets=true", "attack.fast.targets"),
 ])
-def test_bad_attack_settings_are_refused(override, culprit, tmp_path):
+def test_bad_attack_settings_are_refused(override, culprit, tmp_path, capsys):
     extra = [] if "bogus" in override else ["attacks=[fast]"] if "fast" in override else ["attacks=[pgd,ta-square]"]
-    res = bench_cli("run", *BASE, *extra, override, "--out", str(tmp_path / "out"))
-    assert res.returncode == 2
-    assert len(res.stderr.strip().splitlines()) == 1 and culprit in res.stderr
+    code, _, err = run_in_process(["run", *BASE, *extra, override, "--out", str(tmp_path / "out")], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and culprit in err
     assert not (tmp_path / "out").exists()
 
 
@@ -210,14 +210,14 @@ def test_zero_jacobian_flags_only_flat_points(zoo):
 
 
 def test_perf_attacks_quick_writes_json(tmp_path, capsys):
-    """`bench perf --attacks --quick`: an undefended MLP and three masked twins measured three ways at every eps of
-    the sweep; the maxima recomputed from them."""
+    """`bench perf --attacks --quick`: three masked MLPs (scaled logits, quantized input, input noise) measured three
+    ways at every eps of the sweep; the maxima recomputed from them."""
     import bench.perf as perf
     out = tmp_path / "attacks.json"
-    assert perf.main(["--attacks", "--quick", "--models", "mlp-erm,mlp-scaled,mlp-quant16,mlp-noisy", "--json",
+    assert perf.main(["--attacks", "--quick", "--models", "mlp-scaled,mlp-quant16,mlp-noisy", "--json",
                       str(out), "--cache", str(tmp_path / "cache")]) == 0
     res = json.loads(out.read_text())
-    assert set(res["models"]) == {"mlp-erm", "mlp-scaled", "mlp-quant16", "mlp-noisy"}
+    assert set(res["models"]) == {"mlp-scaled", "mlp-quant16", "mlp-noisy"}
     assert res["sweep"] == [0.05, 0.1, 0.2, 0.3]
     per = res["models"].values()
     assert res["fast_acc_gap_max"] == max(m["fast_acc_gap"] for m in per)
