@@ -22,8 +22,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from .cost import counted
 from .pgd import AttackError, check_norm
 from .randomized import Randomized
+from .standard import NATIVE_ATTACKS, RAND, STANDARD, run_native
 from .threat import check_attack
 
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
@@ -169,8 +171,11 @@ def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
                    version: str | Sequence[str] = "standard", seed: int = 0, batch_size: int = 1000,
                    log: Callable[[str], None] | None = None, n_total: int | None = None,
                    num_classes: int | None = None, n_target_classes: int | None = None,
-                   n_queries: int | None = None) -> AAResult:
-    """Run the original AutoAttack (pyautoattack) on (x, y) at ``eps``.
+                   n_queries: int | None = None, impl: str = "original") -> AAResult:
+    """Run AutoAttack on (x, y) at ``eps``: the original (pyautoattack, ``impl="original"``) or our engine
+    (``impl="native"``, attacks.standard: the standard and rand versions and lists of its attacks). Either way the
+    forward and backward passes are counted (info["passes"], per attack for native) and every example goes through
+    the one validation path.
 
     n_target_classes / n_queries: for a custom list only, the targets of APGD-T and FAB-T (default min(9, C-1)) and
     Square's query budget (default 5000), as the fast suite sets them.
@@ -180,10 +185,13 @@ def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
     Square breaking more than 0.2% of the full set beyond the white-box attacks raises ``square_beats_whitebox``).
     """
     check_norm(norm)
-    try:
-        import pyautoattack  # noqa: F401
-    except ImportError as exc:  # pragma: no cover - dependency declared in pyproject
-        raise AttackError("pyautoattack is not installed (pip install pyautoattack)") from exc
+    if impl not in IMPLS:
+        raise AttackError(f"autoattack impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "original":
+        try:
+            import pyautoattack  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - dependency declared in pyproject
+            raise AttackError("pyautoattack is not installed (pip install pyautoattack)") from exc
     if isinstance(version, str):
         if version not in ("standard", "plus"):
             raise AttackError(f"autoattack version must be 'standard', 'plus' or a list of {AA_ATTACKS}, "
@@ -196,6 +204,8 @@ def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
         if bad or not attacks:
             raise AttackError(f"unknown AutoAttack attack(s) {bad}; choose from {AA_ATTACKS}")
         vname = "custom"
+    if impl == "native":
+        check_native(version)
     t0 = time.perf_counter()
     N = x.shape[0]
     n_total = N if n_total is None else int(n_total)
@@ -203,7 +213,7 @@ def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
     y = y.to(dev)
     view = image_shape_for(tuple(x.shape[1:]))
     info = {"version": vname, "eps": float(eps), "norm": norm, "seed": int(seed), "n_attacked": N,
-            "image_view": list(view) if view else None}
+            "image_view": list(view) if view else None, "impl": impl}
     if N == 0:
         info.update(attacks=attacks or [], seconds=0.0, broken_by={}, warnings=[], check={})
         return AAResult(torch.zeros(0, dtype=torch.bool, device=dev), x.detach().clone(), [], info)
@@ -212,14 +222,20 @@ def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
     if isinstance(model, Randomized) and vname == "standard":  # the original's protocol for randomized defenses
         vname = "rand"
     info["version"] = vname
-    run = _Run(model, norm, vname, attacks, int(batch_size), log, num_classes, n_target_classes, n_queries)
-    x_raw, cap = run(x, y, inner_eps(float(eps), norm), int(seed))
+    net, counter = counted(model)
+    if impl == "native":
+        run = _Native(net, counter, norm, vname, attacks, log, n_target_classes, n_queries, n_total)
+        x_raw, cap = run(x, y, float(eps), int(seed))
+    else:
+        run = _Run(net, norm, vname, attacks, int(batch_size), log, num_classes, n_target_classes, n_queries)
+        x_raw, cap = run(x, y, inner_eps(float(eps), norm), int(seed))
     info.update(attacks=run.attacks_run, n_target_classes=run.n_target_classes,
                 n_queries=int(n_queries or 5000) if "square" in run.attacks_run else None)
+    info["passes_attack"] = counter.passes.as_dict()
     # One validation path: pyautoattack clips with x +- eps in float32 and may overshoot the ball by an ulp (it runs
     # at inner_eps, so that is rare). An example that is no longer adversarial once projected into the exact ball is
     # re-attacked at a slightly smaller eps, never silently counted robust.
-    checked = check_attack(model, x, y, x_raw, float(eps), norm,
+    checked = check_attack(net, x, y, x_raw, float(eps), norm,
                            rerun=lambda idx, e, k: run(x[idx], y[idx], e, int(seed) + k)[0], batch=batch_size, log=log)
     robust = ~checked.broken
     # Square check against the full evaluation set (pyautoattack's own threshold is relative to the subset)
@@ -229,7 +245,8 @@ def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
         warnings.append(f"Square Attack has decreased the robust accuracy of {sq / n_total:.2%}")
     flags = flags_from_warnings(warnings)
     info.update(seconds=time.perf_counter() - t0, broken_by=dict(cap.broken_by), warnings=warnings,
-                log_lines=cap.lines, n_total=n_total, check=checked.info)
+                log_lines=cap.lines, n_total=n_total, check=checked.info, passes=counter.passes.as_dict(),
+                passes_by_attack=getattr(cap, "passes", None))
     return AAResult(robust=robust, x_adv=checked.x_adv, flags=flags, info=info)
 
 
@@ -290,6 +307,62 @@ class _Run:
         finally:
             model.train(was_training)
         return back(x_adv_i), cap
+
+
+IMPLS = ("native", "original")
+
+
+def check_native(version) -> None:
+    """The native engine runs the standard and rand versions and lists of its own attacks (attacks.standard)."""
+    if isinstance(version, str):
+        if version != "standard":
+            raise AttackError(f"the native AutoAttack engine runs version 'standard' (and 'rand' for randomized "
+                              f"models) or a list of {list(NATIVE_ATTACKS)}; version {version!r} needs "
+                              f"autoattack_impl = \"original\"")
+        return
+    bad = [a for a in version if a not in NATIVE_ATTACKS]
+    if bad:
+        raise AttackError(f"the native AutoAttack engine has no {bad} (it runs {list(NATIVE_ATTACKS)}); use "
+                          f"autoattack_impl = \"original\"")
+
+
+@dataclass
+class _NativeLog:
+    """What attacks.autoattack reads from a run: its warnings, points broken per attack, log lines, passes."""
+    warnings: list
+    broken_by: dict
+    lines: int
+    passes: dict
+
+
+class _Native:
+    """One configured native run: (x, y, eps, seed) -> (raw examples like x, _NativeLog)."""
+
+    def __init__(self, net, counter, norm, vname, attacks, log, n_target_classes, n_queries, n_total):
+        self.net, self.counter, self.norm, self.log = net, counter, norm, log
+        self.attacks_run = list(RAND if vname == "rand" else STANDARD if attacks is None else attacks)
+        self.targets, self.queries, self.n_total = n_target_classes, n_queries, n_total
+        self.n_target_classes = None
+
+    def __call__(self, x, y, eps, seed):
+        model = self.net
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                C = int(model(x[:1]).shape[1])
+            self.n_target_classes = max(1, min(self.targets or 9, C - 1))
+            view = aa_view(model, x) if image_shape_for(tuple(x.shape[1:])) is not None else None
+            with _frozen(model):
+                res = run_native(model, self.counter, x, y, eps, self.norm, self.attacks_run, seed=seed,
+                                 n_target_classes=self.targets or 9, n_queries=int(self.queries or 5000),
+                                 square_view=view, n_total=self.n_total, log=self.log)
+        finally:
+            model.train(was)
+        for w in res.warnings:
+            if self.log:
+                self.log("warning: " + w)
+        return res.x_raw, _NativeLog(res.warnings, res.broken_by, len(res.attacks), res.passes)
 
 
 def aa_view(model: torch.nn.Module, x: torch.Tensor):

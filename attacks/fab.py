@@ -1,0 +1,127 @@
+"""FAB-T (Croce & Hein, ICML 2020), AutoAttack's targeted minimum-norm attack, with its targets as rows of one batch.
+
+Each iteration linearises the margin z_t - z_y at the current iterate, projects both the iterate and the clean point
+onto that hyperplane within [0, 1] (the minimal Linf or L2 step, :func:`project_to_hyperplane`), and moves to a
+convex combination of the two overshot projections (eta 1.05) that leans towards the clean point by at most
+alpha_max (0.1). An iterate that is misclassified is kept when it is the closest so far, and the search steps back
+towards the clean point (beta 0.9). AutoAttack standard runs 100 iterations from the clean point (no random start)
+for each of the 9 targets (2nd..10th largest clean logit).
+
+A point is broken when one of its rows found a misclassified iterate within eps; such a point drops all its rows
+(attacks.rows), since a minimum-norm search below eps cannot change the verdict.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .rows import Found, sync_every
+
+
+@dataclass(frozen=True)
+class FABConfig:
+    n_iter: int = 100
+    alpha_max: float = 0.1
+    eta: float = 1.05
+    beta: float = 0.9
+
+
+def project_to_hyperplane(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, norm: str) -> torch.Tensor:
+    """The smallest step d (Linf or L2) with w·(t + d) = b and 0 <= t + d <= 1, per row (t, w: (R, d); b: (R,)).
+    Where the box cannot reach the hyperplane, the step goes as far towards it as the box allows.
+
+    Both norms reduce to one problem. Orient w so that the hyperplane lies ahead (c = b - w·t >= 0). Moving
+    coordinate i in w_i's direction by at most its room (1 - t_i or t_i) gains w·d = sum_i a_i min(r, rho_i), where
+    Linf: r is the step's norm, a_i = |w_i|, rho_i = room_i; L2: d_i = w_i min(r, rho_i) (the KKT form), a_i = w_i^2,
+    rho_i = room_i / |w_i|. The gain is piecewise linear and increasing in r: sorting rho gives r exactly."""
+    c = b - (w * t).sum(1)
+    s = torch.where(c >= 0, 1.0, -1.0).to(w.dtype)
+    w, c = w * s[:, None], c * s
+    room = torch.where(w > 0, 1.0 - t, t).clamp_min(0.0)
+    nz = w != 0
+    aw = w.abs()
+    if norm == "Linf":
+        a, rho = aw, room
+    else:
+        a, rho = w * w, torch.where(nz, room / aw.clamp_min(1e-30), torch.zeros_like(room))
+    a = torch.where(nz, a, torch.zeros_like(a))
+    r = _solve(a, rho, c)
+    if norm == "Linf":
+        return torch.where(nz, torch.sign(w) * torch.minimum(r[:, None], room), torch.zeros_like(w))
+    return torch.where(nz, w * torch.minimum(r[:, None], rho), torch.zeros_like(w))
+
+
+def _solve(a: torch.Tensor, rho: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Smallest r >= 0 with sum_i a_i min(r, rho_i) >= c (a, rho >= 0); the largest rho where no r reaches c."""
+    rs, order = rho.sort(1)
+    as_ = a.gather(1, order)
+    below = torch.cumsum(as_ * rs, 1) - as_ * rs           # sum over j < k of a_j rho_j
+    above = as_.flip(1).cumsum(1).flip(1)                   # sum over j >= k of a_j
+    reach = below + rs * above                              # gain at r = rho_(k), nondecreasing in k
+    k = (reach < c[:, None]).sum(1)
+    d = rs.shape[1]
+    kk = k.clamp_max(d - 1)[:, None]
+    r = (c - below.gather(1, kk)[:, 0]) / above.gather(1, kk)[:, 0].clamp_min(1e-30)
+    r = torch.where(k >= d, rs[:, -1], r)
+    return r.clamp_min(0.0)
+
+
+def _norm(d: torch.Tensor, norm: str) -> torch.Tensor:
+    return d.abs().amax(1) if norm == "Linf" else d.norm(dim=1)
+
+
+def fab_targeted(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, targets: torch.Tensor,
+                 cfg: FABConfig = FABConfig(), *, found: Found | None = None) -> Found:
+    """FAB-T on every point of x not already broken in ``found``, one row per target (``targets``: (N, k)).
+    Returns ``found`` updated with the points some row misclassified within eps (norm measured in float64 against
+    the clean point; attacks.threat.check_attack validates the examples against the exact ball afterwards)."""
+    n = x.shape[0]
+    found = found if found is not None else Found.start(x)
+    todo = (~found.broken).nonzero().flatten()
+    if todo.numel() == 0:
+        return found
+    k = targets.shape[1]
+    pid = todo.repeat(k)
+    tgt = targets[todo].T.reshape(-1)
+    shape = x.shape[1:]
+    fwd = lambda xf: model(xf.view(xf.shape[0], *shape))  # noqa: E731
+    x0 = x.detach().reshape(n, -1)[pid]
+    yy = y[pid]
+    x1 = x0.clone()
+    best = torch.full((x0.shape[0],), float("inf"), device=x.device, dtype=torch.float64)
+    every = sync_every(x.device)
+    hit = torch.zeros_like(yy, dtype=torch.bool)
+    x_hit = x0.clone()
+    for i in range(cfg.n_iter):
+        if x1.shape[0] == 0:
+            break
+        xr = x1.detach().requires_grad_(True)
+        with torch.enable_grad():
+            z = fwd(xr)
+            u = torch.arange(z.shape[0], device=z.device)
+            diff = z[u, tgt] - z[u, yy]
+            g = torch.autograd.grad(diff.sum(), xr)[0] if diff.requires_grad else torch.zeros_like(xr)
+        with torch.no_grad():
+            w = g
+            b = -diff.detach() + (w * x1).sum(1)
+            d = project_to_hyperplane(torch.cat([x1, x0]), torch.cat([w, w]), torch.cat([b, b]), norm)
+            m = x1.shape[0]
+            d1, d2 = d[:m], d[m:]
+            a1 = _norm(d1, norm).clamp_min(1e-8)
+            a2 = _norm(d2, norm).clamp_min(1e-8)
+            alpha = (a1 / (a1 + a2)).clamp(0.0, cfg.alpha_max)[:, None]
+            x1 = ((x1 + cfg.eta * d1) * (1 - alpha) + (x0 + cfg.eta * d2) * alpha).clamp(0.0, 1.0)
+            adv = fwd(x1).argmax(1) != yy
+            dist = _norm(x1.double() - x0.double(), norm)
+            closer = adv & (dist < best)
+            best = torch.where(closer, dist, best)
+            inside = closer & (dist <= eps)
+            x_hit = torch.where((inside & ~hit)[:, None], x1, x_hit)
+            hit = hit | inside
+            x1 = torch.where(adv[:, None], x0 + (x1 - x0) * cfg.beta, x1)
+        if (i + 1) % every == 0 or i == cfg.n_iter - 1:
+            live = found.settle(pid, hit, x_hit)
+            if not bool(live.all()):
+                pid, tgt, x0, yy, x1, best, hit, x_hit = (t[live] for t in (pid, tgt, x0, yy, x1, best, hit, x_hit))
+    return found

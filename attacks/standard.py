@@ -1,0 +1,157 @@
+"""AutoAttack on our own engine ("native"): the standard version's attacks in the original's order, each on the points
+still robust, with targets and restarts as rows (attacks.apgd, attacks.fab, attacks.square), every pass counted
+(attacks.cost), and the original's checks on the model raised as the same warnings.
+
+    standard: APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square (5000 queries), one restart each;
+    rand:     APGD-CE and APGD-DLR with EOT 20 (a randomized model; its verdicts by majority vote);
+    a list:   these attacks with the standard settings, in the order given.
+
+The plus version and untargeted FAB are not part of the engine: attacks.autoattack runs them with the original.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .apgd import APGDConfig, apgd, rank_by_logit
+from .cost import Passes
+from .fab import FABConfig, fab_targeted
+from .randomized import EOT_DRAWS, Randomized
+from .rows import Found
+from .square import SquareConfig, square
+
+NATIVE_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
+STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
+RAND = ("apgd-ce", "apgd-dlr")
+
+
+@dataclass
+class NativeRun:
+    """x_raw: examples like x (unbroken points: x itself); broken (N,); per attack: points it broke, passes it spent
+    and seconds; warnings as the original words them (attacks.autoattack turns them into flags)."""
+
+    x_raw: torch.Tensor
+    broken: torch.Tensor
+    attacks: list
+    broken_by: dict = field(default_factory=dict)
+    passes: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+
+
+def run_native(model, counter, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, attacks, *, seed: int = 0,
+               n_target_classes: int = 9, n_queries: int = 5000, square_view=None, n_total: int | None = None,
+               log=None) -> NativeRun:
+    """The attacks in order on (x, y) at eps. ``model``: what the attacks call (eval mode, frozen; a Randomized
+    wrapper for the rand protocol); ``counter``: its attacks.cost.Counted. ``square_view``: (net, xi, back) showing
+    vector data to Square as images (attacks.autoattack.aa_view), None for image data."""
+    n = x.shape[0]
+    warnings = checks(model, x, y, attacks, n_target_classes)
+    with torch.no_grad():
+        z = model(x)
+    C = z.shape[1]
+    found = Found.start(x, z.argmax(1) != y)   # clean-misclassified points need no attack: x itself
+    found.x_adv = x.detach().clone()
+    run = NativeRun(found.x_adv, found.broken, list(attacks), warnings=warnings)
+    ntc = max(1, min(n_target_classes, C - 1))
+    for name in attacks:
+        if bool(found.broken.all()):
+            break
+        before, t0, was = counter.passes.forward, time.perf_counter(), int(found.broken.sum())
+        back0 = counter.passes.backward
+        if name in ("apgd-ce", "apgd-dlr"):
+            if name == "apgd-dlr" and C < 3:
+                continue
+            eot = model.eot if isinstance(model, Randomized) else 1
+            apgd(model, x, y, eps, norm, APGDConfig(loss="ce" if name == "apgd-ce" else "dlr", eot=eot), seed=seed,
+                 found=found, warnings=warnings)
+        elif name == "apgd-t":
+            if C < 4:
+                continue
+            apgd(model, x, y, eps, norm, APGDConfig(loss="dlr-targeted"), seed=seed,
+                 targets=rank_by_logit(model, x, y, ntc), found=found, warnings=warnings)
+        elif name == "fab-t":
+            fab_targeted(model, x, y, eps, norm, rank_by_logit(model, x, y, ntc), FABConfig(), found=found)
+        elif name == "square":
+            _square(model, x, y, eps, norm, n_queries, seed, square_view, found)
+        run.broken_by[name] = int(found.broken.sum()) - was
+        run.passes[name] = Passes(counter.passes.forward - before, counter.passes.backward - back0).as_dict()
+        run.seconds[name] = round(time.perf_counter() - t0, 4)
+        if log:
+            log(f"{name}: broke {run.broken_by[name]} of {n - was} in {run.seconds[name]:.2f} s ({run.passes[name]['forward']} forward, "
+                f"{run.passes[name]['backward']} backward passes)")
+    sq = run.broken_by.get("square", 0)
+    if "square" in attacks and len(attacks) > 1 and sq > 0.002 * (n_total or n):
+        run.warnings.append(f"Square Attack has decreased the robust accuracy of {sq / (n_total or n):.2%}")
+    run.x_raw, run.broken = found.x_adv, found.broken
+    return run
+
+
+def _square(model, x, y, eps, norm, n_queries, seed, view, found: Found) -> None:
+    """Square on image data as is; vector data through its image view, the found examples mapped back."""
+    if view is None:
+        square(model, x, y, eps, norm, SquareConfig(n_queries=n_queries), seed=seed, found=found)
+        return
+    net, xi, back = view
+    sub = Found(found.broken.clone(), xi.detach().clone())
+    before = sub.broken.clone()
+    square(net, xi, y, eps, norm, SquareConfig(n_queries=n_queries), seed=seed, found=sub)
+    new = sub.broken & ~before
+    if bool(new.any()):
+        found.x_adv[new] = back(sub.x_adv[new]).to(found.x_adv.dtype)
+        found.broken |= new
+
+
+# --------------------------------------------------------------------------------------------- the original's checks
+
+def checks(model, x, y, attacks, n_target_classes: int) -> list[str]:
+    """The warnings pyautoattack raises before it attacks, worded as it words them: a randomized model (outside the
+    rand protocol), probabilities instead of logits, a forward that calls backward, too few classes."""
+    out = []
+    xs, ys = x[:250], y[:250]
+    if not isinstance(model, Randomized) and _randomized(model, xs):
+        out.append('it seems to be a randomized defense! Please use version="rand".')
+    with torch.no_grad():
+        z = model(xs)
+    if bool(z.max() < 1 + 1e-5) and bool(z.min() > -1e-5) and bool(((z.sum(-1) - 1).abs() < 1e-5).all()):
+        out.append("it seems that the output is a probability distribution, please be sure that the logits are used!")
+    if _dynamic(model, xs):
+        out.append("it seems to be a dynamic defense! The evaluation with AutoAttack might be insufficient.")
+    C = z.shape[1]
+    if ("apgd-dlr" in attacks or "apgd-t" in attacks) and C <= 3:
+        out.append(f"with only {C} classes it is not possible to use the {'targeted ' if C == 3 else ''}DLR loss!")
+    if ("apgd-t" in attacks or "fab-t" in attacks) and n_target_classes + 1 > C:
+        out.append(f"it seems that more target classes ({n_target_classes}) than possible ({C - 1}) are used!")
+    return out
+
+
+def _randomized(model, x, draws: int = 5, tol: float = 1e-4) -> bool:
+    with torch.no_grad():
+        outs = [model(x) for _ in range(draws)]
+    preds = [o.argmax(1) for o in outs]
+    normed = [o / (o.norm(dim=1, keepdim=True) + 1e-10) for o in outs]
+    if any(bool((p != preds[0]).any()) for p in preds):
+        return True
+    return max(float((a - b).norm(dim=1).max()) for i, a in enumerate(normed) for b in normed[i + 1:]) > tol
+
+
+def _dynamic(model, x) -> bool:
+    """The forward pass calls autograd (backward or grad): a defense that adapts at test time."""
+    seen = []
+
+    def trace(frame, event, arg):
+        if event == "call" and frame.f_code.co_name in ("grad", "backward", "_make_grads"):
+            seen.append(frame.f_code.co_name)
+        return None
+
+    old = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        sys.settrace(old)
+    return bool(seen)
