@@ -403,15 +403,16 @@ def captured(log: Callable[[str], None] | None):
         logger.propagate = old_prop
 
 
-def square_starts(model, x, y, eps, norm, *, starts, queries, seed, batch_size, log, n_total=None) -> AAResult:
-    """Square (the original) with `starts` random starts per point run as rows of one batch: a point is robust when
-    every start fails. Restarts cost one loop instead of `starts` loops: on the few points left at the end of a run,
+def square_starts(model, x, y, eps, norm, *, starts, queries, seed, batch_size, log, n_total=None,
+                  impl: str = "original") -> AAResult:
+    """Square (the original, or ours with impl="native") with `starts` random starts per point run as rows of one
+    batch: a point is robust when every start fails. Restarts cost one loop instead of `starts` loops: on the few points left at the end of a run,
     Square's time is its per-iteration overhead, not its rows. pyautoattack draws one square per iteration for the
     whole batch, so the starts share proposals and differ in their initial stripes and in what each accepts."""
     n = x.shape[0]
     rep = lambda t: t.repeat(starts, *([1] * (t.dim() - 1)))  # noqa: E731
     res = run_autoattack(model, rep(x), rep(y), eps, norm=norm, version=["square"], seed=seed,
-                         batch_size=batch_size, log=log, n_total=n_total, n_queries=queries)
+                         batch_size=batch_size, log=log, n_total=n_total, n_queries=queries, impl=impl)
     still = res.robust.reshape(starts, n)
     first = (~still).to(torch.int8).argmax(0)  # the first start that broke each point
     pick = first * n + torch.arange(n, device=x.device)
@@ -428,7 +429,7 @@ MASKING_FLAGS = ("zero_gradients", "square_beats_whitebox", "randomized")
 MASKING_SQUARE_RESTARTS = 2
 
 
-def masking_restarts(model, x, y, eps, norm, res, seed, batch_size, log) -> dict:
+def masking_restarts(model, x, y, eps, norm, res, seed, batch_size, log, impl: str = "original") -> dict:
     """Where AutoAttack saw signs of gradient masking, gradient-based attacks cannot be trusted on the survivors:
     Square (black box) runs again from MASKING_SQUARE_RESTARTS fresh random starts per survivor (another seed, the
     starts as rows of one batch, see square_starts), so the pipeline does strictly more than AutoAttack alone on every
@@ -443,7 +444,7 @@ def masking_restarts(model, x, y, eps, norm, res, seed, batch_size, log) -> dict
         log(f"autoattack flags {res.flags}: Square, {MASKING_SQUARE_RESTARTS} more random starts on each of "
             f"{alive.numel()} survivors")
     sq = square_starts(model, x[alive], y[alive], eps, norm, starts=MASKING_SQUARE_RESTARTS, queries=5000,
-                       seed=seed + 1000, batch_size=batch_size, log=log)
+                       seed=seed + 1000, batch_size=batch_size, log=log, impl=impl)
     got = alive[~sq.robust]
     res.robust[got] = False
     res.x_adv[got] = sq.x_adv[~sq.robust]

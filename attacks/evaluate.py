@@ -8,6 +8,7 @@ from typing import Callable, ContextManager, Sequence
 
 import torch
 
+from .cost import Passes, counted
 from .autoattack import MASKING_FLAGS, MASKING_SQUARE_RESTARTS, masking_restarts, run_autoattack  # noqa: F401
 from .pgd import AttackError, check_norm, pgd_sweep
 from .randomized import Randomized, is_randomized, randomized
@@ -89,15 +90,17 @@ def robust_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, nor
     model.eval()
     try:
         target, flags = _as_attacked(model, x, log)
+        target, counter = counted(target)  # every stage's forward and backward passes, in rows
         t0 = time.perf_counter()
         clean, pgd_robust, x_adv, checks, pgd_info = _pgd_stage(target, x, y, eps_list, norm, steps, restarts,
                                                                 step_size, loss, seed, max_batch, log, pgd)
         t_pgd = time.perf_counter() - t0
+        passes = {"pgd": {"all": counter.passes.as_dict()}} if pgd else {}
         flags |= saturation_flags(target, x, y, clean, max_batch)
         robust = {e: v.clone() for e, v in pgd_robust.items()}
         breaks = {e: ({"pgd": int((clean & ~pgd_robust[e]).sum())} if pgd else {}) for e in eps_list}
         state = _SuiteState(target, x, y, norm, eps_list, robust, x_adv, checks, breaks, seed, log, aa_phase,
-                            aa_batch_size)
+                            aa_batch_size, counter, passes)
         state.flags |= flags
         for step in suite:
             state.run(step)
@@ -117,6 +120,7 @@ def robust_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, nor
         "suite": (["pgd"] if pgd else []) + [s.name for s in suite],
         "seconds": {**({"pgd": t_pgd} if pgd else {}), **state.seconds},
         "settings": {s.name: s.options for s in suite},
+        "passes": state.passes,
         "details": state.details,
     }
     t_aa = state.seconds.get("autoattack", 0.0)
@@ -196,7 +200,8 @@ class _SuiteState:
     """What the attacks after PGD share: per eps the points still robust and their examples, which attack broke
     what first, AutoAttack's own records, and each attack's time."""
 
-    def __init__(self, model, x, y, norm, eps_list, robust, x_adv, checks, breaks, seed, log, phase, aa_batch):
+    def __init__(self, model, x, y, norm, eps_list, robust, x_adv, checks, breaks, seed, log, phase, aa_batch,
+                 counter, passes):
         self.model, self.x, self.y, self.norm, self.eps_list = model, x, y, norm, eps_list
         self.robust, self.x_adv, self.checks, self.breaks = robust, x_adv, checks, breaks
         self.seed, self.log, self.phase, self.aa_batch = seed, log, phase or _no_context, aa_batch
@@ -206,6 +211,8 @@ class _SuiteState:
         self.seconds: dict = {}
         self.details: dict = {}
         self.verified: dict = {}  # eps -> an AutoAttack-grade attack ran on every point still standing there
+        self.counter = counter    # attacks.cost.Counted around the model every stage attacks
+        self.passes = passes      # stage -> eps -> {"forward", "backward"} rows through the model
 
     def run(self, step: SuiteStep) -> None:
         t0 = time.perf_counter()
@@ -222,11 +229,14 @@ class _SuiteState:
                     self.aa_robust[e] = self.robust[e].clone()
                     self.aa_info[e] = {"attacks": [], "n_attacked": 0, "broken": 0, "masking_restarts": {}}
                 continue
+            before = Passes(**self.counter.passes.as_dict())
             with self.phase(idx.numel()):
                 if step.name == "autoattack":
-                    still, examples = self._autoattack(idx, e, step.options.get("version", "standard"))
+                    still, examples = self._autoattack(idx, e, step.options.get("version", "standard"),
+                                                       step.options.get("impl", "original"))
                 else:
                     still, examples = self._registered(step, idx, e)
+            self.passes.setdefault(step.name, {})[e] = (self.counter.passes - before).as_dict()
             self._record(step.name, e, idx, still, examples)
             if step.name == "autoattack":  # robustness after the AutoAttack stage (robust_acc <= autoattack_acc)
                 self.aa_robust[e] = self.robust[e].clone()
@@ -243,11 +253,11 @@ class _SuiteState:
             elif f >= e:
                 self.breaks[f].setdefault(name, 0)
 
-    def _autoattack(self, idx, e, version):
+    def _autoattack(self, idx, e, version, impl):
         x, y = self.x[idx], self.y[idx]
         res = run_autoattack(self.model, x, y, e, norm=self.norm, version=version, seed=self.seed,
-                             batch_size=self.aa_batch, log=self.log, n_total=self.x.shape[0])
-        extra = masking_restarts(self.model, x, y, e, self.norm, res, self.seed, self.aa_batch, self.log)
+                             batch_size=self.aa_batch, log=self.log, n_total=self.x.shape[0], impl=impl)
+        extra = masking_restarts(self.model, x, y, e, self.norm, res, self.seed, self.aa_batch, self.log, impl)
         self.flags.update(res.flags)
         self.aa_info[e] = dict(res.info, broken=int((~res.robust).sum()), masking_restarts=extra)
         self.checks[e]["autoattack"] = res.info.get("check", {})

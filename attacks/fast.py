@@ -87,8 +87,9 @@ def zero_jacobian(model: torch.nn.Module, x: torch.Tensor, seed: int = 0) -> tor
 
 
 def run_fast(model, x, y, eps, *, norm, seed=0, log=None, steps=100, targets=3, square_queries=1000,
-             batch_size=1000, n_total=None):
-    """The fast suite on (x, y) at eps: (robust mask, validated examples, info)."""
+             batch_size=1000, n_total=None, impl: str = "original"):
+    """The fast suite on (x, y) at eps: (robust mask, validated examples, info). impl: the AutoAttack engine its
+    APGD and Square stages run on ("native": attacks.standard's, targets and starts as rows; "original")."""
     t0 = time.perf_counter()
     n = x.shape[0]
     n_total = n_total or n
@@ -127,18 +128,19 @@ def run_fast(model, x, y, eps, *, norm, seed=0, log=None, steps=100, targets=3, 
     if idx.numel() and "randomized" in flags and n_classes >= 3:  # AutoAttack rand's second stage, with EOT
         t = time.perf_counter()
         res = run_autoattack(model, x[idx], y[idx], eps, norm=norm, version=["apgd-dlr"], seed=seed,
-                             batch_size=batch_size, log=log, n_total=n_total)
+                             batch_size=batch_size, log=log, n_total=n_total, impl=impl)
         record("apgd-dlr", idx, res.robust, res.x_adv, time.perf_counter() - t, {"eot": model.eot})
     elif idx.numel() and n_classes >= 4:  # the targeted DLR loss needs 4 classes (AutoAttack skips it too)
         t = time.perf_counter()
-        res = _ranked_apgd_t(model, x[idx], y[idx], eps, norm, seed, log, targets, batch_size)
+        ranked_apgd_t = _ranked_apgd_t_native if impl == "native" else _ranked_apgd_t
+        res = ranked_apgd_t(model, x[idx], y[idx], eps, norm, seed, log, targets, batch_size)
         flags.update(res.flags)
         record("apgd-t", idx, res.robust, res.x_adv, time.perf_counter() - t, {"targets": targets})
     # 3. Square, its budget set by what the checks saw
     idx = robust.nonzero().flatten()
     if idx.numel():
         record("square", idx, *_square(model, x[idx], y[idx], eps, norm, seed, flags, square_queries, batch_size,
-                                       log, n_total))
+                                       log, n_total, impl))
     info["flags"] = sorted(flags)
     info["seconds"] = round(time.perf_counter() - t0, 4)
     return robust, x_adv, info
@@ -158,7 +160,7 @@ def _flat_points(model, x, robust, seed) -> torch.Tensor:
     return flat
 
 
-def _square(model, x, y, eps, norm, seed, flags: set, square_queries, batch_size, log, n_total):
+def _square(model, x, y, eps, norm, seed, flags: set, square_queries, batch_size, log, n_total, impl):
     """Square on the survivors: `square_queries` from one start where the white-box stages look trustworthy, and on
     a randomized model (AutoAttack's rand version runs no Square: each query sees one noisy draw); where the
     gradients are masked (zero gradients, Square beating the white-box stages), its 5000 queries from MASKED_STARTS
@@ -169,14 +171,14 @@ def _square(model, x, y, eps, norm, seed, flags: set, square_queries, batch_size
     masked = bool(flags & set(MASKING_FLAGS) - {"randomized"})
     queries, starts = (5000, MASKED_STARTS) if masked else (square_queries, 1)
     res = square_starts(model, x, y, eps, norm, starts=starts, queries=queries, seed=seed, batch_size=batch_size,
-                        log=log, n_total=n_total)
+                        log=log, n_total=n_total, impl=impl)
     extra = {"queries": queries, "starts": starts, "masking_restarts": {}}
     # AutoAttack's own Square check; a randomized model's noisy Square is no sign of masking
     escalate = not masked and "randomized" not in flags
     if int((~res.robust).sum()) > 0.002 * n_total and escalate:
         flags.add("square_beats_whitebox")
         res.flags = sorted(set(res.flags) | flags)  # what masking_restarts reads
-        extra["masking_restarts"] = masking_restarts(model, x, y, eps, norm, res, seed, batch_size, log)
+        extra["masking_restarts"] = masking_restarts(model, x, y, eps, norm, res, seed, batch_size, log, impl)
     flags.update(res.flags)
     return res.robust, res.x_adv, time.perf_counter() - t, extra
 
@@ -230,3 +232,28 @@ def _ranked_apgd_t(model, x, y, eps, norm, seed, log, targets, batch_size) -> AA
     flags = flags_from_warnings(cap.warnings)
     return AAResult(robust=~ck.broken, x_adv=ck.x_adv, flags=flags,
                     info={"per_target": per_target, "warnings": cap.warnings, "check": ck.info})
+
+
+def _ranked_apgd_t_native(model, x, y, eps, norm, seed, log, targets, batch_size) -> AAResult:
+    """APGD-T on our engine (attacks.apgd, the original's algorithm) with each point's ranked targets as rows of one
+    batch: a point broken by one target drops the rest."""
+    from .apgd import APGDConfig, apgd
+    from .rows import Found
+    was_training = model.training
+    model.eval()
+    warnings: list = []
+    try:
+        ranked = rank_targets(model, x, y, norm, targets)
+        with _frozen(model):
+            found = Found.start(x, misclassified(model, x, y))
+            clean_broken = found.broken.clone()
+            apgd(model, x, y, eps, norm, APGDConfig(loss="dlr-targeted"), seed=seed, targets=ranked, found=found,
+                 warnings=warnings)
+    finally:
+        model.train(was_training)
+    if log:
+        log(f"apgd-t (ranked targets as rows): broke {int((found.broken & ~clean_broken).sum())} of "
+            f"{int((~clean_broken).sum())}")
+    ck = check_attack(model, x, y, found.x_adv, eps, norm, log=log)
+    return AAResult(robust=~ck.broken, x_adv=ck.x_adv, flags=flags_from_warnings(warnings),
+                    info={"warnings": warnings, "check": ck.info, "impl": "native"})

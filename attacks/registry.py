@@ -144,8 +144,9 @@ register_attack("pgd-t", kind="pgd", description="our batched targeted PGD (marg
 # AutoAttack (pyautoattack)
 
 def _aa_factory(version):
-    def run(model, x, y, eps, *, norm, seed, log=None, batch_size=1000, version=version):
-        r = run_autoattack(model, x, y, eps, norm=norm, version=version, seed=seed, batch_size=batch_size, log=log)
+    def run(model, x, y, eps, *, norm, seed, log=None, batch_size=1000, version=version, impl="original"):
+        r = run_autoattack(model, x, y, eps, norm=norm, version=version, seed=seed, batch_size=batch_size, log=log,
+                           impl=impl)
         info = dict(r.info)
         info["flags"] = r.flags
         return AttackOutput(r.robust, r.x_adv, info)
@@ -169,10 +170,11 @@ for _a in AA_ATTACKS:
 @register_attack("fast", kind="suite", description="AutoAttack-grade suite at a fraction of its cost: PGD with "
                  "early exit, APGD-T on each point's nearest ranked targets, Square with an adaptive budget",
                  verifies=True, sweeps=True)
-def _fast(model, x, y, eps, *, norm, seed, log=None, steps=100, targets=3, square_queries=1000, batch_size=1000):
+def _fast(model, x, y, eps, *, norm, seed, log=None, steps=100, targets=3, square_queries=1000, batch_size=1000,
+          impl="original"):
     from .fast import run_fast
     robust, x_adv, info = run_fast(model, x, y, eps, norm=norm, seed=seed, log=log, steps=steps, targets=targets,
-                                   square_queries=square_queries, batch_size=batch_size)
+                                   square_queries=square_queries, batch_size=batch_size, impl=impl)
     return AttackOutput(robust, x_adv, info)
 
 

@@ -210,6 +210,9 @@ def _evaluate(model, data, cell, device, timer, chooser, phase, log) -> dict:
         "lip_gap": float(upper.value) / float(lower.value) if upper is not None and lower.value > 0 else None,
         "uncertified": refusal,
         "aa_flags": list(ev.aa_flags), "aa_eps": list(cell["aa_eps"]),
+        "autoattack_impl": cell.get("autoattack_impl", "original"),
+        "attack_passes": {name: {(k if k == "all" else eps_key(k)): v for k, v in per_eps.items()}
+                          for name, per_eps in ev.info["passes"].items()},
         "verified": {eps_key(e): bool(v) for e, v in ev.info["verified"].items()},
         "randomized": ev.info["randomized"],
         "aa_attacks": {eps_key(e): list(i.get("attacks", [])) for e, i in ev.info["autoattack"].items()},
@@ -239,6 +242,8 @@ def attack_suite(cell: dict) -> list:
         options = dict(cell.get("attack", {}).get(name, {}))
         if name == "autoattack":
             options["version"] = cell["autoattack"]
+        if name in ("autoattack", "fast"):
+            options["impl"] = cell.get("autoattack_impl", "original")
         if attacks.attack_entry(name).sweeps and "eps" not in options:
             sweeping.append(len(steps))
         if name == "fast" and "pgd" in cell_attacks(cell):  # the sweep's PGD already ran at every eps

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from lawbench.attacks.autoattack import AA_ATTACKS
+from lawbench.attacks.autoattack import AA_ATTACKS, IMPLS, check_native
 from lawbench.attacks.registry import attack_options, list_attacks
 from lawbench.attacks.threat import NORMS
 from bench.train import OPTIMIZERS, RECIPES
@@ -33,6 +33,7 @@ class SpecError(ValueError):
 THREATS = NORMS                                   # the attack engine's norms: the threat models a cell can use
 AUTOATTACK_VERSIONS = ("standard", "plus", "off")  # pyautoattack's versions, or none
 AUTOATTACK_NAMES = AA_ATTACKS                      # the attacks a custom AutoAttack run may list (in its order)
+AUTOATTACK_IMPL = "original"                       # the default engine (README: why)
 ATTACK_NAMES = tuple(e.name for e in list_attacks())  # the attack registry: what `attacks` may name
 # the PGD eps sweep, the fast suite at every other eps, AutoAttack at the headline eps: every eps verified
 DEFAULT_ATTACKS = ["pgd", "fast", "autoattack"]
@@ -126,6 +127,10 @@ SCHEMA: dict[str, Key] = {
     "aa_eps_L2": Key("eps", [1.0], lo=0),
     "autoattack": Key("choice_or_names", "standard", choices=AUTOATTACK_VERSIONS, names=AUTOATTACK_NAMES,
                       doc="a pyautoattack version, off, or a list of its attacks run in that order, e.g. [apgd-ce]"),
+    "autoattack_impl": Key("choice", AUTOATTACK_IMPL, choices=IMPLS,
+                           doc="the engine of AutoAttack and of the fast suite: native (ours: targets and restarts "
+                               "as rows, every pass counted; versions standard and rand, lists without fab) or "
+                               "original (pyautoattack)"),
     "attacks": Key("names", DEFAULT_ATTACKS, names=ATTACK_NAMES,
                    doc="the attacks run, in order, each on the points nothing broke yet: pgd (the PGD sweep over every "
                        "eps), autoattack (the original; its version is the autoattack key), fast (an AutoAttack-grade "
@@ -418,6 +423,11 @@ def validate(spec: dict) -> None:
                         f"{spec['width']} (or set target_params=0)")
     executor_options(spec["executor"])
     check_attack_options(spec)
+    if spec["autoattack_impl"] == "native" and spec["autoattack"] != "off":
+        try:
+            check_native(spec["autoattack"])
+        except Exception as exc:
+            raise SpecError(f"key 'autoattack': {exc}") from None
     for threat in THREATS:
         missing = set(spec[f"aa_eps_{threat}"]) - set(spec[f"eps_{threat}"])
         if missing:
@@ -552,6 +562,8 @@ def expand(spec: dict, entries: list = ()) -> list[dict]:
             cell["data_options"] = {**cell["data_options"], "d": d}
         if not cell["target_params"]:  # a cell sized by its width alone: no key, so its id is as before
             cell.pop("target_params")
+        if cell["autoattack_impl"] == "original":  # the engine of cells with no key: ids as before
+            cell.pop("autoattack_impl")
         if cell["attacks"] == LEGACY_ATTACKS and not cell["attack"]:  # the suite of cells with no key: ids as before
             cell.pop("attacks"), cell.pop("attack")
         if cell["recipe"] != "smooth":  # other recipes ignore them: their cells (and ids) do not change with them
