@@ -93,10 +93,9 @@ def square(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, cfg: 
         every = sync_every(x.device)
         hit = m_best <= 0
         for i in range(cfg.n_queries):
-            if (i % every == 0) or i == 0:
+            if i % every == 0 and bool(hit.any()):  # the one host sync: rows of broken points leave
                 live = found.settle(pid, hit, xb)
-                if not bool(live.all()):
-                    pid, x0, yy, lo, hi, xb, m_best, hit = (t[live] for t in (pid, x0, yy, lo, hi, xb, m_best, hit))
+                pid, x0, yy, lo, hi, xb, m_best, hit = (t[live] for t in (pid, x0, yy, lo, hi, xb, m_best, hit))
                 if pid.numel() == 0:
                     break
             p = p_at(i, cfg.n_queries, cfg.p_init)

@@ -8,14 +8,22 @@ saturates) and Gaussian input noise at every forward pass (randomized). Per mode
 every eps of the sweep: robust accuracy of pyautoattack alone (standard; rand for the randomized model, its examples
 judged by the majority of VOTE_DRAWS (25) draws, as ours are; at eps·(1−2⁻²⁰), inside the exact ball), of our default
 pipeline (PGD sweep, the fast suite at every eps but the headline, AutoAttack standard at the headline) and of the
-fast suite at every eps. Times: pyautoattack at the headline eps alone against each of ours over the whole sweep.
+fast suite at every eps, and of our AutoAttack engine alone (native, attacks.standard) at every eps beside the
+original. Times: pyautoattack at the headline eps alone against each of ours over the whole sweep; native against
+the original over the sweep. Forward and backward passes are counted around the model for every method
+(attacks.cost): the figure that holds on any machine.
 
 JSON keys: ``gap_max_all_eps`` (max over models, eps and both of ours of ours − pyautoattack, in points),
 ``masked_pipeline_time_ratio`` (max over the scaled, 16- and 256-level and noisy models of our pipeline over the
 whole sweep against pyautoattack at the headline eps alone), ``masked_fast_time_ratio`` (the same for the fast suite
 at the headline eps alone), ``pipeline_time_ratio``, ``fast_time_ratio`` (the same over every model),
 ``fast_sweep_time_ratio`` (fast over the sweep against pyautoattack at every eps of it), the headline gaps
-``fast_acc_gap_max``, ``pipeline_acc_gap_max``, and per model the details.
+``fast_acc_gap_max``, ``pipeline_acc_gap_max``; ``native_time_ratio`` (max over models of native's seconds over the
+original's, whole sweep), ``native_gap_max`` (max over models and eps of native − original, points),
+``native_agreement_min`` (min over models and eps of the share of points with the same verdict),
+``fast_backward_ratio`` (max over models of the fast suite's backward passes at the headline over AutoAttack's),
+``passes_per_point`` (per method: forward and backward passes per point at the headline, averaged over models;
+the pipeline's over its whole sweep), and per model the details.
 """
 from __future__ import annotations
 
@@ -116,35 +124,52 @@ def zoo(quick: bool, cache: Path, log, pattern: str = "*") -> tuple[dict, torch.
     return models, split.x_test, split.y_test
 
 
-def reference(model, x, y, eps, seed) -> torch.Tensor:
-    """Robust mask of pyautoattack alone, as a user runs it: standard, or its rand version (EOT 20) for a randomized
-    model with each example judged by the majority of VOTE_DRAWS draws (as ours); at eps·(1−2⁻²⁰) so that its float32
-    clipping stays inside the exact ball (an ulp outside, a quantizer rounds an example back)."""
+def reference(model, x, y, eps, seed):
+    """(robust mask, passes) of pyautoattack alone, as a user runs it: standard, or its rand version (EOT 20) for a
+    randomized model with each example judged by the majority of VOTE_DRAWS draws (as ours); at eps·(1−2⁻²⁰) so that
+    its float32 clipping stays inside the exact ball (an ulp outside, a quantizer rounds an example back). Its
+    forward and backward passes are counted around the model (attacks.cost)."""
     from pyautoattack import AutoAttack
     from lawbench.attacks import is_randomized
+    from lawbench.attacks.cost import Counted
     from lawbench.attacks.randomized import Randomized
     from lawbench.attacks.threat import misclassified
     rand = is_randomized(model, x)
+    net = Counted(model)
     with torch.random.fork_rng():
-        aa = AutoAttack(model, norm="Linf", eps=eps * (1 - 2 ** -20), version="rand" if rand else "standard",
+        aa = AutoAttack(net, norm="Linf", eps=eps * (1 - 2 ** -20), version="rand" if rand else "standard",
                         device=x.device, seed=seed)
         xa, _ = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
-        return ~misclassified(Randomized(model) if rand else model, xa, y)
+        return ~misclassified(Randomized(net) if rand else net, xa, y), net.passes
 
 
-def _ours(model, x, y, eps, seed, suite):
+def native(model, x, y, eps, seed):
+    """(robust mask, passes) of our AutoAttack engine alone (attacks.standard), run as the reference is: standard, or
+    the rand version on a randomized model, at the reference's radius eps·(1−2⁻²⁰). Our engine needs no such margin
+    (its boxes are the exact ball's), but a comparison of algorithms is made at one radius: a quantizer's rounding
+    edge lies exactly at eps."""
+    from lawbench.attacks import is_randomized, randomized
+    from lawbench.attacks.autoattack import run_autoattack
+    from lawbench.attacks.cost import Passes
+    net = randomized(model) if is_randomized(model, x) else model
+    res = run_autoattack(net, x, y, eps * (1 - 2 ** -20), norm="Linf", version="standard", seed=seed,
+                         batch_size=x.shape[0], impl="native")
+    return res.robust, Passes(**res.info["passes"])
+
+
+def _ours(model, x, y, eps, seed, suite, impl):
     """Our default pipeline (PGD sweep, the fast suite at every eps but the headline, AutoAttack standard at the
     headline) or the fast suite alone at every eps, over the sweep SWEEP with the headline `eps`."""
     from lawbench.attacks import SuiteStep, robust_eval
     sweep = sorted(set(SWEEP) | {eps})
     if suite == "pipeline":
-        steps = [SuiteStep("fast", tuple(e for e in sweep if e != eps), {"steps": 0}),  # as the CLI's default
-                 SuiteStep("autoattack", (eps,), {"version": "standard"})]
+        steps = [SuiteStep("fast", tuple(e for e in sweep if e != eps), {"steps": 0, "impl": impl}),  # as the CLI
+                 SuiteStep("autoattack", (eps,), {"version": "standard", "impl": impl})]
     elif suite == "fast-headline":
         sweep = [eps]
-        steps = [SuiteStep("fast", (eps,), {})]
+        steps = [SuiteStep("fast", (eps,), {"impl": impl})]
     else:
-        steps = [SuiteStep("fast", tuple(sweep), {})]
+        steps = [SuiteStep("fast", tuple(sweep), {"impl": impl})]
     return robust_eval(model, x, y, norm="Linf", eps=sweep, steps=100, restarts=1, seed=seed,
                        aa_batch_size=x.shape[0], pgd=suite == "pipeline", suite=steps)
 
@@ -155,26 +180,43 @@ def _timed(fn):
     return time.perf_counter() - t0, out
 
 
-def bench_model(model, x, y, eps, seed, log) -> dict:
+def _passes(ev) -> "Passes":
+    """All passes a robust_eval spent, over its stages and eps."""
+    from lawbench.attacks.cost import Passes
+    total = Passes()
+    for per_eps in ev.info["passes"].values():
+        for p in per_eps.values():
+            total = total + Passes(**p)
+    return total
+
+
+def bench_model(model, x, y, eps, seed, log, impl) -> dict:
     n = x.shape[0]
     acc = lambda mask: round(100 * float(mask.float().sum()) / n, 2)  # noqa: E731
     sweep = sorted(set(SWEEP) | {eps})
-    ref, t_ref = {}, {}
+    ref, t_ref, p_ref, nat, t_nat, p_nat = {}, {}, {}, {}, {}, {}
     for e in sweep:
         log(f"  pyautoattack alone at {e} ...")
-        t_ref[e], ref[e] = _timed(lambda: reference(model, x, y, e, seed))
-    log("  our pipeline (PGD sweep, fast at every other eps, AutoAttack standard at the headline) ...")
-    t_pipe, r_pipe = _timed(lambda: _ours(model, x, y, eps, seed, "pipeline"))
+        t_ref[e], (ref[e], p_ref[e]) = _timed(lambda: reference(model, x, y, e, seed))
+        log(f"  native AutoAttack alone at {e} ...")
+        t_nat[e], (nat[e], p_nat[e]) = _timed(lambda: native(model, x, y, e, seed))
+    log(f"  our pipeline (PGD sweep, fast at every other eps, AutoAttack standard at the headline; {impl}) ...")
+    t_pipe, r_pipe = _timed(lambda: _ours(model, x, y, eps, seed, "pipeline", impl))
     log("  fast suite at every eps ...")
-    t_sweep, r_fast = _timed(lambda: _ours(model, x, y, eps, seed, "fast"))
+    t_sweep, r_fast = _timed(lambda: _ours(model, x, y, eps, seed, "fast", impl))
     log("  fast suite at the headline eps alone ...")
-    t_fast, r_head = _timed(lambda: _ours(model, x, y, eps, seed, "fast-headline"))
+    t_fast, r_head = _timed(lambda: _ours(model, x, y, eps, seed, "fast-headline", impl))
     t_aa = t_ref[eps]
+    native_eps = {str(e): {"native": acc(nat[e]), "native_gap": round(acc(nat[e]) - acc(ref[e]), 2),
+                           "native_agreement": round(float((nat[e] == ref[e]).float().mean()), 4),
+                           "native_misses": int((~ref[e] & nat[e]).sum())} for e in sweep}
+    per_point = {"autoattack": p_ref[eps].per_point(n), "native": p_nat[eps].per_point(n),
+                 "pipeline": _passes(r_pipe).per_point(n), "fast": _passes(r_head).per_point(n)}
     per_eps = {str(e): {"autoattack": acc(ref[e]), "pipeline": acc(r_pipe.robust[e]), "fast": acc(r_fast.robust[e]),
                         "pipeline_gap": round(acc(r_pipe.robust[e]) - acc(ref[e]), 2),
                         "fast_gap": round(acc(r_fast.robust[e]) - acc(ref[e]), 2),
                         "pipeline_verified": bool(r_pipe.info["verified"][e]),
-                        "fast_misses": int((~ref[e] & r_fast.robust[e]).sum())} for e in sweep}
+                        "fast_misses": int((~ref[e] & r_fast.robust[e]).sum()), **native_eps[str(e)]} for e in sweep}
     gaps = [v[k] for v in per_eps.values() for k in ("pipeline_gap", "fast_gap")]
     gaps.append(round(acc(r_head.robust[eps]) - acc(ref[eps]), 2))
     return {
@@ -191,21 +233,33 @@ def bench_model(model, x, y, eps, seed, log) -> dict:
         "fast_stages": r_fast.info["details"].get("fast", {}), "flags_fast": r_fast.aa_flags,
         "flags_pipeline": r_pipe.aa_flags,
         "fast_misses": per_eps[str(eps)]["fast_misses"],  # points AutoAttack breaks that fast keeps
+        "impl": impl,
+        "seconds_native_sweep": round(sum(t_nat.values()), 2),
+        "native_time_ratio": round(sum(t_nat.values()) / sum(t_ref.values()), 3),
+        "native_gap_max": max(v["native_gap"] for v in native_eps.values()),
+        "native_agreement_min": min(v["native_agreement"] for v in native_eps.values()),
+        "native_pass_ratio": {k: round(getattr(p_nat[eps], k) / max(getattr(p_ref[eps], k), 1), 3)
+                              for k in ("forward", "backward")},
+        "fast_backward_ratio": round(_passes(r_head).backward / max(p_ref[eps].backward, 1), 3),
+        "passes_per_point": per_point,
     }
 
 
-def measure(quick: bool, cache: Path, n_points: int, eps: float, log, pattern: str = "*") -> dict:
+def measure(quick: bool, cache: Path, n_points: int, eps: float, log, pattern: str = "*",
+            impl: str | None = None) -> dict:
     models, x_test, y_test = zoo(quick, cache, log, pattern)
     x, y = x_test[:n_points], y_test[:n_points]
     lg = logging.getLogger("auto-attack")
     old = lg.level
     lg.setLevel(logging.WARNING)
+    from bench.spec import AUTOATTACK_IMPL
+    impl = impl or AUTOATTACK_IMPL
     res = {"quick": quick, "n": n_points, "eps": eps, "sweep": sorted(set(SWEEP) | {eps}),
-           "threads": torch.get_num_threads(), "models": {}}
+           "threads": torch.get_num_threads(), "impl": impl, "models": {}}
     try:
         for name, model in models.items():
             log(f"{name}:")
-            res["models"][name] = bench_model(model, x, y, eps, 0, log)
+            res["models"][name] = bench_model(model, x, y, eps, 0, log, impl)
     finally:
         lg.setLevel(old)
     per = res["models"]
@@ -218,7 +272,20 @@ def measure(quick: bool, cache: Path, n_points: int, eps: float, log, pattern: s
     res["masked_pipeline_time_ratio"] = max(m["pipeline_time_ratio"] for m in masked)
     res["masked_fast_time_ratio"] = max(m["fast_time_ratio"] for m in masked)
     res["fast_sweep_time_ratio"] = max(m["fast_sweep_time_ratio"] for m in per.values())
-    res["targets"] = {"gap_max_all_eps<=0.5": res["gap_max_all_eps"] <= 0.5,
+    res["native_time_ratio"] = max(m["native_time_ratio"] for m in per.values())
+    res["native_gap_max"] = max(m["native_gap_max"] for m in per.values())
+    res["native_agreement_min"] = min(m["native_agreement_min"] for m in per.values())
+    res["fast_backward_ratio"] = max(m["fast_backward_ratio"] for m in per.values())
+    n_all = n_points * len(per)
+    res["passes_per_point"] = {
+        k: {d: round(sum(m["passes_per_point"][k][d] for m in per.values()) * n_points / n_all, 2)
+            for d in ("forward", "backward")} for k in ("autoattack", "native", "pipeline", "fast")}
+    res["targets"] = {"native_gap_max<=0.2": res["native_gap_max"] <= 0.2,
+                      "native_agreement_min>=0.99": res["native_agreement_min"] >= 0.99,
+                      "native_time_ratio<=0.5": res["native_time_ratio"] <= 0.5,
+                      "pipeline_time_ratio<=0.6": res["pipeline_time_ratio"] <= 0.6,
+                      "fast_backward_ratio<=0.1": res["fast_backward_ratio"] <= 0.1,
+                      "gap_max_all_eps<=0.5": res["gap_max_all_eps"] <= 0.5,
                       "masked_pipeline_time_ratio<=1.5": res["masked_pipeline_time_ratio"] <= 1.5,
                       "masked_fast_time_ratio<=0.5": res["masked_fast_time_ratio"] <= 0.5}
     return res
@@ -228,19 +295,24 @@ def _print(res) -> None:
     from rich.console import Console
     from rich.table import Table
     sweep = res["sweep"]
-    t = Table(title=f"bench perf --attacks: robust accuracy (%) per eps (pyautoattack / pipeline / fast) and seconds, "
-                    f"Linf, headline {res['eps']}, {res['n']} points{', quick' if res['quick'] else ''}")
-    for col in ("model", "clean", *[f"@{e:g}" for e in sweep], "AA s", "pipeline s", "fast s", "pipeline/AA",
-                "fast/AA", "flags"):
+    t = Table(title=f"bench perf --attacks: robust accuracy (%) per eps (pyautoattack / native / pipeline / fast), "
+                    f"seconds and passes per point, Linf, headline {res['eps']}, {res['n']} points, pipeline and "
+                    f"fast on {res['impl']}{', quick' if res['quick'] else ''}")
+    for col in ("model", "clean", *[f"@{e:g}" for e in sweep], "AA s", "native/AA", "pipeline/AA", "fast/AA",
+                "fwd+bwd per point: AA / native / fast", "flags"):
         t.add_column(col, justify="left" if col in ("model", "flags") else "right")
     for name, m in res["models"].items():
-        cells = [f"{m['eps'][str(e)]['autoattack']:.1f} / {m['eps'][str(e)]['pipeline']:.1f} / "
-                 f"{m['eps'][str(e)]['fast']:.1f}" for e in sweep]
-        t.add_row(name, f"{m['clean']:.1f}", *cells, f"{m['seconds_autoattack']:.1f}", f"{m['seconds_pipeline']:.1f}",
-                  f"{m['seconds_fast']:.1f}", f"{m['pipeline_time_ratio']:.2f}", f"{m['fast_time_ratio']:.2f}",
+        cells = [f"{m['eps'][str(e)]['autoattack']:.1f} / {m['eps'][str(e)]['native']:.1f} / "
+                 f"{m['eps'][str(e)]['pipeline']:.1f} / {m['eps'][str(e)]['fast']:.1f}" for e in sweep]
+        pp = m["passes_per_point"]
+        passes = " / ".join(f"{pp[k]['forward']:.0f}+{pp[k]['backward']:.0f}" for k in ("autoattack", "native", "fast"))
+        t.add_row(name, f"{m['clean']:.1f}", *cells, f"{m['seconds_autoattack']:.1f}", f"{m['native_time_ratio']:.2f}",
+                  f"{m['pipeline_time_ratio']:.2f}", f"{m['fast_time_ratio']:.2f}", passes,
                   ", ".join(m["flags_pipeline"]))
     Console(width=200).print(t)
-    for key in ("gap_max_all_eps", "fast_acc_gap_max", "pipeline_acc_gap_max", "masked_pipeline_time_ratio",
+    for key in ("native_time_ratio", "native_gap_max", "native_agreement_min", "fast_backward_ratio",
+                "passes_per_point", "gap_max_all_eps", "fast_acc_gap_max", "pipeline_acc_gap_max",
+                "masked_pipeline_time_ratio",
                 "masked_fast_time_ratio", "pipeline_time_ratio", "fast_time_ratio", "fast_sweep_time_ratio"):
         print(f"{key} = {res[key]}")
     for k, ok in res["targets"].items():
@@ -257,10 +329,12 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="*", help="only the zoo models matching these comma-separated patterns "
                    "(e.g. 'mlp-*' or 'mlp-scaled,mlp-quant16,mlp-noisy')")
     p.add_argument("--cache", default=None, help="folder for the trained zoo")
+    p.add_argument("--impl", choices=("native", "original"), default=None,
+                   help="the engine our pipeline and fast suite run on (default: the spec's autoattack_impl)")
     args = p.parse_args(argv)
     n = args.points or (12 if args.quick else 200)
     res = measure(args.quick, _cache_dir(args.cache), n, args.eps, lambda m: print(m, file=sys.stderr, flush=True),
-                  args.models)
+                  args.models, args.impl)
     if not res["models"]:
         print(f"bench perf --attacks: no zoo model matches --models {args.models!r}", file=sys.stderr)
         return 2

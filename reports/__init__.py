@@ -7,20 +7,10 @@ never imports torch or bench, so a report can be made on a machine without torch
     reports.loglog_slope(rows, y="lip_lower") -> dict(slope, ci_low, ci_high, n_seeds, n_points, ...)
     reports.slope_summary(rows, y="lip_lower") -> list[str]   # one printable line per dataset × threat view
 """
-import importlib
+from .console import console_table
+from .render import FORMATS, ReportError, render
+from .stats import law_envelope, loglog_slope, mean_ci, t_quantile
+from .table import build_views, headline_eps, ranking, row_flags, slope_summary
 
-# name -> the module that defines it, imported on first use: reading rows (bench run) does not pay matplotlib's import
-_WHERE = {"console_table": "console", "render": "render", "FORMATS": "render", "ReportError": "render",
-          "law_envelope": "stats", "loglog_slope": "stats", "mean_ci": "stats", "t_quantile": "stats",
-          "build_views": "table", "headline_eps": "table", "ranking": "table", "row_flags": "table",
-          "slope_summary": "table"}
-
-__all__ = list(_WHERE)
-
-
-def __getattr__(name):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__all__ = ["render", "console_table", "headline_eps", "loglog_slope", "law_envelope", "mean_ci", "t_quantile",
+           "build_views", "ranking", "row_flags", "slope_summary", "ReportError", "FORMATS"]

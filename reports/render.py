@@ -7,7 +7,6 @@ from ._util import atomic_write_bytes, atomic_write_text
 from .csvexport import render_csv
 from .htmlpage import render_html
 from .markdown import render_markdown
-from .plots import PLOT_NAMES, PLOTTERS, figure_bytes
 from .rows import read_rows
 from .table import build_views
 
@@ -33,6 +32,7 @@ def render(results_path, out_dir, formats=FORMATS) -> list[Path]:
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ReportError(f"unknown report format {unknown[0]!r} (choose from {', '.join(FORMATS)})")
+    from .plots import PLOT_NAMES, PLOTTERS, figure_bytes  # matplotlib: imported when a report is made, not before
     rows = read_rows(results_path, strict=False)  # malformed lines are skipped; the CLI says how many and where
     views = build_views(rows)
     report_dir = Path(out_dir) / "report"
