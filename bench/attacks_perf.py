@@ -288,7 +288,28 @@ def measure(quick: bool, cache: Path, n_points: int, eps: float, log, pattern: s
                       "gap_max_all_eps<=0.5": res["gap_max_all_eps"] <= 0.5,
                       "masked_pipeline_time_ratio<=1.5": res["masked_pipeline_time_ratio"] <= 1.5,
                       "masked_fast_time_ratio<=0.5": res["masked_fast_time_ratio"] <= 0.5}
+    if torch.cuda.is_available():
+        res["gpu"] = gpu_section(models, x, y, eps, log)
     return res
+
+
+def gpu_section(models, x, y, eps, log) -> dict:
+    """Both engines at the headline eps with the model, the points and every row on the GPU."""
+    import copy
+    out = {"device": torch.cuda.get_device_name(0), "models": {}}
+    xg, yg = x.cuda(), y.cuda()
+    for name, model in models.items():
+        log(f"{name} on the GPU ...")
+        net = copy.deepcopy(model).cuda()
+        t_ref, (r_ref, p_ref) = _timed(lambda: reference(net, xg, yg, eps, 0))
+        t_nat, (r_nat, p_nat) = _timed(lambda: native(net, xg, yg, eps, 0))
+        n = x.shape[0]
+        out["models"][name] = {"autoattack": round(100 * float(r_ref.float().mean()), 2),
+                               "native": round(100 * float(r_nat.float().mean()), 2),
+                               "seconds_autoattack": round(t_ref, 2), "seconds_native": round(t_nat, 2),
+                               "native_time_ratio": round(t_nat / t_ref, 3),
+                               "passes_per_point": {"autoattack": p_ref.per_point(n), "native": p_nat.per_point(n)}}
+    return out
 
 
 def _print(res) -> None:
@@ -317,6 +338,14 @@ def _print(res) -> None:
         print(f"{key} = {res[key]}")
     for k, ok in res["targets"].items():
         print(f"target {k}: {'met' if ok else 'NOT met'}")
+    if "gpu" in res:
+        g = Table(title=f"GPU ({res['gpu']['device']}): AutoAttack standard at {res['eps']}, both engines")
+        for col in ("model", "robust % AA / native", "AA s", "native s", "native/AA"):
+            g.add_column(col, justify="left" if col == "model" else "right")
+        for name, m in res["gpu"]["models"].items():
+            g.add_row(name, f"{m['autoattack']:.1f} / {m['native']:.1f}", f"{m['seconds_autoattack']:.2f}",
+                      f"{m['seconds_native']:.2f}", f"{m['native_time_ratio']:.2f}")
+        Console(width=200).print(g)
 
 
 def main(argv=None) -> int:

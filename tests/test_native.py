@@ -2,6 +2,8 @@
 point on small models; its pieces against the original's own functions; targets and restarts as rows, counted."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -146,3 +148,17 @@ def test_original_cells_keep_their_ids():
     (nat,) = expand(build_spec("default", ["width=40", "recipe=erm", "autoattack_impl=native"]))
     assert "autoattack_impl" not in orig and nat["autoattack_impl"] == "native"
     assert cell_id(orig) != cell_id(nat)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the rows-on-the-device path is "
+                    "exercised where one is present")
+def test_native_runs_with_its_rows_on_the_gpu(digits):
+    """The same engine with the model, the points and every row on the GPU: the verdicts agree with the CPU run's."""
+    models, x, y = digits
+    model = models["mlp"]
+    cpu = run_autoattack(model, x, y, 0.1, norm="Linf", version=["apgd-ce", "apgd-t", "fab-t"], impl="native")
+    gpu_model = copy.deepcopy(model).to("cuda")
+    gpu = run_autoattack(gpu_model, x.cuda(), y.cuda(), 0.1, norm="Linf", version=["apgd-ce", "apgd-t", "fab-t"],
+                         impl="native")
+    assert gpu.robust.device.type == "cuda"
+    assert float((gpu.robust.cpu() == cpu.robust).float().mean()) >= 0.97

@@ -233,6 +233,16 @@ def test_perf_attacks_quick_writes_json(tmp_path, capsys):
             assert g["pipeline_gap"] == round(g["pipeline"] - g["autoattack"], 2)
             assert g["pipeline_verified"], (name, k)  # the default pipeline verifies every eps
             assert g["fast"] <= m["clean"] and g["autoattack"] <= m["clean"]
+    # the native engine beside the original, and every method's passes
+    assert res["native_gap_max"] == max(m["native_gap_max"] for m in per)
+    assert res["native_agreement_min"] == min(m["native_agreement_min"] for m in per)
+    assert res["native_time_ratio"] == max(m["native_time_ratio"] for m in per)
+    for m in per:
+        assert set(m["passes_per_point"]) == {"autoattack", "native", "pipeline", "fast"}
+        assert m["passes_per_point"]["autoattack"]["forward"] > 0 and m["passes_per_point"]["native"]["forward"] > 0
+        for g in m["eps"].values():
+            assert 0 <= g["native_agreement"] <= 1 and g["native"] <= m["clean"]
+    assert set(res["passes_per_point"]) == {"autoattack", "native", "pipeline", "fast"}
     assert "randomized" in res["models"]["mlp-noisy"]["flags_pipeline"]
     assert "softmax_saturated" in res["models"]["mlp-scaled"]["flags_pipeline"]
     assert "zero_gradients" in res["models"]["mlp-quant16"]["flags_pipeline"]
