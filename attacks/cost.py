@@ -45,6 +45,7 @@ class Counted(torch.nn.Module):
         super().__init__()
         self.model = model
         self.passes = Passes()
+        self.train(model.training)  # its mode is the model's: a caller's save and restore must not flip the model
 
     def forward(self, x):
         self.passes.forward += int(x.shape[0])
@@ -64,6 +65,6 @@ def counted(model: torch.nn.Module):
     from .randomized import Randomized
     if isinstance(model, Randomized):
         inner = Counted(model.model)
-        return Randomized(inner, model.eot, model.votes), inner
+        return Randomized(inner, model.eot, model.votes).train(model.training), inner
     c = Counted(model)
     return c, c

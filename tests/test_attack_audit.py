@@ -290,12 +290,12 @@ def spy_square(monkeypatch, fake=None):
     real = aa_mod.square_starts
     calls = []
 
-    def spy(model, x, y, eps, norm, *, starts, queries, seed, batch_size, log, n_total=None):
+    def spy(model, x, y, eps, norm, *, starts, queries, seed, batch_size, log, n_total=None, impl="original"):
         fn = fake or real
         r = fn(model, x, y, eps, norm, starts=starts, queries=queries, seed=seed, batch_size=batch_size, log=log,
-               n_total=n_total)
+               n_total=n_total, impl=impl)
         calls.append(dict(x=x.clone(), y=y.clone(), starts=starts, queries=queries, eps=eps, norm=norm,
-                          robust=r.robust.clone(), x_adv=r.x_adv.clone()))
+                          robust=r.robust.clone(), x_adv=r.x_adv.clone(), impl=impl))
         return r
 
     monkeypatch.setattr(aa_mod, "square_starts", spy)
