@@ -148,7 +148,7 @@ def native(model, x, y, eps, seed):
     the rand version on a randomized model, at the reference's radius eps·(1−2⁻²⁰). Our engine needs no such margin
     (its boxes are the exact ball's), but a comparison of algorithms is made at one radius: a quantizer's rounding
     edge lies exactly at eps."""
-    from lawbench.attacks import is_randomized, randomized
+    from lawbench.attacks.randomized import is_randomized, randomized
     from lawbench.attacks.autoattack import run_autoattack
     from lawbench.attacks.cost import Passes
     net = randomized(model) if is_randomized(model, x) else model
