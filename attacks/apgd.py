@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .randomized import Randomized, majority_misclassified
-from .rows import Found, keep, sync_every
+from .rows import Found, sync_every
 from .threat import box_bounds, project_l2
 
 APGD_LOSSES = ("ce", "dlr", "dlr-targeted")

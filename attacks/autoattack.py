@@ -224,7 +224,7 @@ def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
     info["version"] = vname
     net, counter = counted(model)
     if impl == "native":
-        run = _Native(net, counter, norm, vname, attacks, log, n_target_classes, n_queries, n_total)
+        run = _Native(net, counter, norm, vname, attacks, log, n_target_classes, n_queries)
         x_raw, cap = run(x, y, float(eps), int(seed))
     else:
         run = _Run(net, norm, vname, attacks, int(batch_size), log, num_classes, n_target_classes, n_queries)
@@ -338,10 +338,10 @@ class _NativeLog:
 class _Native:
     """One configured native run: (x, y, eps, seed) -> (raw examples like x, _NativeLog)."""
 
-    def __init__(self, net, counter, norm, vname, attacks, log, n_target_classes, n_queries, n_total):
+    def __init__(self, net, counter, norm, vname, attacks, log, n_target_classes, n_queries):
         self.net, self.counter, self.norm, self.log = net, counter, norm, log
         self.attacks_run = list(RAND if vname == "rand" else STANDARD if attacks is None else attacks)
-        self.targets, self.queries, self.n_total = n_target_classes, n_queries, n_total
+        self.targets, self.queries = n_target_classes, n_queries
         self.n_target_classes = None
 
     def __call__(self, x, y, eps, seed):
@@ -356,7 +356,7 @@ class _Native:
             with _frozen(model):
                 res = run_native(model, self.counter, x, y, eps, self.norm, self.attacks_run, seed=seed,
                                  n_target_classes=self.targets or 9, n_queries=int(self.queries or 5000),
-                                 square_view=view, n_total=self.n_total, log=self.log)
+                                 square_view=view, log=self.log)
         finally:
             model.train(was)
         for w in res.warnings:

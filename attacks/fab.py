@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rows import Found, sync_every
+from .rows import Found, keep, sync_every
 
 
 @dataclass(frozen=True)
@@ -123,5 +123,5 @@ def fab_targeted(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str,
         if (i + 1) % every == 0 or i == cfg.n_iter - 1:
             live = found.settle(pid, hit, x_hit)
             if not bool(live.all()):
-                pid, tgt, x0, yy, x1, best, hit, x_hit = (t[live] for t in (pid, tgt, x0, yy, x1, best, hit, x_hit))
+                pid, tgt, x0, yy, x1, best, hit, x_hit = keep(live, pid, tgt, x0, yy, x1, best, hit, x_hit)
     return found

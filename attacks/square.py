@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rows import Found, sync_every
+from .rows import Found, keep, sync_every
 from .threat import box_bounds
 
 P_SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128), (8000, 256))
@@ -95,7 +95,7 @@ def square(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, cfg: 
         for i in range(cfg.n_queries):
             if i % every == 0 and bool(hit.any()):  # the one host sync: rows of broken points leave
                 live = found.settle(pid, hit, xb)
-                pid, x0, yy, lo, hi, xb, m_best, hit = (t[live] for t in (pid, x0, yy, lo, hi, xb, m_best, hit))
+                pid, x0, yy, lo, hi, xb, m_best, hit = keep(live, pid, x0, yy, lo, hi, xb, m_best, hit)
                 if pid.numel() == 0:
                     break
             p = p_at(i, cfg.n_queries, cfg.p_init)

@@ -31,7 +31,8 @@ RAND = ("apgd-ce", "apgd-dlr")
 @dataclass
 class NativeRun:
     """x_raw: examples like x (unbroken points: x itself); broken (N,); per attack: points it broke, passes it spent
-    and seconds; warnings as the original words them (attacks.autoattack turns them into flags)."""
+    and seconds; warnings as the original words them (attacks.autoattack turns them into flags and adds Square's own
+    check against the whole evaluation set)."""
 
     x_raw: torch.Tensor
     broken: torch.Tensor
@@ -43,7 +44,7 @@ class NativeRun:
 
 
 def run_native(model, counter, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, attacks, *, seed: int = 0,
-               n_target_classes: int = 9, n_queries: int = 5000, square_view=None, n_total: int | None = None,
+               n_target_classes: int = 9, n_queries: int = 5000, square_view=None,
                log=None) -> NativeRun:
     """The attacks in order on (x, y) at eps. ``model``: what the attacks call (eval mode, frozen; a Randomized
     wrapper for the rand protocol); ``counter``: its attacks.cost.Counted. ``square_view``: (net, xi, back) showing
@@ -54,7 +55,6 @@ def run_native(model, counter, x: torch.Tensor, y: torch.Tensor, eps: float, nor
         z = model(x)
     C = z.shape[1]
     found = Found.start(x, z.argmax(1) != y)   # clean-misclassified points need no attack: x itself
-    found.x_adv = x.detach().clone()
     run = NativeRun(found.x_adv, found.broken, list(attacks), warnings=warnings)
     ntc = max(1, min(n_target_classes, C - 1))
     for name in attacks:
@@ -83,9 +83,6 @@ def run_native(model, counter, x: torch.Tensor, y: torch.Tensor, eps: float, nor
         if log:
             log(f"{name}: broke {run.broken_by[name]} of {n - was} in {run.seconds[name]:.2f} s ({run.passes[name]['forward']} forward, "
                 f"{run.passes[name]['backward']} backward passes)")
-    sq = run.broken_by.get("square", 0)
-    if "square" in attacks and len(attacks) > 1 and sq > 0.002 * (n_total or n):
-        run.warnings.append(f"Square Attack has decreased the robust accuracy of {sq / (n_total or n):.2%}")
     run.x_raw, run.broken = found.x_adv, found.broken
     return run
 
