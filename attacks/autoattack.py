@@ -22,6 +22,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from lawbench.base.modes import eval_mode
+
 from .cost import counted
 from .pgd import AttackError, check_norm
 from .randomized import Randomized
@@ -277,13 +279,11 @@ class _Run:
         model = self.model
         dev = x.device
         net, xi, back = aa_view(model, x)
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            z = net(xi[:1])
-        C = int(self.num_classes or z.shape[1])
-        devices = [dev] if dev.type == "cuda" else []
-        try:
+        with eval_mode(model):
+            with torch.no_grad():
+                z = net(xi[:1])
+            C = int(self.num_classes or z.shape[1])
+            devices = [dev] if dev.type == "cuda" else []
             with captured(self.log) as cap:
                 for k in aa_checks.funcs:  # pyautoattack never resets its global call counters
                     aa_checks.funcs[k] = 0
@@ -304,8 +304,6 @@ class _Run:
                     self.attacks_run = list(aa.attacks_to_run)
                     self.n_target_classes = ntc
                     x_adv_i, _ = aa.run_standard_evaluation(xi, y, batch_size=self.batch_size)
-        finally:
-            model.train(was_training)
         return back(x_adv_i), cap
 
 
@@ -346,9 +344,7 @@ class _Native:
 
     def __call__(self, x, y, eps, seed):
         model = self.net
-        was = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             with torch.no_grad():
                 C = int(model(x[:1]).shape[1])
             self.n_target_classes = max(1, min(self.targets or 9, C - 1))
@@ -357,8 +353,6 @@ class _Native:
                 res = run_native(model, self.counter, x, y, eps, self.norm, self.attacks_run, seed=seed,
                                  n_target_classes=self.targets or 9, n_queries=int(self.queries or 5000),
                                  square_view=view, log=self.log)
-        finally:
-            model.train(was)
         for w in res.warnings:
             if self.log:
                 self.log("warning: " + w)

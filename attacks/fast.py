@@ -37,6 +37,8 @@ import time
 
 import torch
 
+from lawbench.base.modes import eval_mode
+
 from .autoattack import (MASKING_FLAGS, AAResult, _frozen, aa_view, captured, flags_from_warnings, inner_eps,
                          masking_restarts, run_autoattack, square_starts)
 from .pgd import pgd_sweep
@@ -151,12 +153,8 @@ def _flat_points(model, x, robust, seed) -> torch.Tensor:
     flat = torch.zeros_like(robust)
     idx = robust.nonzero().flatten()
     if idx.numel():
-        was = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             flat[idx] = zero_jacobian(model, x[idx], seed)
-        finally:
-            model.train(was)
     return flat
 
 
@@ -192,10 +190,8 @@ def _ranked_apgd_t(model, x, y, eps, norm, seed, log, targets, batch_size) -> AA
     net, xi, back = aa_view(model, x)
     examples = xi.detach().clone()
     per_target = []
-    was_training = model.training
-    model.eval()
-    devices = [x.device] if x.device.type == "cuda" else []
-    try:
+    with eval_mode(model):
+        devices = [x.device] if x.device.type == "cuda" else []
         ranked = rank_targets(model, x, y, norm, targets)  # in eval mode: no dropout draw, no batch statistics
         robust = ~misclassified(model, x, y)
         with captured(log) as cap, torch.random.fork_rng(devices=devices), _frozen(model):
@@ -226,8 +222,6 @@ def _ranked_apgd_t(model, x, y, eps, norm, seed, log, targets, batch_size) -> AA
                 per_target.append(broke)
                 if log:
                     log(f"apgd-t (ranked target {j + 1}): broke {broke} of {idx.numel()}")
-    finally:
-        model.train(was_training)
     ck = check_attack(model, x, y, back(examples), eps, norm, log=log)
     flags = flags_from_warnings(cap.warnings)
     return AAResult(robust=~ck.broken, x_adv=ck.x_adv, flags=flags,
@@ -239,18 +233,14 @@ def _ranked_apgd_t_native(model, x, y, eps, norm, seed, log, targets, batch_size
     batch: a point broken by one target drops the rest."""
     from .apgd import APGDConfig, apgd
     from .rows import Found
-    was_training = model.training
-    model.eval()
-    warnings: list = []
-    try:
+    with eval_mode(model):
+        warnings: list = []
         ranked = rank_targets(model, x, y, norm, targets)
         with _frozen(model):
             found = Found.start(x, misclassified(model, x, y))
             clean_broken = found.broken.clone()
             apgd(model, x, y, eps, norm, APGDConfig(loss="dlr-targeted"), seed=seed, targets=ranked, found=found,
                  warnings=warnings)
-    finally:
-        model.train(was_training)
     if log:
         log(f"apgd-t (ranked targets as rows): broke {int((found.broken & ~clean_broken).sum())} of "
             f"{int((~clean_broken).sum())}")

@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
+from lawbench.base.memory import Backoff
+from lawbench.base.modes import eval_mode
+
 from .ascent import Ascent, Rows, ascend
 from .errors import AttackError
-from .pgd import PGDResult, Sweep, auto_max_batch, is_oom, pgd_sweep
+from .pgd import PGDResult, Sweep, auto_max_batch, pgd_sweep
 from .threat import (attack_loss, box_bounds, check_loss, check_norm, describe_step, eps_and_step_sizes, input_grad,
                      random_start, start_point)
 
@@ -308,10 +312,9 @@ def pgd_sweep_multi(models: Sequence[torch.nn.Module], x, y, eps, *, norm: str =
     eps_list, alphas = eps_and_step_sizes(eps, step_size, steps, norm)
     t0 = time.perf_counter()
     info: dict = {"models": M, "points": N}
-    was = [m.training for m in models]
-    for m in models:
-        m.eval()
-    try:
+    with ExitStack() as modes:
+        for m in models:
+            modes.enter_context(eval_mode(m))
         F_ = None
         chosen = layout
         if layout != "sequential" and M > 1:
@@ -345,8 +348,7 @@ def pgd_sweep_multi(models: Sequence[torch.nn.Module], x, y, eps, *, norm: str =
                        for i, m in enumerate(models)]
         else:
             counters = {"grad_rows": 0, "fwd_rows": 0}
-            mb = int(max_batch) if max_batch else M * auto_max_batch(models[0], xs[0], N)
-            oom = 0
+            mb = Backoff(int(max_batch) if max_batch else M * auto_max_batch(models[0], xs[0], N), floor=M)
             order = sorted(range(len(eps_list)), key=lambda i: eps_list[i])
             inv = sorted(range(len(order)), key=lambda j: order[j])  # sorted position of each given eps
             sweep = Sweep(eps=[eps_list[i] for i in order], alphas=[alphas[i] for i in order], norm=norm,
@@ -354,14 +356,7 @@ def pgd_sweep_multi(models: Sequence[torch.nn.Module], x, y, eps, *, norm: str =
                           warm_start=bool(warm_start))
             shape = tuple(xs[0].shape[1:])
             grad = StackedGradient(F_, M, shape, loss)
-            while True:
-                try:
-                    clean, robust, x_adv, brk = _stacked_sweep(grad, xs, ys, sweep, seed, mb, counters)
-                    break
-                except Exception as exc:  # noqa: BLE001
-                    if not is_oom(exc) or mb <= M:
-                        raise
-                    mb, oom = max(M, mb // 2), oom + 1
+            clean, robust, x_adv, brk = mb.run(lambda b: _stacked_sweep(grad, xs, ys, sweep, seed, b, counters))
             robust, x_adv, brk = robust[inv], x_adv[inv], brk[inv]
             secs = time.perf_counter() - t0
             results = []
@@ -373,12 +368,9 @@ def pgd_sweep_multi(models: Sequence[torch.nn.Module], x, y, eps, *, norm: str =
                                                "restarts": int(restarts), "loss": loss,
                                                "random_start": bool(random_start), "seed": int(seed),
                                                "clean": clean[m], "broken_step": brk[:, m],
-                                               "max_batch": mb, "oom_backoffs": oom, "schedule": "stacked",
+                                               "max_batch": mb.batch, "oom_backoffs": mb.ooms, "schedule": "stacked",
                                                "seconds": secs}))
             info["grad_rows"], info["fwd_rows"] = counters["grad_rows"], counters["fwd_rows"]
-    finally:
-        for m, w in zip(models, was):
-            m.train(w)
     info["seconds"] = time.perf_counter() - t0
     return MultiResult(results=results, info=info)
 

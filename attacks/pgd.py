@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from lawbench.base.memory import Backoff
+
 from .ascent import Ascent, ModelGradient, Rows, ascend
 from .errors import AttackError
 from .randomized import Randomized, majority_misclassified
@@ -50,17 +52,6 @@ class PGDResult:
 
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
-
-def is_oom(exc: BaseException) -> bool:
-    """True for device out-of-memory errors (CUDA OutOfMemoryError, CPU allocator failures)."""
-    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
-        return True
-    if isinstance(exc, RuntimeError):
-        msg = str(exc).lower()
-        return ("out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg
-                or "failed to allocate" in msg)
-    return False
-
 
 def auto_max_batch(model, x, n) -> int:
     """Rows per pass: all points unless an estimate of activation memory says otherwise."""
@@ -357,18 +348,9 @@ def pgd_sweep(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     sweep = Sweep(eps=eps_sorted, alphas=alphas, norm=norm, steps=int(steps), restarts=int(restarts),
                   random_start=bool(random_start), targeted=bool(targeted), warm_start=bool(warm_start))
     rows_per_point = (len(eps_list) * int(restarts)) if schedule == "joint" else 1
-    mb = int(max_batch) if max_batch else auto_max_batch(model, x, N * rows_per_point)
-    oom = 0
-
-    # clean predictions (with back-off)
-    while True:
-        try:
-            pred = predict(model, x, mb)
-            break
-        except Exception as exc:  # noqa: BLE001
-            if not is_oom(exc) or mb <= 1:
-                raise
-            mb, oom = max(1, mb // 2), oom + 1
+    mb = Backoff(int(max_batch) if max_batch else auto_max_batch(model, x, N * rows_per_point), log=log,
+                 what="pgd: max_batch")
+    pred = mb.run(lambda b: predict(model, x, b))  # clean predictions
     counters["fwd_rows"] += N
     clean = pred == y
     robust_s = torch.zeros(E, N, dtype=torch.bool, device=dev)
@@ -376,22 +358,18 @@ def pgd_sweep(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     brk_s = torch.full((E, N), -1, dtype=torch.long, device=dev)
     idx = torch.nonzero(clean).flatten()
     s = 0
-    while s < idx.numel():
-        joint = schedule == "joint" and mb >= rows_per_point
-        rows = idx[s:s + (mb // rows_per_point if joint else mb)]
+    def chunk(b: int, s: int):
+        """The sweep on the next points from s, as many as a batch of b rows holds."""
+        joint = schedule == "joint" and b >= rows_per_point
+        rows = idx[s:s + (b // rows_per_point if joint else b)]
         gen = torch.Generator(device=dev)
         gen.manual_seed(int(seed) * 1_000_003 + s)
-        try:
-            fn = _sweep_joint if joint else _sweep_chunk
-            r_, xa_, b_ = fn(grad, x_flat[rows], y[rows], None if target is None else target.to(dev)[rows], sweep,
-                             gen, counters)
-        except Exception as exc:  # noqa: BLE001
-            if not is_oom(exc) or mb <= 1:
-                raise
-            mb, oom = max(1, mb // 2), oom + 1
-            if log:
-                log(f"pgd: out of memory, max_batch -> {mb}")
-            continue
+        fn = _sweep_joint if joint else _sweep_chunk
+        return rows, fn(grad, x_flat[rows], y[rows], None if target is None else target.to(dev)[rows], sweep, gen,
+                        counters)
+
+    while s < idx.numel():
+        rows, (r_, xa_, b_) = mb.run(lambda b: chunk(b, s))
         robust_s[:, rows] = r_
         x_adv_s[:, rows] = xa_
         brk_s[:, rows] = b_
@@ -406,7 +384,7 @@ def pgd_sweep(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
         "restarts": int(restarts),
         "loss": loss, "targeted": bool(targeted), "random_start": bool(random_start), "seed": int(seed),
         "clean": clean, "broken_step": brk_s[inv], "grad_rows": counters["grad_rows"],
-        "fwd_rows": counters["fwd_rows"], "max_batch": mb, "oom_backoffs": oom,
+        "fwd_rows": counters["fwd_rows"], "max_batch": mb.batch, "oom_backoffs": mb.ooms,
         "seconds": time.perf_counter() - t_start, "schedule": schedule,
         "warm_start": bool(warm_start) and schedule == "sequential",
     }

@@ -18,6 +18,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from lawbench.base.modes import eval_mode
+
 from .errors import AttackError
 from .randomized import Randomized, majority_misclassified
 
@@ -141,17 +143,13 @@ def predict(model: torch.nn.Module, x: torch.Tensor, batch: int | None = None) -
 def misclassified(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int | None = None) -> torch.Tensor:
     """Bool (N,): argmax of the model in eval mode differs from y (the model's mode is restored). A randomized model
     (attacks.randomized.Randomized) misclassifies a point when most of its vote draws do (a tie is no majority)."""
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if isinstance(model, Randomized):
             n = x.shape[0]
             b = n if not batch else max(1, int(batch))
             parts = [majority_misclassified(model, x[s:s + b], y[s:s + b]) for s in range(0, n, b)]
             return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool, device=x.device)
         pred = predict(model, x, batch)
-    finally:
-        model.train(was)
     return pred != y.to(pred.device)
 
 

@@ -12,6 +12,7 @@ import math
 import os
 from pathlib import Path
 
+from lawbench.base.files import atomic_write_text
 from lawbench.reports.rows import read_rows_file
 
 
@@ -133,16 +134,7 @@ CELLS_DIR = "cells"
 
 def write_cell_file(out_dir: str | Path, cid: str, payload: dict) -> Path:
     """Atomically (a temporary file, fsync, rename): a task killed mid-write leaves no half file behind."""
-    folder = Path(out_dir) / CELLS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{cid}.json"
-    tmp = folder / f".{cid}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(_finite(payload), fh, allow_nan=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(Path(out_dir) / CELLS_DIR / f"{cid}.json", json.dumps(_finite(payload), allow_nan=False))
 
 
 def read_cell_file(path: Path) -> dict | None:

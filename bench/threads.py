@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lawbench.base.modes import eval_mode
+
 # Multiply-adds of Linear and Conv2d layers in one forward at the phase's batch from which the phase uses the whole
 # budget. Measured here (2 cores, quiet): an MNIST MLP forward+backward runs 1.3-1.8x faster on 2 threads from 1.6e7
 # multiply-adds up; beside a busy process a descheduled thread stalls each op for a scheduler slice (~4 ms), which
@@ -92,15 +94,12 @@ def forward_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
 
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     hooks = [m.register_forward_hook(count) for m in layers]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(x)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return total[0]
 
 

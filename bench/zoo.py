@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from lawbench.base.files import atomic_output, atomic_write_text
 
 
 def cache_dir(arg) -> Path:
@@ -28,11 +29,8 @@ def trained(name, build, train_fn, cache: Path, log):
             pass
     log(f"training {name} ...")
     train_fn(model)
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
-    os.close(fd)
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as f:
+        torch.save(model.state_dict(), f)
     return model.eval(), False
 
 
@@ -45,7 +43,4 @@ def small_cnn() -> torch.nn.Module:
 
 def write_json(path, res: dict) -> None:
     """The results as JSON at `path`, atomically (a temporary file renamed into place)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(res, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(res, indent=2, default=str) + "\n")

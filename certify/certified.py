@@ -8,6 +8,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from lawbench.base.modes import eval_mode
+
 from ._linalg import lapack_threads
 from ._walk import CertifyError, float64_copy
 
@@ -121,14 +123,9 @@ def certified_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, upper, n
         todo = torch.ones(len(x), dtype=torch.bool)
         radii = torch.zeros(len(x), dtype=torch.float64)
         if skip_below > 0:
-            was = [(m, m.training) for m in model.modules()]
-            model.eval()
-            try:
+            with eval_mode(model):
                 dtype = next((p.dtype for p in model.parameters()), torch.float32)
                 f = _logits(model, x, dev, dtype, batch_size)
-            finally:
-                for m, flag in was:
-                    m.training = flag
             radii = _radii_from_logits(f, y, upper, nm, d, fp_margin)
             todo = radii >= skip_below
         if bool(todo.any()):

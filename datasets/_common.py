@@ -8,15 +8,15 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import secrets
 import urllib.request
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import torch
+
+from lawbench.base.files import atomic_output
 
 __all__ = [
     "DatasetError",
@@ -25,7 +25,6 @@ __all__ = [
     "cache_dir",
     "data_root",
     "md5_file",
-    "atomic_write_bytes",
     "make_rng",
     "stratified_indices",
     "inject_label_noise",
@@ -131,34 +130,6 @@ def md5_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
                 break
             h.update(b)
     return h.hexdigest()
-
-
-@contextmanager
-def atomic_output(path: str | os.PathLike):
-    """A binary file beside `path`: fsynced and renamed onto it when the block succeeds, removed when it fails.
-    It gets the mode a plain open() would give (0666 minus the umask), not the temporary file's 0600."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # os.open with 0o666 lets the umask decide the mode, as for any new file (mkstemp: 0600)
-    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_output(path) as f:
-        f.write(data)
 
 
 def file_key(paths: Iterable[Path]) -> tuple:

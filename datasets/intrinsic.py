@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._common import DatasetError, atomic_write_bytes, cache_dir, make_rng
+from lawbench.base.files import atomic_write_bytes
+
+from ._common import DatasetError, cache_dir, make_rng
 
 __all__ = ["intrinsic_dimension", "dataset_d_eff", "D_EFF_CACHE_FILE"]
 

@@ -14,6 +14,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from lawbench.base.names import did_you_mean
+
 from ._common import (
     STREAM_GEN_TEST, STREAM_GEN_TRAIN, STREAM_NOISE, STREAM_SPLIT, STREAM_TEST, STREAM_TRAIN,
     DatasetError, DatasetMeta, Split, check_int, check_label_noise, inject_label_noise, make_rng,
@@ -287,7 +289,7 @@ def load_dataset(name: str = DEFAULT_DATASET, *, n_train: int | None = None, n_t
     key = _ALIASES.get(key, key)
     entry = _DATASETS.get(key)
     if entry is None:
-        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(_DATASETS)}")
+        raise DatasetError(f"unknown dataset {name!r}{did_you_mean(name, _DATASETS)}; known: {', '.join(_DATASETS)}")
     unknown = sorted(set(options) - set(entry.options))
     if unknown:
         known = ", ".join(entry.options) or "none"

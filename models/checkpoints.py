@@ -17,16 +17,16 @@ import hashlib
 import os
 import pickle
 import re
-import secrets
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from lawbench.base.files import atomic_output
 
 from .registry import ModelError, _one_line, get_model
 
@@ -58,27 +58,6 @@ def _check_sha(value, where: str) -> str:
     return value.strip().lower()
 
 
-@contextmanager
-def _atomic_output(target: Path):
-    """A binary file beside `target`: fsynced and renamed onto it when the block succeeds, removed when it fails.
-    It gets the mode a plain open() would give (0666 minus the umask), not the temporary file's 0600."""
-    # os.open with 0o666 lets the umask decide the mode, as for any new file (mkstemp: 0600)
-    tmp = str(target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def save_checkpoint(module: nn.Module, path: str | os.PathLike, *, meta: dict | None = None) -> Path:
     """Write ``{"state_dict": ..., "meta": ...}`` atomically (temporary file in the same folder, fsync, os.replace).
 
@@ -91,7 +70,7 @@ def save_checkpoint(module: nn.Module, path: str | os.PathLike, *, meta: dict | 
     payload: dict = {"state_dict": state}
     if meta is not None:
         payload["meta"] = dict(meta)
-    with _atomic_output(path) as f:
+    with atomic_output(path) as f:
         torch.save(payload, f)
     try:  # make the rename durable
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -316,7 +295,7 @@ def fetch_checkpoint(url: str, sha256: str, *, cache_dir: str | os.PathLike | No
     target = cache / f"{sha[:16]}-{base}"
     if target.is_file() and sha256_file(target) == sha:
         return target
-    with _atomic_output(target) as out:
+    with atomic_output(target) as out:
         h = hashlib.sha256()
         try:
             with urllib.request.urlopen(url, timeout=timeout) as resp:

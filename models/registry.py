@@ -1,7 +1,6 @@
 """Model registry (torchvision ``register_model`` / timm style), parameter counting and plugin loading."""
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import importlib
 import importlib.metadata
@@ -17,6 +16,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from lawbench.base.names import did_you_mean
 
 __all__ = ["ModelError", "ModelEntry", "register_model", "unregister_model", "list_models", "get_entry", "get_model",
            "count_params", "param_count", "load_plugin", "load_entry_points", "ENTRY_POINT_GROUP",
@@ -114,9 +115,8 @@ def get_entry(name: str) -> ModelEntry:
     except (KeyError, TypeError):
         pass
     known = sorted(_REGISTRY)
-    close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise ModelError(f"unknown model {name!r}{hint} (known: {', '.join(known) or 'none'})")
+    raise ModelError(f"unknown model {name!r}{did_you_mean(name, known, n=3, cutoff=0.5)} "
+                     f"(known: {', '.join(known) or 'none'})")
 
 
 def _check_in_shape(in_shape, where: str) -> tuple[int, ...]:
