@@ -100,7 +100,8 @@ def _one_line(text) -> str:
 
 
 def skipped_rows_warning(path, parsed) -> str | None:
-    """'warning: results.jsonl: skipped 1 torn last line and 2 malformed rows (lines 3, 7)', or None."""
+    """'warning: results.jsonl: skipped 1 torn last line and 2 malformed rows (lines 3, 7)' (and rows that break the
+    row schema, with the first problem of the first), or None."""
     parts = []
     if parsed.torn_tail:
         parts.append("1 torn last line")
@@ -108,6 +109,11 @@ def skipped_rows_warning(path, parsed) -> str | None:
         n = len(parsed.malformed)
         parts.append(f"{n} malformed row{'s' if n > 1 else ''} (line{'s' if n > 1 else ''} "
                      f"{', '.join(map(str, parsed.malformed))})")
+    if parsed.invalid:
+        n = len(parsed.invalid)
+        line, why = parsed.invalid[0]
+        parts.append(f"{n} row{'s' if n > 1 else ''} that break{'' if n > 1 else 's'} the row schema (line"
+                     f"{'s' if n > 1 else ''} {', '.join(str(i) for i, _ in parsed.invalid)}; line {line}: {why})")
     return f"warning: {path}: skipped {' and '.join(parts)}" if parts else None
 
 

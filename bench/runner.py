@@ -9,7 +9,6 @@ import math
 import os
 import time
 import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,30 +24,18 @@ from bench import smooth
 from bench import threads
 from bench.spec import LEGACY_ATTACKS, SMOOTH_KEYS, cell_id, train_key
 from bench.train import TrainConfig, train
-from lawbench.reports.rows import TRUST_FLAGS, eps_key
+from lawbench.base.files import atomic_write_text
+from lawbench.base.timing import Timer
+from lawbench.reports.schema import ACC_CHAIN, FIELDS, REQUIRED_KEYS, TRUST_FLAGS, check_row, eps_key, undeclared
 
 INVARIANT_TOL = 1e-9
 # what a smooth row records of its search
 MARGIN_QUANTILE = 0.01  # the training-margin percentile rows record beside the smallest margin
-SMOOTH_ROW_KEYS = ("smooth_penalty", "smooth_searched", "smooth_trace", "smooth_base", "smooth_output_scale",
-                   "smooth_attempts", "smooth_winner", "smooth_erm_bound", "smooth_bound_method", "smooth_no_gain")
+SMOOTH_ROW_KEYS = tuple(f.name for f in FIELDS if f.name.startswith("smooth_"))
 
 
 class InvariantError(AssertionError):
     """A row broke cert <= robust <= pgd <= clean or lip_lower <= lip_upper: a bug, never a result."""
-
-
-class Timer:
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, phase: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
 _DATA_CACHE: dict[str, datasets.Split] = {}
@@ -75,9 +62,7 @@ def erm_cell(cell: dict) -> dict:
 
 
 def _write_meta(meta_path: Path, meta: dict) -> None:
-    tmp = meta_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, meta_path)
+    atomic_write_text(meta_path, json.dumps(meta))
 
 
 def _train_or_load(model, data, cell, ckpt_dir: Path, device, phase, chooser: threads.ThreadChooser) -> dict:
@@ -279,11 +264,18 @@ def isoperimetry_constant(meta) -> float:
 
 
 def check_invariants(row: dict) -> None:
-    """cert_acc <= robust_acc <= pgd_acc <= clean_acc per eps, and lip_lower <= lip_upper."""
+    """The row matches its schema (reports.schema: every key declared, every value of its type and range), and
+    cert_acc <= robust_acc <= pgd_acc <= clean_acc per eps (ACC_CHAIN), robust_acc <= autoattack_acc, and
+    lip_lower <= lip_upper."""
+    extra = undeclared(row)
+    if extra:
+        raise InvariantError(f"row keys not declared in reports.schema: {', '.join(extra)}")
+    problems = check_row(row)
+    if problems:
+        raise InvariantError(f"row breaks reports.schema: {'; '.join(problems)}")
     for e in row["eps"]:
         k = eps_key(e)
-        chain = [("cert", row["cert_acc"][k]), ("robust", row["robust_acc"][k]), ("pgd", row["pgd_acc"][k]),
-                 ("clean", row["clean_acc"])]
+        chain = [(key[:-4], row[key] if key == "clean_acc" else row[key][k]) for key in ACC_CHAIN]
         chain = [(name, v) for name, v in chain if v is not None]  # an uncertified row has no cert_acc
         aa = row["autoattack_acc"].get(k)
         if aa is not None and row["robust_acc"][k] > aa + INVARIANT_TOL:
@@ -296,18 +288,18 @@ def check_invariants(row: dict) -> None:
 
 
 def base_row(cell: dict) -> dict:
-    """The identifying part of a row; the measured keys start as null so a failed row has every contract key."""
-    return {
-        "cell_id": cell_id(cell), "bench_version": __version__, "status": "failed", "error": None,
-        "dataset": cell["dataset"], "data_source": None, "n_train": None, "n_test": None, "d": None, "d_eff": None,
-        "label_noise": cell["label_noise"], "num_classes": None, "model": cell["model"], "family": None,
-        "width": cell["width"], "params": None, "recipe": cell["recipe"], "train_eps": cell["train_eps"],
-        "seed": cell["seed"], "device": None, "train_acc": None, "noisy_fit": None, "interpolates": None,
-        "clean_acc": None, "threat": cell["threat"],
-        "eps": list(cell["eps"]), "pgd_acc": None, "autoattack_acc": None, "robust_acc": None, "cert_acc": None,
-        "lip_upper": None, "lip_lower": None, "ratio": None, "ratio_eff": None, "law_scale": None,
-        "aa_flags": [], "timings": {}, "autoattack": cell["autoattack"], "cell": cell,
-    }
+    """The identifying part of a row: every required key of reports.schema, the measured ones null until measured,
+    so a failed row has them all."""
+    row = dict.fromkeys(REQUIRED_KEYS)
+    row.update({
+        "cell_id": cell_id(cell), "bench_version": __version__, "status": "failed",
+        "dataset": cell["dataset"], "label_noise": cell["label_noise"], "model": cell["model"],
+        "width": cell["width"], "recipe": cell["recipe"], "train_eps": cell["train_eps"], "seed": cell["seed"],
+        "threat": cell["threat"], "eps": list(cell["eps"]), "aa_flags": [], "timings": {},
+        "autoattack": cell["autoattack"], "cell": cell, "interpolates": None, "noisy_fit": None,
+        "data_source": None,
+    })
+    return row
 
 
 @dataclass(frozen=True)

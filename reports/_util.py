@@ -1,4 +1,4 @@
-"""Small helpers shared by the report writers: tolerant value access, number formatting, atomic writes.
+"""Small helpers shared by the report writers: tolerant value access and number formatting.
 
 Rows come from a file that other programs (or people) write, so every accessor here tolerates a missing key, a null,
 a wrong type, NaN, or an accuracy map keyed by strings or numbers. Nothing here raises on bad row content.
@@ -6,16 +6,11 @@ a wrong type, NaN, or an accuracy map keyed by strings or numbers. Nothing here 
 from __future__ import annotations
 
 import math
-import os
-import secrets
-from pathlib import Path
 
-from .rows import TRUST_FLAGS
+from .schema import ACC_KEYS, TRUST_FLAGS, parse_eps_key
 
 
 MISSING = "\u2013"  # en dash: how every missing/null value is rendered
-
-ACC_KEYS = ("pgd_acc", "autoattack_acc", "robust_acc", "cert_acc")
 
 
 def num(value) -> float | None:
@@ -58,7 +53,7 @@ def acc_map(row: dict, key: str) -> dict[float, float | None]:
     if not isinstance(raw, dict):
         return out
     for k, v in raw.items():
-        e = num(k)
+        e = parse_eps_key(k)
         if e is None:
             continue
         out[e] = num(v)
@@ -66,23 +61,17 @@ def acc_map(row: dict, key: str) -> dict[float, float | None]:
 
 
 def acc_at(row: dict, key: str, eps: float | None) -> float | None:
-    """Accuracy of map `key` at eps (matched by value with a tiny tolerance), or None."""
+    """Accuracy of map `key` at eps (its key read back by reports.schema.parse_eps_key), or None."""
     if eps is None:
         return None
-    m = acc_map(row, key)
-    if eps in m:
-        return m[eps]
-    for e, v in m.items():
-        if math.isclose(e, eps, rel_tol=1e-9, abs_tol=1e-12):
-            return v
-    return None
+    return acc_map(row, key).get(float(eps))
 
 
 # how every report marks a robust accuracy that no AutoAttack-grade attack verified, and says why (UNVERIFIED_NOTE)
 UNVERIFIED_MARK = "†"
 UNVERIFIED_NOTE = (f"{UNVERIFIED_MARK} unverified: only PGD (or a weaker attack) ran at this eps, so the robust "
                    "accuracy is an upper bound, not a figure verified at AutoAttack grade")
-# how reports mark rows whose attacks may have been fooled (a flag of reports.rows.TRUST_FLAGS)
+# how reports mark rows whose attacks may have been fooled (a flag of reports.schema.TRUST_FLAGS)
 FLAGGED_MARK = "⚠"
 
 
@@ -93,11 +82,7 @@ def verified_at(row: dict, eps: float | None) -> bool:
         return True
     m = row.get("verified")
     if isinstance(m, dict):
-        for k, v in m.items():
-            e = num(k)
-            if e is not None and math.isclose(e, eps, rel_tol=1e-9, abs_tol=1e-12):
-                return v is True
-        return False
+        return any(parse_eps_key(k) == float(eps) and v is True for k, v in m.items())
     return acc_at(row, "autoattack_acc", eps) is not None or acc_at(row, "robust_acc", eps) == 0
 
 
@@ -122,20 +107,17 @@ def row_eps(row: dict) -> list[float]:
     found: list[float] = []
     raw = row.get("eps")
     if isinstance(raw, (list, tuple)):
-        found.extend(e for e in (num(x) for x in raw) if e is not None)
-    elif num(raw) is not None:
-        found.append(num(raw))
+        found.extend(e for e in (parse_eps_key(x) for x in raw) if e is not None)
+    elif parse_eps_key(raw) is not None:
+        found.append(parse_eps_key(raw))
     for key in ACC_KEYS:
         found.extend(acc_map(row, key))
     return dedupe_eps(found)
 
 
 def dedupe_eps(values) -> list[float]:
-    out: list[float] = []
-    for e in sorted(values):
-        if not out or not math.isclose(out[-1], e, rel_tol=1e-9, abs_tol=1e-12):
-            out.append(e)
-    return out
+    """The distinct eps, sorted (keys are read back exactly: reports.schema.parse_eps_key)."""
+    return sorted({float(e) for e in values})
 
 
 def row_ratio(row: dict, which: str = "ratio") -> float | None:
@@ -224,35 +206,6 @@ def fmt_ci(res: dict) -> str:
     if lo is None or hi is None:
         return MISSING
     return f"[{lo:.3f}, {hi:.3f}]"
-
-
-# ------------------------------------------------------------------------------------------------------------ writing
-
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder and os.replace (never a half-written file).
-    The file gets the mode a plain open() would give (0666 minus the umask), so a report can be shared or served."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # os.open with 0o666 lets the umask decide the mode, as for any new file (mkstemp: 0600)
-    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
-
-
-def atomic_write_text(path: Path, data: str) -> Path:
-    return atomic_write_bytes(path, data.encode("utf-8"))
 
 
 def row_suite(row: dict) -> list[str]:

@@ -12,7 +12,7 @@ import csv
 import io
 
 from ._util import ACC_KEYS, acc_at, dedupe_eps, num, row_eps, row_law_scale, row_ratio, text, verified_at
-from .rows import eps_key
+from .schema import eps_key
 from .table import headline_eps, row_flags
 
 SCALARS = ("cell_id", "bench_version", "status", "error", "dataset", "n_train", "n_test", "d", "d_eff", "label_noise",

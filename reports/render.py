@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._util import atomic_write_bytes, atomic_write_text
+from lawbench.base.files import atomic_write_bytes, atomic_write_text
+
 from .csvexport import render_csv
 from .htmlpage import render_html
 from .markdown import render_markdown

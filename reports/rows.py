@@ -7,27 +7,11 @@ store (RowsError naming the file and line); a report (strict=False) skips the li
 from __future__ import annotations
 
 import json
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REQUIRED_KEYS = (
-    "cell_id", "bench_version", "status", "error", "dataset", "n_train", "n_test", "d", "d_eff", "label_noise",
-    "num_classes", "model", "family", "width", "params", "recipe", "train_eps", "seed", "device", "train_acc",
-    "clean_acc", "threat", "eps", "pgd_acc", "autoattack_acc", "robust_acc", "cert_acc", "lip_upper", "lip_lower",
-    "ratio", "ratio_eff", "law_scale", "aa_flags", "timings",
-)
-
-
-# flags that say a row's attacks may have been fooled (gradient masking, randomness, scaled logits); the runner copies
-# AutoAttack's and the suite's into the row's `flags`, reports mark rows carrying one (in `flags` or `aa_flags`)
-TRUST_FLAGS = ("randomized", "softmax_output", "zero_gradients", "square_beats_whitebox", "dynamic",
-               "softmax_saturated")
-
-
-def eps_key(eps: float) -> str:
-    """The key of an eps in a row's accuracy maps: the shortest text that round-trips the float ("0.1", "1.0")."""
-    return repr(float(eps))
-
+from .schema import check_row
 
 class RowsError(ValueError):
     """A results file that cannot be read; the message names the file and line."""
@@ -38,15 +22,23 @@ class RowsFile:
     rows: list[dict] = field(default_factory=list)
     torn_tail: bool = False  # the last line was incomplete (a run killed while writing it)
     malformed: list[int] = field(default_factory=list)  # line numbers skipped as not a JSON object (strict=False)
+    invalid: list[tuple[int, str]] = field(default_factory=list)  # (line, first problem): rows that break the row
+    # schema (reports.schema), skipped (strict=False)
 
 
 def read_rows_file(path: str | Path, strict: bool = True) -> RowsFile:
     """Every row of a results file. strict: a malformed line other than a torn last one is a RowsError; otherwise
-    it is skipped and its line number listed in `malformed`."""
+    it is skipped and its line number listed in `malformed`, and a row that breaks the row schema (a value of the
+    wrong type, not finite, out of range; a required key missing) is skipped and listed in `invalid`. The writer
+    (strict) judges JSON only: the rows it reads back are its own, and it needs their cell_id and status alone.
+    Anything but a regular file (a FIFO would block the read forever, a device never ends) is a RowsError."""
     path = Path(path)
     if not path.exists():
         return RowsFile()
     try:
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):
+            raise RowsError(f"{path}: not a regular file (a {_file_kind(mode)}); a results file is needed")
         data = path.read_bytes()
     except OSError as exc:
         raise RowsError(f"{path}: cannot read results file ({exc.strerror or type(exc).__name__})") from None
@@ -68,8 +60,21 @@ def read_rows_file(path: str | Path, strict: bool = True) -> RowsFile:
                 out.malformed.append(i)
                 continue
             raise RowsError(f"{path}:{i}: malformed result row ({exc})") from None
+        if not strict:
+            problems = check_row(row)
+            if problems:
+                out.invalid.append((i, problems[0]))
+                continue
         out.rows.append(row)
     return out
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISDIR, "directory"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
 
 
 def read_rows(path: str | Path, strict: bool = True) -> list[dict]:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import bench_cli, run_in_process
-from lawbench.reports.rows import REQUIRED_KEYS
+from lawbench.reports.schema import REQUIRED_KEYS
 
 
 def valid_row() -> dict:
@@ -113,6 +113,13 @@ def store_at(ctx: Ctx, name: str, make) -> list[str]:
 def malformed(folder: Path) -> None:
     good = json.dumps(valid_row())
     (folder / "results.jsonl").write_text(f"{good}\nnot json\n{good}\n")
+
+
+def fifo_results(ctx: Ctx, command: str) -> list[str]:
+    """results.jsonl is a named pipe: reading it would block forever (nobody writes to it)."""
+    (ctx.out / "results.jsonl").unlink()
+    os.mkfifo(ctx.out / "results.jsonl")
+    return [command]
 
 
 def garbage_entry(ctx: Ctx) -> list[str]:
@@ -241,6 +248,7 @@ CASES = [
     ("results-is-a-directory", lambda c: store_at(c, "dirstore", lambda d: (d / "results.jsonl").mkdir()),
      "results.jsonl", False),
     ("results-malformed-middle-line", lambda c: store_at(c, "bad", malformed), "results.jsonl:2", False),
+    ("results-is-a-fifo", lambda c: fifo_results(c, RUN), "not a regular file (a FIFO)", True),
     ("logs-is-a-file", lambda c: store_at(c, "logsfile", lambda d: (d / "logs").write_text("x")), "logs", False),
     ("checkpoints-is-a-file", lambda c: store_at(c, "ckptfile", lambda d: (d / "checkpoints").write_text("x")),
      "checkpoints", False),
@@ -249,6 +257,7 @@ CASES = [
     ("report-dir-is-a-file", report_dir_is_a_file, "report", True),
     ("report-out-empty", lambda c: [REPORT, "--out", ""], "--out", False),
     ("report-no-results", lambda c: [REPORT, "--out", str(c.tmp / "empty")], "results.jsonl", False),
+    ("report-results-is-a-fifo", lambda c: fifo_results(c, REPORT), "not a regular file (a FIFO)", True),
 ]
 
 
@@ -263,6 +272,8 @@ def snapshot(root: Path) -> dict:
                 out[str(p.relative_to(root))] = ("link", os.readlink(p))
             elif stat.S_ISDIR(st.st_mode):
                 out[str(p.relative_to(root))] = ("dir", stat.S_IMODE(st.st_mode))
+            elif stat.S_ISFIFO(st.st_mode):  # never read: it would block
+                out[str(p.relative_to(root))] = ("fifo", stat.S_IMODE(st.st_mode))
             else:
                 out[str(p.relative_to(root))] = ("file", stat.S_IMODE(st.st_mode), p.read_bytes())
     return out
@@ -327,11 +338,40 @@ def test_report_says_which_lines_it_skipped(tmp_path, capsys):
     assert (tmp_path / "report" / "leaderboard.md").is_file()
 
 
+@pytest.mark.parametrize("key, value, why", [
+    ("clean_acc", {}, "clean_acc is {}, expected a finite number in [0, 1]"),
+    ("lip_lower", float("inf"), "lip_lower is inf, expected a finite number >= 0"),
+    ("params", "6370", "params is '6370', expected an integer >= 0"),
+    ("robust_acc", {"0.1": 1.5}, "robust_acc is {'0.1': 1.5}, expected a map eps"),
+    ("eps", "0.1", "eps is '0.1', expected a list of finite numbers"),
+    ("status", "done", "status is 'done', expected one of ok, failed"),
+    ("interpolates", "yes", "interpolates is 'yes', expected a boolean"),
+])
+def test_report_skips_rows_that_break_the_schema(tmp_path, capsys, key, value, why):
+    """A row of the wrong type, {} for a number, 1e999 (inf once parsed), an accuracy outside [0, 1] is named and
+    left out of every table, not rendered as if it were a result."""
+    from bench.cli import main
+    good, bad = valid_row(), valid_row()
+    bad[key] = value
+    bad["model"] = "bad-model"
+    text = json.dumps(bad).replace("Infinity", "1e999")
+    (tmp_path / "results.jsonl").write_text(f"{json.dumps(good)}\n{text}\n")
+    code = main(["report", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert err.startswith(f"warning: {tmp_path / 'results.jsonl'}: skipped 1 row that breaks the row schema "
+                          f"(line 2; line 2: "), err
+    assert why in err, err
+    for name in ("leaderboard.md", "results.csv"):
+        body = (tmp_path / "report" / name).read_text()
+        assert "bad-model" not in body and "mlp" in body
+
+
 def test_written_files_get_the_umask_mode(tmp_path):
     import torch
     from lawbench import models
-    from lawbench.datasets._common import atomic_write_bytes as data_write
-    from lawbench.reports._util import atomic_write_bytes as report_write
+    from lawbench.base.files import atomic_write_bytes as data_write
+    from lawbench.base.files import atomic_write_bytes as report_write
     old = os.umask(0o022)
     try:
         data_write(tmp_path / "cache.json", b"{}")

@@ -13,7 +13,8 @@ import time
 import pytest
 
 from conftest import ROOT, SUBPROCESS_ENV, TINY, bench_cli, run_in_process
-from lawbench.reports.rows import REQUIRED_KEYS, read_rows
+from lawbench.reports.rows import read_rows
+from lawbench.reports.schema import REQUIRED_KEYS, check_row, undeclared
 
 STANDARD_AA = ["apgd-ce", "apgd-t", "fab-t", "square"]  # pyautoattack's standard version, in its order
 
@@ -80,6 +81,7 @@ def test_tiny_sweep_writes_contract_rows_and_prints_table(tiny_run):
     assert sorted(r["width"] for r in rows) == [8, 32]
     for row in rows:
         assert set(REQUIRED_KEYS) <= set(row)
+        assert check_row(row) == [] and undeclared(row) == []  # every key declared, every value of its type
         assert row["dataset"] == "mnist5k" and row["n_train"] == 200 and row["n_test"] == 40 and row["d"] == 784
         assert row["data_source"] == "embedded"
         assert row["params"] == 784 * row["width"] + row["width"] + row["width"] * 10 + 10

@@ -18,7 +18,8 @@ import pytest
 from scipy import stats  # an independent Student t for the expected intervals (declared in the test extra)
 
 from lawbench import reports
-from lawbench.reports.rows import REQUIRED_KEYS, read_rows
+from lawbench.reports.rows import read_rows, read_rows_file
+from lawbench.reports.schema import REQUIRED_KEYS
 from lawbench.reports._util import UNVERIFIED_MARK
 
 D, N_TRAIN, N_TEST, NOISE, CLASSES = 784, 1000, 200, 0.2, 10
@@ -546,20 +547,26 @@ def test_bad_input_and_empty_store(tmp_path):
         reports.render(tmp_path / "results.jsonl", tmp_path, formats=("pdf",))
     files = reports.render(tmp_path, tmp_path)  # a folder holding an empty results.jsonl
     assert len(files) == 11 and "No successful rows." in (tmp_path / "report" / "leaderboard.md").read_text()
-    # rows with missing and malformed values render, never crash
+    # rows with missing and malformed values: the file's reader leaves them out (reports.schema), and the tables
+    # themselves, given them anyway, render them without crashing
     weird = [{"status": "ok", "dataset": "gauss", "threat": "L2", "model": "m", "family": "f", "width": "x",
               "params": None, "eps": "bad", "pgd_acc": {"nan": 1, "0.5": "0.4"}, "robust_acc": [1, 2],
               "lip_lower": float("nan"), "lip_upper": float("inf"), "seed": [1]},
              {"status": "running"}, {"status": "ok"}]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in weird))
+    parsed = read_rows_file(tmp_path / "results.jsonl", strict=False)
+    assert parsed.rows == [] and [i for i, _ in parsed.invalid] == [1, 2, 3]
     files = reports.render(tmp_path / "results.jsonl", tmp_path, formats=("md", "csv", "png"))
     assert [p.suffix for p in files] == [".md", ".csv", ".png", ".png", ".png", ".png"]
-    tables = md_tables((tmp_path / "report" / "leaderboard.md").read_text())
+    assert "No successful rows." in (tmp_path / "report" / "leaderboard.md").read_text()
+    from lawbench.reports.csvexport import render_csv
+    from lawbench.reports.markdown import render_markdown
+    tables = md_tables(render_markdown(weird, reports.build_views(weird)))
     (board,) = tables[("gauss · L2", "Leaderboard")]
     assert (board["model"], board["width"], board["eps"], board["PGD %"]) == ("m-wx", "x", "0.5", "40.00")
     assert (board["lip_upper"], board["lip_lower"], board["p"], board["clean %"]) == ("inf", "–", "–", "–")
     assert [r["status"] for r in tables[("Failed rows", None)]] == ["running"]
-    got = list(csv.DictReader(io.StringIO((tmp_path / "report" / "results.csv").read_text())))
+    got = list(csv.DictReader(io.StringIO(render_csv(weird))))
     assert [g["status"] for g in got] == ["ok", "running", "ok"]
     assert (got[0]["lip_upper"], got[0]["lip_lower"], got[0]["pgd_acc@0.5"]) == ("inf", "", "0.4")
 
