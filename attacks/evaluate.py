@@ -8,6 +8,8 @@ from typing import Callable, ContextManager, Sequence
 
 import torch
 
+from lawbench.base.modes import eval_mode
+
 from .cost import Passes, counted
 from .autoattack import MASKING_FLAGS, MASKING_SQUARE_RESTARTS, masking_restarts, run_autoattack  # noqa: F401
 from .pgd import AttackError, check_norm, pgd_sweep
@@ -86,9 +88,7 @@ def robust_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, nor
         suite = [] if off else [SuiteStep("autoattack", tuple([max(eps_list)] if aa_eps is None else aa_eps),
                                           {"version": autoattack})]
     suite = [SuiteStep(s.name, tuple(_on_sweep(s.eps, eps_list, s.name)), dict(s.options)) for s in suite]
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         target, flags = _as_attacked(model, x, log)
         target, counter = counted(target)  # every stage's forward and backward passes, in rows
         t0 = time.perf_counter()
@@ -104,8 +104,6 @@ def robust_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, nor
         state.flags |= flags
         for step in suite:
             state.run(step)
-    finally:
-        model.train(was_training)
     verified = {e: bool(state.verified.get(e)) or not bool(robust[e].any()) for e in eps_list}
     info = {
         "verified": verified,
@@ -215,31 +213,29 @@ class _SuiteState:
         self.passes = passes      # stage -> eps -> {"forward", "backward"} rows through the model
 
     def run(self, step: SuiteStep) -> None:
+        """One attack of the suite at each of its eps, on the points nothing broke yet, through the registry (the one
+        door for every attack, AutoAttack included)."""
+        from .registry import attack_entry
+        entry = attack_entry(step.name)
         t0 = time.perf_counter()
         for e in step.eps:
             self.verified[e] = self.verified.get(e, False) or step.verifies
             idx = torch.nonzero(self.robust[e]).flatten()
             if self.log:
-                log_what = step.options.get("version", "") if step.name == "autoattack" else ""
-                self.log(f"{step.name}: {log_what} {self.norm} eps={e} on {idx.numel()} points nothing broke yet"
-                         .replace(":  ", ": "))
+                self.log(f"{step.name}: {step.options.get('version', '')} {self.norm} eps={e} on {idx.numel()} "
+                         f"points nothing broke yet".replace(":  ", ": "))
+            info = {"attacks": [], "n_attacked": 0, "broken": 0, "masking_restarts": {}}
             if idx.numel() == 0:  # nothing left to attack at this eps
                 self._record(step.name, e, idx, torch.zeros(0, dtype=torch.bool, device=self.x.device), self.x[:0])
-                if step.name == "autoattack":
-                    self.aa_robust[e] = self.robust[e].clone()
-                    self.aa_info[e] = {"attacks": [], "n_attacked": 0, "broken": 0, "masking_restarts": {}}
-                continue
-            before = Passes(**self.counter.passes.as_dict())
-            with self.phase(idx.numel()):
-                if step.name == "autoattack":
-                    still, examples = self._autoattack(idx, e, step.options.get("version", "standard"),
-                                                       step.options.get("impl", "original"))
-                else:
-                    still, examples = self._registered(step, idx, e)
-            self.passes.setdefault(step.name, {})[e] = (self.counter.passes - before).as_dict()
-            self._record(step.name, e, idx, still, examples)
-            if step.name == "autoattack":  # robustness after the AutoAttack stage (robust_acc <= autoattack_acc)
+            else:
+                before = Passes(**self.counter.passes.as_dict())
+                with self.phase(idx.numel()):
+                    still, examples, info = self._attack(step, idx, e)
+                self.passes.setdefault(step.name, {})[e] = (self.counter.passes - before).as_dict()
+                self._record(step.name, e, idx, still, examples)
+            if entry.autoattack_stage:  # robustness after the AutoAttack stage (robust_acc <= autoattack_acc)
                 self.aa_robust[e] = self.robust[e].clone()
+                self.aa_info[e] = {k: v for k, v in info.items() if k != "flags"}
         self.seconds[step.name] = self.seconds.get(step.name, 0.0) + time.perf_counter() - t0
 
     def _record(self, name, e, idx, still, examples) -> None:
@@ -253,29 +249,30 @@ class _SuiteState:
             elif f >= e:
                 self.breaks[f].setdefault(name, 0)
 
-    def _autoattack(self, idx, e, version, impl):
-        x, y = self.x[idx], self.y[idx]
-        res = run_autoattack(self.model, x, y, e, norm=self.norm, version=version, seed=self.seed,
-                             batch_size=self.aa_batch, log=self.log, n_total=self.x.shape[0], impl=impl)
-        extra = masking_restarts(self.model, x, y, e, self.norm, res, self.seed, self.aa_batch, self.log, impl)
-        self.flags.update(res.flags)
-        self.aa_info[e] = dict(res.info, broken=int((~res.robust).sum()), masking_restarts=extra)
-        self.checks[e]["autoattack"] = res.info.get("check", {})
-        return res.robust, res.x_adv
-
-    def _registered(self, step, idx, e):
-        from .registry import get_attack
-        attack = get_attack(step.name, **{k: v for k, v in step.options.items() if k != "eps"})
+    def _attack(self, step, idx, e):
+        """(still robust, examples, the attack's info) on the points idx at e. Examples an attack validated itself
+        (its info carries the record of attacks.threat.check_attack) are taken as they are; any other attack's go
+        through that one check here, re-attacked at a smaller eps where projection undoes them."""
+        from .registry import attack_options, get_attack
+        options = {k: v for k, v in step.options.items() if k != "eps"}
+        accepted = attack_options(step.name)
+        for key, value in (("batch_size", self.aa_batch), ("n_total", self.x.shape[0])):
+            if key in accepted:
+                options.setdefault(key, value)
+        attack = get_attack(step.name, **options)
         x, y = self.x[idx], self.y[idx]
         out = attack.run(self.model, x, y, e, norm=self.norm, seed=self.seed, log=self.log)
+        self.flags.update(out.info.get("flags", []))
+        if "stages" in out.info:  # a suite's own account of its stages
+            self.details.setdefault(step.name, {})[e] = out.info["stages"]
+        if isinstance(out.info.get("check"), dict):
+            self.checks[e][step.name] = out.info["check"]
+            return out.robust, out.x_adv, out.info
         rerun = lambda j, ek, k: attack.run(self.model, x[j], y[j], ek, norm=self.norm,  # noqa: E731
                                              seed=self.seed + k).x_adv
         ck = check_attack(self.model, x, y, out.x_adv, e, self.norm, rerun=rerun, log=self.log)
         self.checks[e][step.name] = ck.info
-        self.flags.update(out.info.get("flags", []))
-        if "stages" in out.info:  # a suite's own account of its stages
-            self.details.setdefault(step.name, {})[e] = out.info["stages"]
-        return ~ck.broken, ck.x_adv
+        return ~ck.broken, ck.x_adv, out.info
 
 
 def _no_context(n_points: int) -> ContextManager:

@@ -17,7 +17,10 @@ from typing import Callable
 
 import torch
 
-from .autoattack import AA_ATTACKS, _ImageView, image_shape_for, run_autoattack
+from lawbench.base.modes import eval_mode
+from lawbench.base.names import did_you_mean
+
+from .autoattack import AA_ATTACKS, _ImageView, image_shape_for, masking_restarts, run_autoattack
 from .pgd import AttackError, check_norm, pgd_sweep
 from .threat import check_attack
 
@@ -35,6 +38,9 @@ class AttackEntry:
     # when `sweeps` (the fast suite), else at the headline eps (AutoAttack).
     verifies: bool = False
     sweeps: bool = False
+    # the pipeline's AutoAttack stage: robustness after it is the row's autoattack_acc, and its info (the attacks
+    # it ran, what each broke) the row's aa_attacks
+    autoattack_stage: bool = False
 
 
 @dataclass
@@ -45,7 +51,11 @@ class AttackOutput:
 
 
 class Attack:
-    """A configured attack: ``run(model, x, y, eps, *, norm, seed=0, log=None) -> AttackOutput``."""
+    """A configured attack: ``run(model, x, y, eps, *, norm, seed=0, log=None) -> AttackOutput``.
+
+    The output's info may carry "flags" (signs the attack may have been fooled: the row's aa_flags) and "check"
+    (the record of attacks.threat.check_attack when the attack validated its examples itself through it; a suite
+    then takes its verdict, and validates every other attack's examples through it)."""
 
     def __init__(self, entry: AttackEntry, kw: dict):
         self.entry = entry
@@ -66,15 +76,17 @@ _REGISTRY: dict[str, AttackEntry] = {}
 
 
 def register_attack(name: str, *, kind: str, norms=("Linf", "L2"), bounded: bool = True, description: str = "",
-                    verifies: bool = False, sweeps: bool = False):
+                    verifies: bool = False, sweeps: bool = False, autoattack_stage: bool = False):
     """Decorator registering ``fn(model, x, y, eps, *, norm, seed, log, **kw) -> AttackOutput`` under ``name``.
-    verifies: the attack is AutoAttack grade; sweeps: with no eps of its own it covers the sweep (AttackEntry)."""
+    verifies: the attack is AutoAttack grade; sweeps: with no eps of its own it covers the sweep;
+    autoattack_stage: it is the pipeline's AutoAttack (AttackEntry). A factory with a ``batch_size`` or ``n_total``
+    option gets the suite's batch and the size of the whole evaluation set unless the spec sets them."""
 
     def deco(fn):
         if name in _REGISTRY:
             raise AttackError(f"attack {name!r} is already registered")
         _REGISTRY[name] = AttackEntry(name, kind, tuple(norms), bounded, description, fn, bool(verifies),
-                                      bool(sweeps))
+                                      bool(sweeps), bool(autoattack_stage))
         return fn
 
     return deco
@@ -103,7 +115,8 @@ def attack_options(name: str) -> dict:
 
 def attack_entry(name: str) -> AttackEntry:
     if name not in _REGISTRY:
-        raise AttackError(f"unknown attack {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+        raise AttackError(f"unknown attack {name!r}{did_you_mean(name, _REGISTRY)}; known: "
+                          f"{', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
 
@@ -117,14 +130,10 @@ def get_attack(name: str, **kw) -> Attack:
 def _pgd_factory(loss: str, targeted: bool):
     def run(model, x, y, eps, *, norm, seed, log=None, steps=100, restarts=1, step_size=None, random_start=True,
             max_batch=None, loss=loss):
-        was = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             r = pgd_sweep(model, x, y, [eps], norm=norm, steps=steps, step_size=step_size, restarts=restarts,
                           loss=loss, targeted=targeted, random_start=random_start, seed=seed,
                           max_batch=max_batch, log=log)
-        finally:
-            model.train(was)
         info = {k: v for k, v in r.info.items() if k not in ("clean", "broken_step")}
         return AttackOutput(r.robust[0], r.x_adv[0], info)
 
@@ -144,21 +153,25 @@ register_attack("pgd-t", kind="pgd", description="our batched targeted PGD (marg
 # AutoAttack (pyautoattack)
 
 def _aa_factory(version):
-    def run(model, x, y, eps, *, norm, seed, log=None, batch_size=1000, version=version, impl="original"):
+    def run(model, x, y, eps, *, norm, seed, log=None, batch_size=1000, version=version, impl="original",
+            n_total=None):
+        """AutoAttack (its examples validated by attacks.threat.check_attack inside run_autoattack), then, where it
+        flags gradient masking, Square again from fresh starts on its survivors (masking_restarts)."""
         r = run_autoattack(model, x, y, eps, norm=norm, version=version, seed=seed, batch_size=batch_size, log=log,
-                           impl=impl)
-        info = dict(r.info)
-        info["flags"] = r.flags
+                           n_total=n_total, impl=impl)
+        extra = masking_restarts(model, x, y, eps, norm, r, seed, batch_size, log, impl)
+        info = dict(r.info, broken=int((~r.robust).sum()), masking_restarts=extra, flags=list(r.flags))
+        info["check"] = r.info.get("check", {})
         return AttackOutput(r.robust, r.x_adv, info)
 
     return run
 
 
-register_attack("autoattack", kind="autoattack", description="AutoAttack standard (pyautoattack): APGD-CE, "
-                "APGD-T, FAB-T, Square; its rand version on a randomized model", verifies=True)(
-    _aa_factory("standard"))
-register_attack("autoattack-plus", kind="autoattack", description="AutoAttack plus (pyautoattack)", verifies=True)(
-    _aa_factory("plus"))
+register_attack("autoattack", kind="autoattack", description="AutoAttack standard (pyautoattack, or our engine: "
+                "autoattack_impl): APGD-CE, APGD-T, FAB-T, Square; its rand version on a randomized model",
+                verifies=True, autoattack_stage=True)(_aa_factory("standard"))
+register_attack("autoattack-plus", kind="autoattack", description="AutoAttack plus (pyautoattack)", verifies=True,
+                autoattack_stage=True)(_aa_factory("plus"))
 for _a in AA_ATTACKS:
     register_attack(f"aa-{_a}", kind="autoattack", description=f"pyautoattack {_a.upper()} alone (standard "
                     "settings)")(_aa_factory([_a]))
@@ -197,15 +210,11 @@ def _ta_factory(cls_name: str, build: Callable, needs_image: bool = False, bound
             xf = x.detach().reshape(x.shape[0], -1)
             pad = view[1] * view[2] - d
             xi = (torch.cat([xf, xf.new_zeros(xf.shape[0], pad)], 1) if pad else xf).reshape(x.shape[0], *view)
-        was = model.training
-        model.eval()
-        devices = [x.device] if x.device.type == "cuda" else []
-        try:
+        with eval_mode(model):
+            devices = [x.device] if x.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
                 xa = build(cls, net, eps, norm, **kw)(xi, y)
-        finally:
-            model.train(was)
         return xa.reshape(x.shape[0], -1)[:, : math.prod(in_shape)].reshape(x.shape).detach()
 
     def run(model, x, y, eps, *, norm, seed, log=None, **kw):
@@ -292,4 +301,4 @@ for _name, _cls, _b, _norms, _bounded, _img, _desc in (
 for _alias in ("fgsm", "cw", "deepfool", "square", "bim", "mifgsm", "fab"):
     _e = _REGISTRY[f"ta-{_alias}"]
     _REGISTRY[_alias] = AttackEntry(_alias, _e.kind, _e.norms, _e.bounded, _e.description + f" (= ta-{_alias})",
-                                    _e.factory, _e.verifies, _e.sweeps)
+                                    _e.factory, _e.verifies, _e.sweeps, _e.autoattack_stage)

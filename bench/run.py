@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bench.spec import SpecError, build_spec, cell_id, expand
-from lawbench.reports.rows import eps_key
+from lawbench.reports.schema import eps_key
 
 
 def _split_args(items: list[str]) -> tuple[str, list[str]]:
@@ -106,11 +106,11 @@ def run_command(args, console: Console) -> int:
     from bench.plugins import load_models
     from bench.device import resolve_device
     preset, overrides = _split_args(args.args)
+    load_models(args.plugin)  # first: the spec may name the models and attacks its plugins register
     spec = build_spec(preset, overrides)
     check_out_dir(args.out)
     executor = executor_table(spec, args)  # a bad executor option is bad input, found before anything loads
     resolve_device(args.device)  # an unknown or absent device is bad input, found before the store opens
-    load_models(args.plugin)
     entries = read_entries(args.entry)
     cells = expand(spec, entries)
     resolve_widths(cells, args.data_dir)

@@ -12,10 +12,12 @@ import itertools
 import json
 import math
 from dataclasses import dataclass
+from typing import Callable
 from importlib import resources
 from pathlib import Path
 
 from lawbench.attacks.autoattack import AA_ATTACKS, IMPLS, check_native
+from lawbench.base.names import did_you_mean
 from lawbench.attacks.registry import attack_options, list_attacks
 from lawbench.attacks.threat import NORMS
 from bench.train import OPTIMIZERS, RECIPES
@@ -34,7 +36,13 @@ THREATS = NORMS                                   # the attack engine's norms: t
 AUTOATTACK_VERSIONS = ("standard", "plus", "off")  # pyautoattack's versions, or none
 AUTOATTACK_NAMES = AA_ATTACKS                      # the attacks a custom AutoAttack run may list (in its order)
 AUTOATTACK_IMPL = "original"                       # the default engine (README: why)
-ATTACK_NAMES = tuple(e.name for e in list_attacks())  # the attack registry: what `attacks` may name
+
+
+def attack_names() -> tuple:
+    """What `attacks` may name: the attack registry as it is now (plugins load before a spec is validated)."""
+    return tuple(e.name for e in list_attacks())
+
+
 # the PGD eps sweep, the fast suite at every other eps, AutoAttack at the headline eps: every eps verified
 DEFAULT_ATTACKS = ["pgd", "fast", "autoattack"]
 # what a cell without an `attacks` key runs: the suite before every eps was verified (such cells keep their ids)
@@ -61,10 +69,14 @@ class Key:
     lo_open: bool = False
     hi_open: bool = False
     choices: tuple = ()
-    names: tuple = ()
+    names: tuple | Callable[[], tuple] = ()  # a callable: a registry, read when a value is checked
     sweep: bool = False
     min_len: int = 0
     doc: str = ""
+
+    def known(self) -> tuple:
+        """The names a list may hold (a registry is read now: plugins may have added to it)."""
+        return tuple(self.names()) if callable(self.names) else tuple(self.names)
 
     def range_text(self) -> str:
         lo = None if self.lo is None else f"{'>' if self.lo_open else '>='} {self.lo:g}"
@@ -131,7 +143,7 @@ SCHEMA: dict[str, Key] = {
                            doc="the engine of AutoAttack and of the fast suite: native (ours: targets and restarts "
                                "as rows, every pass counted; versions standard and rand, lists without fab) or "
                                "original (pyautoattack)"),
-    "attacks": Key("names", DEFAULT_ATTACKS, names=ATTACK_NAMES,
+    "attacks": Key("names", DEFAULT_ATTACKS, names=attack_names,
                    doc="the attacks run, in order, each on the points nothing broke yet: pgd (the PGD sweep over every "
                        "eps), autoattack (the original; its version is the autoattack key), fast (an AutoAttack-grade "
                        "suite at a fraction of its cost) or any attack `bench list` shows; attacks after pgd run at "
@@ -231,10 +243,7 @@ def load_preset(name_or_path: str) -> dict:
 
 def _check_key(key: str, origin: str) -> None:
     if key not in DEFAULTS:
-        import difflib
-        close = difflib.get_close_matches(key, DEFAULTS, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise SpecError(f"{origin}: unknown key '{key}'{hint}")
+        raise SpecError(f"{origin}: unknown key '{key}'{did_you_mean(key, DEFAULTS)}")
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -354,14 +363,13 @@ def check_value(key: str, v, k: Key | None = None) -> None:
             raise SpecError(f"key '{key}': unknown value {v!r} (known: {', '.join(k.choices)}, or a list of "
                             f"{', '.join(k.names)})")
     elif k.kind == "names":
+        known = k.known()
         if not isinstance(v, list) or not v:
-            raise SpecError(f"key '{key}': expected a non-empty list of names (known: {', '.join(k.names)})")
+            raise SpecError(f"key '{key}': expected a non-empty list of names (known: {', '.join(known)})")
         for name in v:
-            if not isinstance(name, str) or name not in k.names:
-                import difflib
-                close = difflib.get_close_matches(str(name), k.names, n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise SpecError(f"key '{key}': unknown name {name!r}{hint} (`python -m bench list` shows them)")
+            if not isinstance(name, str) or name not in known:
+                raise SpecError(f"key '{key}': unknown name {name!r}{did_you_mean(str(name), known)} "
+                                f"(`python -m bench list` shows them)")
         if len(set(v)) != len(v):
             raise SpecError(f"key '{key}': a name is listed twice in {v!r}")
     elif k.kind == "table":
@@ -517,10 +525,7 @@ def executor_options(table: dict) -> dict:
             out[option] = table.get(option, k.default)
     for option, value in table.items():
         if option not in EXECUTOR_OPTIONS:
-            import difflib
-            close = difflib.get_close_matches(option, EXECUTOR_OPTIONS, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise SpecError(f"key 'executor.{option}': unknown executor option{hint}")
+            raise SpecError(f"key 'executor.{option}': unknown executor option{did_you_mean(option, EXECUTOR_OPTIONS)}")
         k, users = EXECUTOR_OPTIONS[option]
         if name not in users:
             raise SpecError(f"key 'executor.{option}': an option of {'/'.join(users)}, not of executor '{name}'")

@@ -232,7 +232,13 @@ def test_perf_attacks_quick_writes_json(tmp_path, capsys):
         for k, g in m["eps"].items():
             assert g["pipeline_gap"] == round(g["pipeline"] - g["autoattack"], 2)
             assert g["pipeline_verified"], (name, k)  # the default pipeline verifies every eps
-            assert g["fast"] <= m["clean"] and g["autoattack"] <= m["clean"]
+    # on the deterministic models the fast suite is AutoAttack grade point for point: every point pyautoattack breaks,
+    # fast breaks too, at every eps (the noisy model's verdicts are draws: its spread is the reference's own)
+    for name in ("mlp-scaled", "mlp-quant16"):
+        for k, g in res["models"][name]["eps"].items():
+            assert g["fast_misses"] == 0 and g["fast"] <= g["autoattack"], (name, k, g)
+            assert g["fast_gap"] == round(g["fast"] - g["autoattack"], 2)
+            assert g["native_misses"] == 0 and g["native"] <= g["autoattack"], (name, k, g)  # native: the same
     # the native engine beside the original, and every method's passes
     assert res["native_gap_max"] == max(m["native_gap_max"] for m in per)
     assert res["native_agreement_min"] == min(m["native_agreement_min"] for m in per)
@@ -241,9 +247,59 @@ def test_perf_attacks_quick_writes_json(tmp_path, capsys):
         assert set(m["passes_per_point"]) == {"autoattack", "native", "pipeline", "fast"}
         assert m["passes_per_point"]["autoattack"]["forward"] > 0 and m["passes_per_point"]["native"]["forward"] > 0
         for g in m["eps"].values():
-            assert 0 <= g["native_agreement"] <= 1 and g["native"] <= m["clean"]
+            assert 0 <= g["native_agreement"] <= 1
     assert set(res["passes_per_point"]) == {"autoattack", "native", "pipeline", "fast"}
     assert "randomized" in res["models"]["mlp-noisy"]["flags_pipeline"]
     assert "softmax_saturated" in res["models"]["mlp-scaled"]["flags_pipeline"]
     assert "zero_gradients" in res["models"]["mlp-quant16"]["flags_pipeline"]
     assert "fast_time_ratio" in capsys.readouterr().out
+
+
+PLUGIN_ATTACK = '''
+import torch
+from lawbench.attacks import register_attack
+from lawbench.attacks.registry import AttackOutput
+
+
+@register_attack("plugin-shift", kind="plugin", description="a user's attack: every pixel moved down by scale·eps")
+def shift(model, x, y, eps, *, norm, seed, log=None, scale=1.0):
+    x_adv = (x - scale * eps).clamp(0, 1)
+    with torch.no_grad():
+        robust = model(x_adv).argmax(1) == y
+    if log:
+        log(f"plugin-shift: scale {scale}")
+    return AttackOutput(robust, x_adv, {"scale": scale})
+'''
+
+
+def test_a_plugin_attack_runs_by_name_through_the_cli(tmp_path):
+    """An attack a --plugin module registers can be named in the spec (names are resolved after plugins load), takes
+    its options from [attack.NAME], goes through the one check (its examples judged in the exact ball) and shows in
+    the row like any other."""
+    plugin = tmp_path / "my_attacks.py"
+    plugin.write_text(PLUGIN_ATTACK)
+    out = tmp_path / "out"
+    res = bench_cli("run", *BASE, "attacks=[pgd,plugin-shift]", "attack.plugin-shift.scale=0.5", "--plugin",
+                    str(plugin), "--out", str(out), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (row,) = rows(out)
+    assert row["status"] == "ok", row.get("error")
+    assert row["suite"] == ["pgd", "plugin-shift"]
+    assert row["attack_settings"]["plugin-shift"] == {"eps": [0.1], "scale": 0.5}
+    assert "plugin-shift" in row["attack_check"]["0.1"]  # validated by the suite's check
+    assert_breaks_add_up(row)
+    log = (out / "logs" / f"{row['cell_id']}.log").read_text()
+    assert "plugin-shift: scale 0.5" in log
+    # without the plugin the name is unknown: one line, exit 2, with the close match
+    res = bench_cli("run", *BASE, "attacks=[pgd,plugin-shift]", "--out", str(tmp_path / "other"), cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()]
+    assert "unknown name 'plugin-shift'" in res.stderr
+
+
+def test_autoattack_has_one_door():
+    """The suite runs every attack through the registry: its module never names one."""
+    import inspect
+    from lawbench.attacks import evaluate
+    src = inspect.getsource(evaluate._SuiteState)
+    assert '"autoattack"' not in src and "run_autoattack" not in src
