@@ -317,3 +317,28 @@ def test_default_step_rule_decays_from_half_eps_in_four_stages(norm, eps):
     assert torch.allclose(moved(step_size=eps / 8), torch.full((3,), eps / 2, dtype=torch.float64), rtol=1e-5)
     r = attacks.pgd_sweep(lin, x, y, [eps], norm=norm, steps=4, random_start=False)
     assert r.info["step_size"] == [{"decay": [eps / 2, eps / 4, eps / 8, eps / 16]}]
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "joint"])
+def test_default_step_decays_in_four_stages_in_both_schedules(schedule):
+    """The default step is eps/2, eps/4, eps/8, eps/16 over four equal stages, each eps of the sweep its own: on a
+    linear two-class model whose margin no eps can cross, 4 steps without random start move every coordinate by
+    (1/2 + 1/4 + 1/8 + 1/16)·eps = 0.9375·eps along the loss's sign. The joint schedule (the default on CUDA) runs
+    every (eps, restart, point) as one row with the row's own per-step sizes; a fixed step (eps/2 each time) would
+    reach the box's edge at eps, a schedule read at the wrong eps another fraction of it."""
+    d = 6
+    model = torch.nn.Linear(d, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -2.0, 3.0, -1.0, 2.0, -3.0], [0.0] * d]))
+        model.bias.copy_(torch.tensor([100.0, 0.0]))
+    x = torch.full((3, d), 0.5)
+    y = torch.zeros(3, dtype=torch.long)
+    eps = [0.01, 0.02, 0.04]
+    r = attacks.pgd_sweep(model, x, y, eps, norm="Linf", steps=4, restarts=2, random_start=False,
+                          schedule=schedule)
+    assert r.info["schedule"] == schedule
+    assert bool(r.robust.all())
+    direction = torch.sign(model.weight[1] - model.weight[0]).detach()  # the loss rises towards class 1
+    for k, e in enumerate(eps):
+        assert torch.allclose(r.x_adv[k] - x, 0.9375 * e * direction.expand_as(x), atol=1e-6), (schedule, e)
+    assert r.info["step_size"][0] == {"decay": [0.005, 0.0025, 0.00125, 0.000625]}

@@ -81,7 +81,9 @@ def test_smooth_rows_record_the_search(law_run):
         assert trace[0]["min_margin"] == pytest.approx(erm["train_margin"], rel=1e-5)
         attempts = smooth["smooth_attempts"]
         assert [a["method"] for a in attempts[:3]] == ["erm", "erm", "scratch"]  # smooth_restarts=1
-        assert smooth["smooth_erm_bound"] == pytest.approx(erm["lip_upper_unit_margin"], rel=1e-6)
+        # the same certified bound over the same smallest margin, the margin measured twice in float32 (in the search
+        # and in the row: they agree to 1e-5, above)
+        assert smooth["smooth_erm_bound"] == pytest.approx(erm["lip_upper_unit_margin"], rel=1e-5)
         won = attempts[smooth["smooth_winner"]]
         assert won["won"] and won["bound_unit_margin"] == min(a["bound_unit_margin"] for a in attempts
                                                               if a["bound_unit_margin"] is not None)

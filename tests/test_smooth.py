@@ -13,7 +13,7 @@ from bench import smooth
 from bench.train import TrainConfig, train
 from lawbench import certify, datasets
 
-CFG = TrainConfig(epochs=1500, lr=3e-3, batch_size=100, smooth_epochs=10, smooth_stages=8, smooth_lr=3e-3, seed=0)
+CFG = TrainConfig(epochs=1500, lr=3e-3, batch_size=100, smooth_epochs=10, smooth_stages=12, smooth_lr=3e-3, seed=0)
 
 
 @pytest.fixture(scope="module")
