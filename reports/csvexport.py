@@ -12,12 +12,11 @@ import csv
 import io
 
 from ._util import ACC_KEYS, acc_at, dedupe_eps, num, row_eps, row_law_scale, row_ratio, text, verified_at
-from .schema import eps_key
+from .schema import FIELDS, eps_key
 from .table import headline_eps, row_flags
 
-SCALARS = ("cell_id", "bench_version", "status", "error", "dataset", "n_train", "n_test", "d", "d_eff", "label_noise",
-           "num_classes", "model", "family", "width", "params", "recipe", "train_eps", "seed", "device", "threat",
-           "train_acc", "clean_acc", "lip_upper", "lip_lower", "ratio", "ratio_eff", "law_scale")
+# every required scalar field of the row schema, in its order
+SCALARS = tuple(f.name for f in FIELDS if f.required and f.kind in ("str", "int", "float", "bool"))
 
 
 def _cell(v) -> str:

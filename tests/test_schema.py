@@ -192,3 +192,12 @@ def test_every_field_is_well_formed():
         assert f.meaning and f.phase in ("cell", "data", "model", "train", "fit", "attack", "lipschitz", "certify",
                                          "law", "run"), f.name
     assert len(FIELD) == len(schema.FIELDS)
+
+
+def test_the_reports_key_lists_come_from_the_schema():
+    """The CSV's scalar columns are the schema's required scalars; what groups rows into a configuration is declared."""
+    from lawbench.reports.csvexport import SCALARS
+    from lawbench.reports.table import CONFIG_KEYS
+    assert set(SCALARS) == {f.name for f in schema.FIELDS if f.required and f.kind in ("str", "int", "float", "bool")}
+    assert set(CONFIG_KEYS) <= set(FIELD)
+    assert set(schema.ACC_KEYS) == {"pgd_acc", "autoattack_acc", "robust_acc", "cert_acc"}
