@@ -22,7 +22,7 @@ from bench import __version__
 from bench.device import resolve_device
 from bench import smooth
 from bench import threads
-from bench.spec import LEGACY_ATTACKS, SMOOTH_KEYS, cell_id, train_key
+from bench.spec import KEY_OPTIONS, LEGACY_ATTACKS, SCHEMA, SMOOTH_KEYS, cell_id, train_key
 from bench.train import TrainConfig, train
 from lawbench.base.files import atomic_write_text
 from lawbench.base.timing import Timer
@@ -225,10 +225,8 @@ def attack_suite(cell: dict) -> list:
     steps, sweeping = [], []
     for name in names:
         options = dict(cell.get("attack", {}).get(name, {}))
-        if name == "autoattack":
-            options["version"] = cell["autoattack"]
-        if name in ("autoattack", "fast"):
-            options["impl"] = cell.get("autoattack_impl", "original")
+        for option, key in KEY_OPTIONS.get(name, {}).items():
+            options[option] = cell.get(key, SCHEMA[key].default)
         if attacks.attack_entry(name).sweeps and "eps" not in options:
             sweeping.append(len(steps))
         if name == "fast" and "pgd" in cell_attacks(cell):  # the sweep's PGD already ran at every eps

@@ -48,6 +48,10 @@ DEFAULT_ATTACKS = ["pgd", "fast", "autoattack"]
 # what a cell without an `attacks` key runs: the suite before every eps was verified (such cells keep their ids)
 LEGACY_ATTACKS = ["pgd", "autoattack"]
 PGD_OPTIONS = {"steps": "pgd_steps", "restarts": "pgd_restarts", "step_size": "pgd_step_size"}  # [attack.pgd]
+# spec keys that set an attack's option: attack -> {option: key} (the runner reads it; its default is the key's
+# default, so a cell without the key runs as it was made)
+KEY_OPTIONS = {"autoattack": {"version": "autoattack", "impl": "autoattack_impl"},
+               "fast": {"impl": "autoattack_impl"}}
 INT64_END = 2 ** 63                                # ints are int64; torch.manual_seed takes a seed below this
 
 
