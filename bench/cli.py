@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="results", help="results directory (default ./results)")
     run.add_argument("--data-dir", default=None, help="folder with MNIST/CIFAR-10 files (default $BENCH_DATA)")
     run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    run.add_argument("--plugin", action="append", default=[], help="import a module that registers models")
+    run.add_argument("--plugin", action="append", default=[], help="import a module that registers models (and attacks)")
     run.add_argument("--entry", action="append", default=[], metavar="FILE.toml",
                      help="evaluate an external checkpoint entry (no training) instead of the preset's models")
     run.add_argument("--dry-run", action="store_true", help="list the cells and exit")
@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", default=None, metavar="N", help="pool: cells at once (default: CPUs / threads)")
     run.add_argument("--address", default=None, help="ray: the cluster to join (default: start a local instance)")
     lst = sub.add_parser("list", help="models, datasets, presets and attacks")
-    lst.add_argument("--plugin", action="append", default=[], help="import a module that registers models")
+    lst.add_argument("--plugin", action="append", default=[], help="import a module that registers models (and attacks)")
     rep = sub.add_parser("report", help="leaderboards and plots from a results directory")
     rep.add_argument("--out", default="results", help="results directory (default ./results)")
     perf = sub.add_parser("perf", help="attack-engine speed benchmark", add_help=False)
