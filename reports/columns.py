@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ._util import FLAGGED_MARK, fmt_eps, fmt_int, fmt_pct, fmt_ratio, fmt_robust, fmt_sig, fmt_width, num
+from .formats import FLAGGED_MARK, fmt_eps, fmt_int, fmt_pct, fmt_ratio, fmt_robust, fmt_sig, fmt_width
+from .values import num
 from .table import Entry, Stat
 
 

@@ -7,8 +7,8 @@ from collections import defaultdict
 from rich.table import Table
 from rich.text import Text
 
-from ._util import (MISSING, UNVERIFIED_MARK, UNVERIFIED_NOTE, acc_at, fmt_eps, fmt_int, fmt_ratio, fmt_sig, fmt_width,
-                    is_ok, num, row_eps, row_law_scale, row_ratio, text, verified_at)
+from .formats import MISSING, UNVERIFIED_MARK, UNVERIFIED_NOTE, fmt_eps, fmt_int, fmt_ratio, fmt_sig, fmt_width
+from .values import acc_at, is_ok, num, row_eps, row_law_scale, row_ratio, text, verified_at
 from .table import headline_eps, row_flags, view_key
 
 ROBUST_HEADER = "robust % at each eps"  # its group heading cell names the eps, the next one the headline eps

@@ -11,8 +11,8 @@ from __future__ import annotations
 import csv
 import io
 
-from ._util import ACC_KEYS, acc_at, dedupe_eps, num, row_eps, row_law_scale, row_ratio, text, verified_at
-from .schema import FIELDS, eps_key
+from .values import acc_at, dedupe_eps, num, row_eps, row_law_scale, row_ratio, text, verified_at
+from .schema import ACC_KEYS, FIELDS, eps_key
 from .table import headline_eps, row_flags
 
 # every required scalar field of the row schema, in its order

@@ -12,7 +12,8 @@ from __future__ import annotations
 import base64
 import html
 
-from ._util import FLAGGED_MARK, MISSING, UNVERIFIED_NOTE, fmt_ci, fmt_slope, text
+from .formats import FLAGGED_MARK, MISSING, UNVERIFIED_NOTE, fmt_ci, fmt_slope
+from .values import text
 from .columns import LEADERBOARD, RANKING, Column
 from .markdown import PLOT_TITLES, slope_rows, view_heading_facts
 from .table import Entry, View, failed_rows, ranking

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._util import acc_at, interpolates, is_ok, num, row_eps, row_ratio, text, verified_at
+from .values import acc_at, interpolates, is_ok, num, row_eps, row_ratio, text, verified_at
 from .stats import mean_ci, t_quantile
 
 LAW_EXPONENTS = {"p": -0.5, "n": 0.5, "d": 0.5}

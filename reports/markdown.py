@@ -5,8 +5,9 @@ import re
 
 from tabulate import tabulate
 
-from ._util import (FLAGGED_MARK, MISSING, UNVERIFIED_NOTE, fmt_ci, fmt_eps, fmt_int, fmt_pct, fmt_ratio, fmt_robust,
-                    fmt_sig, fmt_slope, fmt_width, interpolates, num, text)
+from .formats import (FLAGGED_MARK, MISSING, UNVERIFIED_NOTE, fmt_ci, fmt_eps, fmt_int, fmt_pct, fmt_ratio,
+                      fmt_robust, fmt_sig, fmt_slope, fmt_width)
+from .values import interpolates, num, text
 from .columns import LEADERBOARD, RANKING, Column
 from .table import View, failed_rows, ranking, view_context
 from .stats import law_envelope, loglog_slope

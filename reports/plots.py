@@ -16,7 +16,8 @@ import math
 import matplotlib
 from matplotlib.figure import Figure
 
-from ._util import fmt_eps, num
+from .formats import fmt_eps
+from .values import num
 from . import law
 from .stats import law_envelope, loglog_slope
 from .table import Entry, Stat, View

@@ -8,7 +8,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from ._util import interpolates, is_ok, num, row_ratio
+from .values import interpolates, is_ok, num, row_ratio
 
 
 # ------------------------------------------------------------------------------------------------------- Student t

@@ -7,8 +7,8 @@ import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from ._util import (acc_at, acc_map, dedupe_eps, flagged, is_ok, num, row_eps, row_law_scale, row_ratio, row_suite,
-                    suite_label, text, verified_at)
+from .values import (acc_at, acc_map, dedupe_eps, flagged, is_ok, num, row_eps, row_law_scale, row_ratio, row_suite,
+                     suite_label, text, verified_at)
 from .stats import mean_ci
 
 TOL = 1e-9

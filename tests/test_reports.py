@@ -20,7 +20,7 @@ from scipy import stats  # an independent Student t for the expected intervals (
 from lawbench import reports
 from lawbench.reports.rows import read_rows, read_rows_file
 from lawbench.reports.schema import REQUIRED_KEYS
-from lawbench.reports._util import UNVERIFIED_MARK
+from lawbench.reports.formats import UNVERIFIED_MARK
 
 D, N_TRAIN, N_TEST, NOISE, CLASSES = 784, 1000, 200, 0.2, 10
 THREAT_EPS = {"Linf": [0.05, 0.1, 0.2, 0.3], "L2": [0.5, 1.0, 1.5, 2.0]}

@@ -6,7 +6,8 @@ import io
 import numpy as np
 
 from lawbench.reports import build_views, console_table
-from lawbench.reports._util import FLAGGED_MARK, UNVERIFIED_MARK, verified_at
+from lawbench.reports.formats import FLAGGED_MARK, UNVERIFIED_MARK
+from lawbench.reports.values import verified_at
 from lawbench.reports.csvexport import render_csv
 from lawbench.reports.markdown import render_markdown
 from lawbench.reports.plots import FLAGGED, UNVERIFIED, plot_accuracy_by_family, plot_robust_vs_ratio
