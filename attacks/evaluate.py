@@ -253,9 +253,10 @@ class _SuiteState:
         """(still robust, examples, the attack's info) on the points idx at e. Examples an attack validated itself
         (its info carries the record of attacks.threat.check_attack) are taken as they are; any other attack's go
         through that one check here, re-attacked at a smaller eps where projection undoes them."""
-        from .registry import attack_options, get_attack
+        import inspect
+        from .registry import attack_entry, get_attack
         options = {k: v for k, v in step.options.items() if k != "eps"}
-        accepted = attack_options(step.name)
+        accepted = inspect.signature(attack_entry(step.name).factory).parameters
         for key, value in (("batch_size", self.aa_batch), ("n_total", self.x.shape[0])):
             if key in accepted:
                 options.setdefault(key, value)

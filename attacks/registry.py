@@ -96,7 +96,7 @@ def list_attacks(pattern: str = "*") -> list[AttackEntry]:
     return [e for n, e in sorted(_REGISTRY.items()) if fnmatch.fnmatch(n, pattern)]
 
 
-_CALL_PARAMS = {"model", "x", "y", "eps", "norm", "seed", "log"}
+_CALL_PARAMS = {"model", "x", "y", "eps", "norm", "seed", "log", "n_total"}  # n_total: the suite gives it
 
 
 def attack_options(name: str) -> dict:

@@ -22,6 +22,7 @@ from bench import __version__
 from bench.device import resolve_device
 from bench import smooth
 from bench import threads
+from bench.store import json_safe
 from bench.spec import KEY_OPTIONS, LEGACY_ATTACKS, SCHEMA, SMOOTH_KEYS, cell_id, train_key
 from bench.train import TrainConfig, train
 from lawbench.base.files import atomic_write_text
@@ -268,7 +269,7 @@ def check_invariants(row: dict) -> None:
     extra = undeclared(row)
     if extra:
         raise InvariantError(f"row keys not declared in reports.schema: {', '.join(extra)}")
-    problems = check_row(row)
+    problems = check_row(json_safe(row))  # as it will be stored: a NaN where null is allowed is a null
     if problems:
         raise InvariantError(f"row breaks reports.schema: {'; '.join(problems)}")
     for e in row["eps"]:

@@ -28,14 +28,14 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
-def _finite(obj):
-    """JSON has no NaN or infinity: they become null."""
+def json_safe(obj):
+    """The value as the store writes it: JSON has no NaN or infinity, they become null."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
@@ -120,7 +120,7 @@ class Store:
         if self._lock is None:
             raise RuntimeError("Store.append outside `with Store(...)`")
         self._cut_torn_tail()
-        line = json.dumps(_finite(row), sort_keys=False, allow_nan=False) + "\n"
+        line = json.dumps(json_safe(row), sort_keys=False, allow_nan=False) + "\n"
         with open(self.path, "ab") as fh:
             fh.write(line.encode())
             fh.flush()
@@ -134,7 +134,7 @@ CELLS_DIR = "cells"
 
 def write_cell_file(out_dir: str | Path, cid: str, payload: dict) -> Path:
     """Atomically (a temporary file, fsync, rename): a task killed mid-write leaves no half file behind."""
-    return atomic_write_text(Path(out_dir) / CELLS_DIR / f"{cid}.json", json.dumps(_finite(payload), allow_nan=False))
+    return atomic_write_text(Path(out_dir) / CELLS_DIR / f"{cid}.json", json.dumps(json_safe(payload), allow_nan=False))
 
 
 def read_cell_file(path: Path) -> dict | None:

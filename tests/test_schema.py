@@ -201,3 +201,19 @@ def test_the_reports_key_lists_come_from_the_schema():
     assert set(SCALARS) == {f.name for f in schema.FIELDS if f.required and f.kind in ("str", "int", "float", "bool")}
     assert set(CONFIG_KEYS) <= set(FIELD)
     assert set(schema.ACC_KEYS) == {"pgd_acc", "autoattack_acc", "robust_acc", "cert_acc"}
+
+
+def test_the_runner_judges_the_row_as_it_will_be_stored():
+    """The store writes NaN and infinity as null: where the schema allows null (d_eff of data it cannot estimate) the
+    row is fine, where it does not (an ok row's lip_lower) the cell fails naming it."""
+    from bench.runner import InvariantError, check_invariants
+    row = valid_row()
+    row.update(verified={"0.1": True}, d_eff=math.nan, lip_gap=math.inf)
+    check_invariants(row)
+    with pytest.raises(InvariantError, match="lip_lower is null"):
+        check_invariants({**row, "lip_lower": math.nan})
+
+
+def test_n_total_is_the_suites_not_a_spec_option():
+    from lawbench.attacks.registry import attack_options
+    assert "n_total" not in attack_options("autoattack") and "batch_size" in attack_options("autoattack")
