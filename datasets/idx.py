@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import DatasetError
+from .errors import DatasetError
 
 __all__ = ["read_idx", "IDX_DTYPES"]
 

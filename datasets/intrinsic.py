@@ -22,7 +22,9 @@ import torch
 
 from lawbench.base.files import atomic_write_bytes
 
-from ._common import DatasetError, cache_dir, make_rng
+from .errors import DatasetError
+from .files import cache_dir
+from .sampling import make_rng
 
 __all__ = ["intrinsic_dimension", "dataset_d_eff", "D_EFF_CACHE_FILE"]
 

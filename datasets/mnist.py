@@ -19,7 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ._common import HOW_TO_POINT, DatasetError, candidate_dirs, data_root, download_dir, fetch_verified, file_key, md5_file
+from .errors import HOW_TO_POINT, DatasetError
+from .files import candidate_dirs, data_root, download_dir, fetch_verified, file_key, md5_file
 from .idx import read_idx
 
 __all__ = ["MNIST_FILES", "MNIST_MD5", "MNIST_RAW_MD5", "MNIST_MIRRORS", "OFFICIAL", "UNVERIFIED", "unofficial_files",

@@ -16,11 +16,10 @@ import torch
 
 from lawbench.base.names import did_you_mean
 
-from ._common import (
-    STREAM_GEN_TEST, STREAM_GEN_TRAIN, STREAM_NOISE, STREAM_SPLIT, STREAM_TEST, STREAM_TRAIN,
-    DatasetError, DatasetMeta, Split, check_int, check_label_noise, inject_label_noise, make_rng,
-    stratified_indices,
-)
+from .errors import DatasetError
+from .sampling import (STREAM_GEN_TEST, STREAM_GEN_TRAIN, STREAM_NOISE, STREAM_SPLIT, STREAM_TEST, STREAM_TRAIN,
+                       check_int, check_label_noise, inject_label_noise, make_rng, stratified_indices)
+from .split import DatasetMeta, Split
 from .intrinsic import dataset_d_eff
 
 __all__ = ["load_dataset", "list_datasets", "DEFAULT_DATASET"]

@@ -21,7 +21,7 @@ from lawbench.datasets import DatasetError, intrinsic_dimension, list_datasets, 
 from lawbench.datasets import cifar as cifar_mod
 from lawbench.datasets import intrinsic as intrinsic_mod
 from lawbench.datasets import mnist as mnist_mod
-from lawbench.datasets._common import inject_label_noise, make_rng, stratified_indices
+from lawbench.datasets.sampling import inject_label_noise, make_rng, stratified_indices
 
 
 @pytest.fixture(autouse=True)
