@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 
 import matplotlib
 from matplotlib.figure import Figure
@@ -25,6 +26,12 @@ from .table import Entry, Stat, View
 MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*", "h", "<", ">")
 PLOT_NAMES = ("robust_vs_ratio", "lipschitz_vs_ratio", "accuracy_by_family", "frontier")
 
+
+
+def _title(ax, text: str, fontsize: float = 10, width: int = 62) -> None:
+    """An axis title wrapped onto as many lines as it needs: a view's title names its dataset, threat and suite, and
+    a title wider than the axes is cut at both edges of the image."""
+    ax.set_title("\n".join(textwrap.wrap(text, width=width)) or text, fontsize=fontsize)
 
 def _grid(n: int, max_cols: int = 2) -> tuple[int, int]:
     cols = max(1, min(max_cols, n))
@@ -124,10 +131,10 @@ def plot_robust_vs_ratio(views: list[View]) -> Figure:
                 drawn = True
         if not drawn:
             _no_data(ax)
-            ax.set_title(view.title)
+            _title(ax, view.title)
             continue
         _accuracy_axes(ax, "robust accuracy (%)")
-        ax.set_title(f"{view.title}: robust accuracy")
+        _title(ax, f"{view.title}: robust accuracy")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
                   ncols=1 + (len(ax.get_legend_handles_labels()[1]) > 14))
     for ax in axes[len(views) or 1:]:
@@ -205,7 +212,7 @@ def plot_lipschitz(views: list[View]) -> Figure:
                 marked = _mark_not_interpolating(ax, ents, attr, marker, color, marked)
         if not drawn:
             _no_data(ax)
-            ax.set_title(view.title)
+            _title(ax, view.title)
             continue
         env = law_envelope(view.rows, "lip_lower")
         if env["c"] is not None and xs_all:
@@ -221,7 +228,7 @@ def plot_lipschitz(views: list[View]) -> Figure:
         ax.set_ylabel("Lipschitz constant (L2, logits)")
         res = loglog_slope(view.rows, "lip_lower")
         slope = "" if res["slope"] is None else f" (lip_lower slope {res['slope']:.2f})"
-        ax.set_title(f"{view.title}: Lipschitz bounds{slope}")
+        _title(ax, f"{view.title}: Lipschitz bounds{slope}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     for ax in axes[len(views) or 1:]:
@@ -251,7 +258,7 @@ def plot_accuracy_by_family(views: list[View]) -> Figure:
             _mark(ax, unverified, UNVERIFIED, used)
             _mark(ax, flagged, FLAGGED, used)
         eps = sorted({e.eps for e in ents if e.eps is not None})
-        ax.set_title(f"{view.title} · {fam} (eps {', '.join(fmt_eps(e) for e in eps) or '–'})", fontsize=9)
+        _title(ax, f"{view.title} · {fam} (eps {', '.join(fmt_eps(e) for e in eps) or '–'})", fontsize=9)
         if not drawn:
             _no_data(ax)
             continue
@@ -303,7 +310,7 @@ def plot_frontier(views: list[View]) -> Figure:
         ax.set_yscale("log")
         ax.set_xlabel("p / (n·d)")
         ax.set_ylabel("Lipschitz constant at training margin 1")
-        ax.set_title(f"{law.frontier_title(key)}: ERM (solid) vs smooth (dashed)", fontsize=9)
+        _title(ax, f"{law.frontier_title(key)}: ERM (solid) vs smooth (dashed)", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
         eps_list = law.frontier_eps(points)
@@ -325,7 +332,7 @@ def plot_frontier(views: list[View]) -> Figure:
                               markersize=4, linewidth=1.2, label=f"{recipe} eps={fmt_eps(e)}")
                     _mark(ax_r, unverified, UNVERIFIED, used)
         _accuracy_axes(ax_r, "robust accuracy (%)")
-        ax_r.set_title("robust accuracy: ERM (solid) vs smooth (dashed)", fontsize=9)
+        _title(ax_r, "robust accuracy: ERM (solid) vs smooth (dashed)", fontsize=9)
         ax_r.legend(fontsize=6, ncols=2)
     return fig
 

@@ -126,3 +126,24 @@ def test_a_row_that_does_not_interpolate_is_flagged_where_it_is_shown():
     for r in flipped:
         r["interpolates"] = True
     assert "not-interpolating" not in _md(flipped)
+
+
+def test_plot_titles_fit_inside_the_image():
+    """A view's title names its dataset, threat and suite; wider than the axes it would be cut at both edges of the
+    image (as it was): every title is wrapped to lie inside the figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from lawbench.reports.plots import PLOTTERS
+    rng = np.random.default_rng(5)
+    rows = [make_row("mlp", "mlp", w, mlp_params(w), 0, "Linf", rng) for w in (32, 128, 512)]
+    for r in rows:
+        r["suite"] = ["pgd", "fast", "autoattack-plus", "ta-square"]  # a long suite label in the view's title
+    for name, plot in PLOTTERS.items():
+        fig = plot(reports.build_views(rows))
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        width = fig.bbox.width
+        for ax in fig.axes:
+            t = ax.title
+            if t.get_text():
+                box = t.get_window_extent(canvas.get_renderer())
+                assert box.x0 >= -1 and box.x1 <= width + 1, (name, t.get_text())
