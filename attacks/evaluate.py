@@ -1,6 +1,7 @@
 """robust_eval: what the runner calls per cell (clean, PGD sweep, AutoAttack on PGD survivors, worst case)."""
 from __future__ import annotations
 
+import inspect
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ import torch
 from lawbench.base.modes import eval_mode
 
 from .cost import Passes, counted
-from .autoattack import MASKING_FLAGS, MASKING_SQUARE_RESTARTS, masking_restarts, run_autoattack  # noqa: F401
+from .autoattack import MASKING_FLAGS, MASKING_SQUARE_RESTARTS  # noqa: F401  (re-exported)
 from .pgd import AttackError, check_norm, pgd_sweep
 from .randomized import Randomized, is_randomized, randomized
 from .threat import ce_saturated, check_attack
@@ -230,7 +231,7 @@ class _SuiteState:
             else:
                 before = Passes(**self.counter.passes.as_dict())
                 with self.phase(idx.numel()):
-                    still, examples, info = self._attack(step, idx, e)
+                    still, examples, info = self._attack(step, entry, idx, e)
                 self.passes.setdefault(step.name, {})[e] = (self.counter.passes - before).as_dict()
                 self._record(step.name, e, idx, still, examples)
             if entry.autoattack_stage:  # robustness after the AutoAttack stage (robust_acc <= autoattack_acc)
@@ -249,18 +250,17 @@ class _SuiteState:
             elif f >= e:
                 self.breaks[f].setdefault(name, 0)
 
-    def _attack(self, step, idx, e):
+    def _attack(self, step, entry, idx, e):
         """(still robust, examples, the attack's info) on the points idx at e. Examples an attack validated itself
         (its info carries the record of attacks.threat.check_attack) are taken as they are; any other attack's go
         through that one check here, re-attacked at a smaller eps where projection undoes them."""
-        import inspect
-        from .registry import attack_entry, get_attack
+        from .registry import Attack
         options = {k: v for k, v in step.options.items() if k != "eps"}
-        accepted = inspect.signature(attack_entry(step.name).factory).parameters
+        accepted = inspect.signature(entry.factory).parameters
         for key, value in (("batch_size", self.aa_batch), ("n_total", self.x.shape[0])):
             if key in accepted:
                 options.setdefault(key, value)
-        attack = get_attack(step.name, **options)
+        attack = Attack(entry, options)
         x, y = self.x[idx], self.y[idx]
         out = attack.run(self.model, x, y, e, norm=self.norm, seed=self.seed, log=self.log)
         self.flags.update(out.info.get("flags", []))

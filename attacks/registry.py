@@ -161,7 +161,6 @@ def _aa_factory(version):
                            n_total=n_total, impl=impl)
         extra = masking_restarts(model, x, y, eps, norm, r, seed, batch_size, log, impl)
         info = dict(r.info, broken=int((~r.robust).sum()), masking_restarts=extra, flags=list(r.flags))
-        info["check"] = r.info.get("check", {})
         return AttackOutput(r.robust, r.x_adv, info)
 
     return run

@@ -187,9 +187,11 @@ def lipschitz_lower(model: nn.Module, points: Sequence[torch.Tensor] | torch.Ten
     threads: torch CPU threads meanwhile (default 1; None leaves the setting alone). On a shared 2-core machine
     OpenMP spin-waiting makes 2 threads up to 10x slower than 1; the previous setting is restored afterwards.
     """
-    cfg = LowerConfig(local_points if power_points is None else power_points, power_iters, search_starts,
-                      search_steps, tuple(search_radii), search_lr, verify_pairs,
-                      None if domain is None else tuple(domain), fd_step, batch_size, seed)
+    cfg = LowerConfig(local_points=local_points if power_points is None else power_points, power_iters=power_iters,
+                      search_starts=search_starts, search_steps=search_steps, search_radii=tuple(search_radii),
+                      search_lr=search_lr, verify_pairs=verify_pairs,
+                      domain=None if domain is None else tuple(domain), fd_step=fd_step, batch_size=batch_size,
+                      seed=seed)
     if threads is None or _device_of(model).type != "cpu":
         return _lower(model, points, pairs, cfg)
     with lapack_threads(threads):

@@ -65,7 +65,6 @@ def save_checkpoint(module: nn.Module, path: str | os.PathLike, *, meta: dict | 
     ``torch.load(weights_only=True)`` can read it back.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
     payload: dict = {"state_dict": state}
     if meta is not None:

@@ -5,7 +5,7 @@ import re
 
 from tabulate import tabulate
 
-from .formats import (FLAGGED_MARK, MISSING, UNVERIFIED_NOTE, fmt_ci, fmt_eps, fmt_int, fmt_pct, fmt_ratio,
+from .formats import (FLAGGED_MARK, MISSING, UNVERIFIED_NOTE, fmt_ci, fmt_eps, fmt_int, fmt_ratio,
                       fmt_robust, fmt_sig, fmt_slope, fmt_width)
 from .values import interpolates, num, text
 from .columns import LEADERBOARD, RANKING, Column

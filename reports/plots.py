@@ -31,7 +31,7 @@ PLOT_NAMES = ("robust_vs_ratio", "lipschitz_vs_ratio", "accuracy_by_family", "fr
 def _title(ax, text: str, fontsize: float = 10, width: int = 62) -> None:
     """An axis title wrapped onto as many lines as it needs: a view's title names its dataset, threat and suite, and
     a title wider than the axes is cut at both edges of the image."""
-    ax.set_title("\n".join(textwrap.wrap(text, width=width)) or text, fontsize=fontsize)
+    ax.set_title("\n".join(textwrap.wrap(text, width=width)), fontsize=fontsize)
 
 def _grid(n: int, max_cols: int = 2) -> tuple[int, int]:
     cols = max(1, min(max_cols, n))

@@ -15,19 +15,38 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# kinds: what a value must be (null is allowed where `nullable`, and in every measured key of a failed row)
+# kinds: what a value must be (null is allowed where `nullable`, and in every measured key of a failed row), in words
+# and as a test of a value against its field (the field gives a number's range)
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _in_range(f, v) -> bool:
+    return (f.lo is None or v >= f.lo) and (f.hi is None or v <= f.hi)
+
+
+def _strings(v) -> bool:
+    return isinstance(v, list) and all(isinstance(s, str) for s in v)
+
+
+def _eps_map(v, value_ok) -> bool:
+    return isinstance(v, dict) and all(parse_eps_key(k) is not None and value_ok(a) for k, a in v.items())
+
+
 KINDS = {
-    "str": "string",
-    "int": "integer",
-    "float": "finite number",
-    "bool": "boolean",
-    "names": "list of strings",
-    "eps_list": "list of finite numbers",
-    "acc_map": "map eps → accuracy in [0,1] or null",
-    "bool_map": "map eps → boolean",
-    "object": "JSON object",
-    "list": "JSON array",
-    "version": "string or list of strings",
+    "str": ("string", lambda f, v: isinstance(v, str)),
+    "int": ("integer", lambda f, v: isinstance(v, int) and not isinstance(v, bool) and _in_range(f, v)),
+    "float": ("finite number", lambda f, v: _number(v) and _in_range(f, v)),
+    "bool": ("boolean", lambda f, v: isinstance(v, bool)),
+    "names": ("list of strings", lambda f, v: _strings(v)),
+    "eps_list": ("list of finite numbers", lambda f, v: isinstance(v, list)
+                 and all(_number(e) and _in_range(f, e) for e in v)),
+    "acc_map": ("map eps → accuracy in [0,1] or null",
+                lambda f, v: _eps_map(v, lambda a: a is None or (_number(a) and _in_range(f, a)))),
+    "bool_map": ("map eps → boolean", lambda f, v: _eps_map(v, lambda b: isinstance(b, bool))),
+    "object": ("JSON object", lambda f, v: isinstance(v, dict)),
+    "list": ("JSON array", lambda f, v: isinstance(v, list)),
+    "version": ("string or list of strings", lambda f, v: isinstance(v, str) or _strings(v)),
 }
 
 
@@ -44,123 +63,120 @@ class Field:
     hi: float | None = None
 
 
-def _f(name, kind, phase, meaning, unit="", required=False, nullable=True, lo=None, hi=None) -> Field:
-    return Field(name, kind, phase, meaning, unit, required, nullable, lo, hi)
-
-
 ACC = dict(unit="fraction", lo=0.0, hi=1.0)
 
 # phases: cell (from the cell's config), data, model, train, fit (after training), attack, lipschitz, certify, law,
 # run (how the cell ran)
 FIELDS: tuple[Field, ...] = (
     # identity
-    _f("cell_id", "str", "cell", "hash of the cell's canonical config (a re-run skips it)", required=True,
-       nullable=False),
-    _f("bench_version", "str", "cell", "lawbench version that wrote the row", required=True, nullable=False),
-    _f("status", "str", "run", '"ok" or "failed"', required=True, nullable=False),
-    _f("error", "str", "run", "the failure, one line (null when ok)", required=True),
-    _f("traceback", "str", "run", "the failure's traceback (failed rows)"),
-    _f("cell", "object", "cell", "the cell's full config as it was run"),
-    _f("dataset", "str", "cell", "dataset registry name", required=True, nullable=False),
-    _f("label_noise", "float", "cell", "fraction of training labels flipped", "fraction", True, False, 0.0, 1.0),
-    _f("model", "str", "cell", "model registry name, or the checkpoint entry's name", required=True, nullable=False),
-    _f("width", "int", "cell", "the family's width parameter", required=True, nullable=False),
-    _f("recipe", "str", "cell", "erm, pgd-at or smooth", required=True, nullable=False),
-    _f("train_eps", "float", "cell", "adversarial training radius (pgd-at)", "pixels", True, lo=0.0),
-    _f("seed", "int", "cell", "the cell's seed (data subset, init, attacks)", required=True, nullable=False, lo=0),
-    _f("threat", "str", "cell", "Linf or L2", required=True, nullable=False),
-    _f("eps", "eps_list", "cell", "the attacked radii", "pixels", True, False, 0.0),
-    _f("autoattack", "version", "cell", "AutoAttack version (standard, plus, off) or its list of attacks"),
+    Field("cell_id", "str", "cell", "hash of the cell's canonical config (a re-run skips it)", required=True,
+          nullable=False),
+    Field("bench_version", "str", "cell", "lawbench version that wrote the row", required=True, nullable=False),
+    Field("status", "str", "run", '"ok" or "failed"', required=True, nullable=False),
+    Field("error", "str", "run", "the failure, one line (null when ok)", required=True),
+    Field("traceback", "str", "run", "the failure's traceback (failed rows)"),
+    Field("cell", "object", "cell", "the cell's full config as it was run"),
+    Field("dataset", "str", "cell", "dataset registry name", required=True, nullable=False),
+    Field("label_noise", "float", "cell", "fraction of training labels flipped", "fraction", True, False, 0.0, 1.0),
+    Field("model", "str", "cell", "model registry name, or the checkpoint entry's name", required=True, nullable=False),
+    Field("width", "int", "cell", "the family's width parameter", required=True, nullable=False),
+    Field("recipe", "str", "cell", "erm, pgd-at or smooth", required=True, nullable=False),
+    Field("train_eps", "float", "cell", "adversarial training radius (pgd-at)", "pixels", True, lo=0.0),
+    Field("seed", "int", "cell", "the cell's seed (data subset, init, attacks)", required=True, nullable=False, lo=0),
+    Field("threat", "str", "cell", "Linf or L2", required=True, nullable=False),
+    Field("eps", "eps_list", "cell", "the attacked radii", "pixels", True, False, 0.0),
+    Field("autoattack", "version", "cell", "AutoAttack version (standard, plus, off) or its list of attacks"),
     # data
-    _f("data_source", "str", "data", "where the data came from (embedded, file, synthetic)"),
-    _f("n_train", "int", "data", "training points n", "points", True, lo=0),
-    _f("n_test", "int", "data", "evaluation points", "points", True, lo=0),
-    _f("d", "int", "data", "input dimension d", required=True, lo=1),
-    _f("d_eff", "float", "data", "Levina-Bickel intrinsic dimension of the training inputs", required=True,
-       lo=0.0),
-    _f("num_classes", "int", "data", "classes", required=True, lo=1),
-    _f("n_noisy", "int", "data", "training labels flipped", "points", lo=0),
-    _f("data_scale", "float", "data", "the synthetic data's pixel scale (gauss)"),
+    Field("data_source", "str", "data", "where the data came from (embedded, file, synthetic)"),
+    Field("n_train", "int", "data", "training points n", "points", True, lo=0),
+    Field("n_test", "int", "data", "evaluation points", "points", True, lo=0),
+    Field("d", "int", "data", "input dimension d", required=True, lo=1),
+    Field("d_eff", "float", "data", "Levina-Bickel intrinsic dimension of the training inputs", required=True,
+          lo=0.0),
+    Field("num_classes", "int", "data", "classes", required=True, lo=1),
+    Field("n_noisy", "int", "data", "training labels flipped", "points", lo=0),
+    Field("data_scale", "float", "data", "the synthetic data's pixel scale (gauss)"),
     # model
-    _f("family", "str", "model", "model family (mlp, cnn, ...)", required=True),
-    _f("params", "int", "model", "trainable parameters p", required=True, nullable=False, lo=0),
-    _f("architecture", "str", "model", "registry model of a checkpoint entry"),
-    _f("checkpoint_sha256", "str", "model", "sha256 of a checkpoint entry's file"),
+    Field("family", "str", "model", "model family (mlp, cnn, ...)", required=True),
+    Field("params", "int", "model", "trainable parameters p", required=True, nullable=False, lo=0),
+    Field("architecture", "str", "model", "registry model of a checkpoint entry"),
+    Field("checkpoint_sha256", "str", "model", "sha256 of a checkpoint entry's file"),
     # training
-    _f("epochs_run", "int", "train", "epochs trained", lo=0),
-    _f("checkpoint_cached", "bool", "train", "the checkpoint was reused, not trained"),
-    _f("train_key", "str", "train", "hash of the training config (checkpoint name)"),
-    _f("smooth_penalty", "float", "train", "smooth: the penalty of the chosen model"),
-    _f("smooth_searched", "bool", "train", "smooth: a search ran (false: ERM's start did not interpolate)"),
-    _f("smooth_trace", "list", "train", "smooth: every stage of every attempt"),
-    _f("smooth_base", "str", "train", "smooth: the ERM interpolator's train_key"),
-    _f("smooth_output_scale", "float", "train", "smooth: logit scale applied to reach margin 1"),
-    _f("smooth_attempts", "list", "train", "smooth: each attempt's outcome"),
-    _f("smooth_winner", "int", "train", "smooth: index of the winning attempt (null: ERM's interpolator stands)"),
-    _f("smooth_erm_bound", "float", "train", "smooth: ERM's certified bound at margin 1"),
-    _f("smooth_bound_method", "str", "train", "smooth: how the search bounded its candidates"),
-    _f("smooth_no_gain", "bool", "train", "smooth: no attempt beat ERM's interpolator"),
+    Field("epochs_run", "int", "train", "epochs trained", lo=0),
+    Field("checkpoint_cached", "bool", "train", "the checkpoint was reused, not trained"),
+    Field("train_key", "str", "train", "hash of the training config (checkpoint name)"),
+    Field("smooth_penalty", "float", "train", "smooth: the penalty of the chosen model"),
+    Field("smooth_searched", "bool", "train", "smooth: a search ran (false: ERM's start did not interpolate)"),
+    Field("smooth_trace", "list", "train", "smooth: every stage of every attempt"),
+    Field("smooth_base", "str", "train", "smooth: the ERM interpolator's train_key"),
+    Field("smooth_output_scale", "float", "train", "smooth: logit scale applied to reach margin 1"),
+    Field("smooth_attempts", "list", "train", "smooth: each attempt's outcome"),
+    Field("smooth_winner", "int", "train", "smooth: index of the winning attempt (null: ERM's interpolator stands)"),
+    Field("smooth_erm_bound", "float", "train", "smooth: ERM's certified bound at margin 1"),
+    Field("smooth_bound_method", "str", "train", "smooth: how the search bounded its candidates"),
+    Field("smooth_no_gain", "bool", "train", "smooth: no attempt beat ERM's interpolator"),
     # fit
-    _f("train_acc", "float", "fit", "accuracy on the (noisy) training labels", required=True, nullable=False,
-       **ACC),
-    _f("noisy_fit", "float", "fit", "fraction of flipped labels fitted (null without noise)", **ACC),
-    _f("interpolates", "bool", "fit", "fits every training label (the law's premise; rows of versions before it "
-       "lack it)"),
-    _f("train_margin", "float", "fit", "smallest training logit margin", "logits"),
-    _f("train_margin_q01", "float", "fit", "1st percentile of the training logit margins", "logits"),
+    Field("train_acc", "float", "fit", "accuracy on the (noisy) training labels", required=True, nullable=False,
+          **ACC),
+    Field("noisy_fit", "float", "fit", "fraction of flipped labels fitted (null without noise)", **ACC),
+    Field("interpolates", "bool", "fit", "fits every training label (the law's premise; rows of versions before it "
+          "lack it)"),
+    Field("train_margin", "float", "fit", "smallest training logit margin", "logits"),
+    Field("train_margin_q01", "float", "fit", "1st percentile of the training logit margins", "logits"),
     # attacks
-    _f("clean_acc", "float", "attack", "clean test accuracy (the attacks' own verdict)", required=True,
-       nullable=False, **ACC),
-    _f("pgd_acc", "acc_map", "attack", "accuracy under the PGD sweep", required=True, nullable=False, **ACC),
-    _f("autoattack_acc", "acc_map", "attack", "accuracy under AutoAttack (null where it did not run)",
-       required=True, nullable=False, **ACC),
-    _f("robust_acc", "acc_map", "attack", "per-point worst case over every attack", required=True, nullable=False,
-       **ACC),
-    _f("aa_flags", "names", "attack", "AutoAttack's and the suite's warnings", required=True, nullable=False),
-    _f("aa_eps", "eps_list", "attack", "the eps AutoAttack ran at", "pixels", lo=0.0),
-    _f("autoattack_impl", "str", "attack", "AutoAttack's engine: native or original"),
-    _f("attack_passes", "object", "attack", "forward/backward passes per attack and eps", "rows"),
-    _f("verified", "bool_map", "attack", "an AutoAttack-grade attack verified the robust accuracy at eps"),
-    _f("randomized", "object", "attack", "randomized model: EOT and vote draws (null otherwise)"),
-    _f("aa_attacks", "object", "attack", "AutoAttack's attacks per eps"),
-    _f("reattacked", "object", "attack", "examples re-attacked after the ball check, per eps", "points"),
-    _f("suite", "names", "attack", "the attacks run, in order"),
-    _f("attack_breaks", "object", "attack", "points each attack broke first, per eps", "points"),
-    _f("attack_seconds", "object", "attack", "seconds per attack", "seconds"),
-    _f("attack_details", "object", "attack", "per attack and eps, what it reports of itself"),
-    _f("attack_settings", "object", "attack", "options each attack ran with"),
-    _f("attack_check", "object", "attack", "the ball and misclassification check per eps"),
+    Field("clean_acc", "float", "attack", "clean test accuracy (the attacks' own verdict)", required=True,
+          nullable=False, **ACC),
+    Field("pgd_acc", "acc_map", "attack", "accuracy under the PGD sweep", required=True, nullable=False, **ACC),
+    Field("autoattack_acc", "acc_map", "attack", "accuracy under AutoAttack (null where it did not run)",
+          required=True, nullable=False, **ACC),
+    Field("robust_acc", "acc_map", "attack", "per-point worst case over every attack", required=True, nullable=False,
+          **ACC),
+    Field("aa_flags", "names", "attack", "AutoAttack's and the suite's warnings", required=True, nullable=False),
+    Field("aa_eps", "eps_list", "attack", "the eps AutoAttack ran at", "pixels", lo=0.0),
+    Field("autoattack_impl", "str", "attack", "AutoAttack's engine: native or original"),
+    Field("attack_passes", "object", "attack", "forward/backward passes per attack and eps", "rows"),
+    Field("verified", "bool_map", "attack", "an AutoAttack-grade attack verified the robust accuracy at eps"),
+    Field("randomized", "object", "attack", "randomized model: EOT and vote draws (null otherwise)"),
+    Field("aa_attacks", "object", "attack", "AutoAttack's attacks per eps"),
+    Field("reattacked", "object", "attack", "examples re-attacked after the ball check, per eps", "points"),
+    Field("suite", "names", "attack", "the attacks run, in order"),
+    Field("attack_breaks", "object", "attack", "points each attack broke first, per eps", "points"),
+    Field("attack_seconds", "object", "attack", "seconds per attack", "seconds"),
+    Field("attack_details", "object", "attack", "per attack and eps, what it reports of itself"),
+    Field("attack_settings", "object", "attack", "options each attack ran with"),
+    Field("attack_check", "object", "attack", "the ball and misclassification check per eps"),
     # Lipschitz
-    _f("lip_upper", "float", "lipschitz", "certified global L2 upper bound (null: uncertified)", required=True,
-       lo=0.0),
-    _f("lip_lower", "float", "lipschitz", "empirical L2 lower bound", required=True, nullable=False, lo=0.0),
-    _f("lip_upper_method", "str", "lipschitz", "how lip_upper was certified"),
-    _f("lip_lower_method", "str", "lipschitz", "where lip_lower was found (gradient or secant)"),
-    _f("lip_upper_linf", "float", "lipschitz", "certified Linf bound: |f_i(x) - f_i(x')| <= it · ||x - x'||_inf", lo=0.0),
-    _f("lip_gap", "float", "lipschitz", "lip_upper / lip_lower", lo=0.0),
-    _f("uncertified", "str", "lipschitz", "why certify refused the model (null: certified)"),
-    _f("lip_upper_unit_margin", "float", "lipschitz", "lip_upper / train_margin (interpolating rows)", lo=0.0),
-    _f("lip_lower_unit_margin", "float", "lipschitz", "lip_lower / train_margin (interpolating rows)", lo=0.0),
-    _f("lip_upper_q01_margin", "float", "lipschitz", "lip_upper / train_margin_q01 (interpolating rows)", lo=0.0),
-    _f("lip_lower_q01_margin", "float", "lipschitz", "lip_lower / train_margin_q01 (interpolating rows)", lo=0.0),
+    Field("lip_upper", "float", "lipschitz", "certified global L2 upper bound (null: uncertified)", required=True,
+          lo=0.0),
+    Field("lip_lower", "float", "lipschitz", "empirical L2 lower bound", required=True, nullable=False, lo=0.0),
+    Field("lip_upper_method", "str", "lipschitz", "how lip_upper was certified"),
+    Field("lip_lower_method", "str", "lipschitz", "where lip_lower was found (gradient or secant)"),
+    Field("lip_upper_linf", "float", "lipschitz", "certified Linf bound: |f_i(x) - f_i(x')| <= it · ||x - x'||_inf",
+          lo=0.0),
+    Field("lip_gap", "float", "lipschitz", "lip_upper / lip_lower", lo=0.0),
+    Field("uncertified", "str", "lipschitz", "why certify refused the model (null: certified)"),
+    Field("lip_upper_unit_margin", "float", "lipschitz", "lip_upper / train_margin (interpolating rows)", lo=0.0),
+    Field("lip_lower_unit_margin", "float", "lipschitz", "lip_lower / train_margin (interpolating rows)", lo=0.0),
+    Field("lip_upper_q01_margin", "float", "lipschitz", "lip_upper / train_margin_q01 (interpolating rows)", lo=0.0),
+    Field("lip_lower_q01_margin", "float", "lipschitz", "lip_lower / train_margin_q01 (interpolating rows)", lo=0.0),
     # certification
-    _f("cert_acc", "acc_map", "certify", "certified accuracy (null where uncertified)", required=True,
-       nullable=False, **ACC),
+    Field("cert_acc", "acc_map", "certify", "certified accuracy (null where uncertified)", required=True,
+          nullable=False, **ACC),
     # the law
-    _f("ratio", "float", "law", "p/(n·d)", required=True, nullable=False, lo=0.0),
-    _f("ratio_eff", "float", "law", "p/(n·d_eff)", required=True, lo=0.0),
-    _f("law_scale", "float", "law", "sqrt(n·d/p)", required=True, nullable=False, lo=0.0),
-    _f("law_scale_eff", "float", "law", "sqrt(n·d_eff/p)", lo=0.0),
-    _f("law_bound", "float", "law", "Theorem 3's lower bound on the Lipschitz constant"),
-    _f("law_bound_eff", "float", "law", "Theorem 3's bound with d_eff"),
-    _f("law_applicable", "bool", "law", "n is large enough for Theorem 3 to say something"),
-    _f("law_flag", "str", "law", "why Theorem 3 is vacuous here ('' when it applies)"),
-    _f("law_params", "object", "law", "Theorem 3's eps, delta, c, W, J, k"),
+    Field("ratio", "float", "law", "p/(n·d)", required=True, nullable=False, lo=0.0),
+    Field("ratio_eff", "float", "law", "p/(n·d_eff)", required=True, lo=0.0),
+    Field("law_scale", "float", "law", "sqrt(n·d/p)", required=True, nullable=False, lo=0.0),
+    Field("law_scale_eff", "float", "law", "sqrt(n·d_eff/p)", lo=0.0),
+    Field("law_bound", "float", "law", "Theorem 3's lower bound on the Lipschitz constant"),
+    Field("law_bound_eff", "float", "law", "Theorem 3's bound with d_eff"),
+    Field("law_applicable", "bool", "law", "n is large enough for Theorem 3 to say something"),
+    Field("law_flag", "str", "law", "why Theorem 3 is vacuous here ('' when it applies)"),
+    Field("law_params", "object", "law", "Theorem 3's eps, delta, c, W, J, k"),
     # how it ran
-    _f("device", "str", "run", "torch device", required=True),
-    _f("timings", "object", "run", "seconds per phase", "seconds", True, False),
-    _f("threads", "object", "run", "torch threads per phase and the rule that chose them"),
-    _f("flags", "names", "run", "what a reader must know (law-vacuous, unverified, randomized, ...)"),
+    Field("device", "str", "run", "torch device", required=True),
+    Field("timings", "object", "run", "seconds per phase", "seconds", True, False),
+    Field("threads", "object", "run", "torch threads per phase and the rule that chose them"),
+    Field("flags", "names", "run", "what a reader must know (law-vacuous, unverified, randomized, ...)"),
 )
 
 FIELD: dict[str, Field] = {f.name: f for f in FIELDS}
@@ -196,45 +212,10 @@ def undeclared(row: dict) -> list[str]:
     return [k for k in row if k not in FIELD]
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _in_range(f: Field, v) -> bool:
-    return (f.lo is None or v >= f.lo) and (f.hi is None or v <= f.hi)
-
-
 def _problem(f: Field, v) -> str | None:
     """Why value ``v`` does not fit field ``f`` (None when it does; null is judged by the caller)."""
-    kind = f.kind
-    if kind == "str":
-        ok = isinstance(v, str)
-    elif kind == "int":
-        ok = isinstance(v, int) and not isinstance(v, bool) and _in_range(f, v)
-    elif kind == "float":
-        ok = _number(v) and _in_range(f, v)
-    elif kind == "bool":
-        ok = isinstance(v, bool)
-    elif kind == "names":
-        ok = isinstance(v, list) and all(isinstance(s, str) for s in v)
-    elif kind == "version":
-        ok = isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v))
-    elif kind == "eps_list":
-        ok = isinstance(v, list) and all(_number(e) and _in_range(f, e) for e in v)
-    elif kind == "acc_map":
-        ok = isinstance(v, dict) and all(parse_eps_key(k) is not None and (a is None or (_number(a) and _in_range(f, a)))
-                                         for k, a in v.items())
-    elif kind == "bool_map":
-        ok = isinstance(v, dict) and all(parse_eps_key(k) is not None and isinstance(b, bool) for k, b in v.items())
-    elif kind == "object":
-        ok = isinstance(v, dict)
-    elif kind == "list":
-        ok = isinstance(v, list)
-    else:  # pragma: no cover - a kind outside KINDS is a bug in FIELDS
-        raise ValueError(f"field {f.name}: unknown kind {kind!r}")
-    if ok:
-        return None
-    return f"{f.name} is {_show(v)}, expected {_article(KINDS[kind])}{_range(f)}"
+    words, fits = KINDS[f.kind]
+    return None if fits(f, v) else f"{f.name} is {_show(v)}, expected {_article(words)}{_range(f)}"
 
 
 def _article(noun: str) -> str:
@@ -283,7 +264,7 @@ def markdown_table() -> str:
     """The README's row table: one line per field."""
     lines = ["| key | type | unit | every row | written by | meaning |", "|---|---|---|---|---|---|"]
     for f in FIELDS:
-        typ = KINDS[f.kind] + ("" if not f.nullable else " or null")
+        typ = KINDS[f.kind][0] + ("" if not f.nullable else " or null")
         lines.append(f"| `{f.name}` | {typ} | {f.unit} | {'yes' if f.required else ''} | {f.phase} | "
                      f"{f.meaning} |")
     return "\n".join(lines)
