@@ -121,6 +121,7 @@ def robust_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, nor
         "settings": {s.name: s.options for s in suite},
         "passes": state.passes,
         "details": state.details,
+        "indicators": state.indicators,
     }
     t_aa = state.seconds.get("autoattack", 0.0)
     timings = {"pgd": t_pgd, "autoattack": t_aa}
@@ -212,6 +213,7 @@ class _SuiteState:
         self.verified: dict = {}  # eps -> an AutoAttack-grade attack ran on every point still standing there
         self.counter = counter    # attacks.cost.Counted around the model every stage attacks
         self.passes = passes      # stage -> eps -> {"forward", "backward"} rows through the model
+        self.indicators: dict = {}  # eps -> indicators of attack failure (attacks.indicators), where measured
 
     def run(self, step: SuiteStep) -> None:
         """One attack of the suite at each of its eps, on the points nothing broke yet, through the registry (the one
@@ -260,12 +262,16 @@ class _SuiteState:
         for key, value in (("batch_size", self.aa_batch), ("n_total", self.x.shape[0])):
             if key in accepted:
                 options.setdefault(key, value)
+        if "evidence" in accepted:
+            options["evidence"] = self.evidence(e)
         attack = Attack(entry, options)
         x, y = self.x[idx], self.y[idx]
         out = attack.run(self.model, x, y, e, norm=self.norm, seed=self.seed, log=self.log)
         self.flags.update(out.info.get("flags", []))
         if "stages" in out.info:  # a suite's own account of its stages
             self.details.setdefault(step.name, {})[e] = out.info["stages"]
+        if isinstance(out.info.get("indicators"), dict):
+            self.indicators[e] = out.info["indicators"]
         if isinstance(out.info.get("check"), dict):
             self.checks[e][step.name] = out.info["check"]
             return out.robust, out.x_adv, out.info
@@ -274,6 +280,20 @@ class _SuiteState:
         ck = check_attack(self.model, x, y, out.x_adv, e, self.norm, rerun=rerun, log=self.log)
         self.checks[e][step.name] = ck.info
         return ~ck.broken, ck.x_adv, out.info
+
+
+    def evidence(self, e) -> dict:
+        """What the suite knows at eps e, for an attack that reads it (the adaptive stage): the flags raised so far,
+        each attack's check record, the points black-box Square broke after the white-box attacks, the size of the
+        evaluation set."""
+        square = 0
+        aa = self.aa_info.get(e) or {}
+        square += int((aa.get("broken_by") or {}).get("square", 0)) + int(
+            (aa.get("masking_restarts") or {}).get("broken", 0))
+        fast = (self.details.get("fast") or {}).get(e) or {}
+        square += int((fast.get("square") or {}).get("broke", 0))
+        return {"flags": sorted(self.flags), "checks": dict(self.checks[e]), "square_after_whitebox": square,
+                "n_total": int(self.x.shape[0])}
 
 
 def _no_context(n_points: int) -> ContextManager:

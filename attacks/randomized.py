@@ -4,8 +4,8 @@ One lucky draw must never decide a result, and one noisy gradient must never ste
 (:func:`is_randomized`: the same input, two forward passes, different logits), the model is seen by every attack
 through :class:`Randomized`:
 
-* verdicts: a point counts as misclassified only when the majority of ``votes`` draws misclassify it (ties go to
-  the label: a tie is no majority) -- :func:`attacks.threat.misclassified` reads this wrapper;
+* verdicts: a point counts as misclassified only when most of its ``votes`` draws misclassify it (the label wins
+  fewer than half of them; a tie is no majority) -- :func:`attacks.threat.misclassified` reads this wrapper;
 * gradients: every gradient stage averages ``eot`` draws (expectation over transformation, pyautoattack's rand
   protocol: EOT 20); our PGD repeats each row ``eot`` times in one batch, the original APGD takes ``eot_iter``.
 """
@@ -69,7 +69,9 @@ def randomized(model: torch.nn.Module, eot: int = EOT_DRAWS, votes: int = VOTE_D
 
 
 def majority_misclassified(model: Randomized, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Bool (N,): the label is not the (strictly) most frequent prediction over ``model.votes`` draws."""
+    """Bool (N,): most of ``model.votes`` draws misclassify the point (the label wins fewer than half of them; a tie
+    is no majority). Not "another class out-votes the label": a point classified correctly in 10 of 25 draws, the
+    other 15 split between wrong classes, is misclassified by most draws."""
     counts = model.vote_counts(x)
     own = counts.gather(1, y.to(counts.device)[:, None]).squeeze(1)
-    return own < counts.amax(1)
+    return 2 * own < counts.sum(1)

@@ -41,6 +41,8 @@ class AttackEntry:
     # the pipeline's AutoAttack stage: robustness after it is the row's autoattack_acc, and its info (the attacks
     # it ran, what each broke) the row's aa_attacks
     autoattack_stage: bool = False
+    # with no eps of its own in a suite, the attack runs at every eps of the sweep (the adaptive stage)
+    every_eps: bool = False
 
 
 @dataclass
@@ -76,17 +78,20 @@ _REGISTRY: dict[str, AttackEntry] = {}
 
 
 def register_attack(name: str, *, kind: str, norms=("Linf", "L2"), bounded: bool = True, description: str = "",
-                    verifies: bool = False, sweeps: bool = False, autoattack_stage: bool = False):
+                    verifies: bool = False, sweeps: bool = False, autoattack_stage: bool = False,
+                    every_eps: bool = False):
     """Decorator registering ``fn(model, x, y, eps, *, norm, seed, log, **kw) -> AttackOutput`` under ``name``.
     verifies: the attack is AutoAttack grade; sweeps: with no eps of its own it covers the sweep;
-    autoattack_stage: it is the pipeline's AutoAttack (AttackEntry). A factory with a ``batch_size`` or ``n_total``
-    option gets the suite's batch and the size of the whole evaluation set unless the spec sets them."""
+    autoattack_stage: it is the pipeline's AutoAttack; every_eps: with no eps of its own it runs at every eps
+    (AttackEntry). A factory with a ``batch_size`` or ``n_total`` option gets the suite's batch and the size of the
+    whole evaluation set unless the spec sets them; one with an ``evidence`` parameter gets what the suite knows at
+    that eps (attacks.evaluate.SuiteState.evidence)."""
 
     def deco(fn):
         if name in _REGISTRY:
             raise AttackError(f"attack {name!r} is already registered")
         _REGISTRY[name] = AttackEntry(name, kind, tuple(norms), bounded, description, fn, bool(verifies),
-                                      bool(sweeps), bool(autoattack_stage))
+                                      bool(sweeps), bool(autoattack_stage), bool(every_eps))
         return fn
 
     return deco
@@ -96,7 +101,7 @@ def list_attacks(pattern: str = "*") -> list[AttackEntry]:
     return [e for n, e in sorted(_REGISTRY.items()) if fnmatch.fnmatch(n, pattern)]
 
 
-_CALL_PARAMS = {"model", "x", "y", "eps", "norm", "seed", "log", "n_total"}  # n_total: the suite gives it
+_CALL_PARAMS = {"model", "x", "y", "eps", "norm", "seed", "log", "n_total", "evidence"}  # the suite gives the last two
 
 
 def attack_options(name: str) -> dict:
@@ -188,6 +193,26 @@ def _fast(model, x, y, eps, *, norm, seed, log=None, steps=100, targets=3, squar
     robust, x_adv, info = run_fast(model, x, y, eps, norm=norm, seed=seed, log=log, steps=steps, targets=targets,
                                    square_queries=square_queries, batch_size=batch_size, impl=impl)
     return AttackOutput(robust, x_adv, info)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the adaptive stage
+
+@register_attack("adaptive", kind="adaptive", every_eps=True,
+                 description="indicators of attack failure, then where one fires or a masking flag was raised: "
+                 "straight-through and smoothed gradients found at run time, EOT until the gradient is stable, "
+                 "APGD-DLR, APGD-T, PGD on the margin, transfer from the smooth surrogate")
+def _adaptive(model, x, y, eps, *, norm, seed, log=None, evidence=None, mode="auto", steps=200, apgd_iter=100,
+              targets=3, eot_cos=0.9, eot_max=160):
+    from .adaptive import MODES, AdaptiveConfig, run_adaptive
+    if mode not in MODES:
+        raise AttackError(f"adaptive: mode must be one of {MODES}, got {mode!r}")
+    cfg = AdaptiveConfig(steps=int(steps), apgd_iter=int(apgd_iter), targets=int(targets), eot_cos=float(eot_cos),
+                         eot_max=int(eot_max))
+    robust, x_adv, info = run_adaptive(model, x, y, eps, norm, seed=seed, evidence=evidence, mode=mode, cfg=cfg,
+                                       log=log)
+    flags = info.pop("flags")
+    return AttackOutput(robust, x_adv, {"stages": info, "indicators": info.pop("indicators"), "flags": flags})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,4 +325,4 @@ for _name, _cls, _b, _norms, _bounded, _img, _desc in (
 for _alias in ("fgsm", "cw", "deepfool", "square", "bim", "mifgsm", "fab"):
     _e = _REGISTRY[f"ta-{_alias}"]
     _REGISTRY[_alias] = AttackEntry(_alias, _e.kind, _e.norms, _e.bounded, _e.description + f" (= ta-{_alias})",
-                                    _e.factory, _e.verifies, _e.sweeps, _e.autoattack_stage)
+                                    _e.factory, _e.verifies, _e.sweeps, _e.autoattack_stage, _e.every_eps)

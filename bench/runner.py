@@ -26,7 +26,8 @@ from bench.spec import KEY_OPTIONS, LEGACY_ATTACKS, SCHEMA, SMOOTH_KEYS, cell_id
 from bench.train import TrainConfig, train
 from lawbench.base.files import atomic_write_text
 from lawbench.base.timing import Timer
-from lawbench.reports.schema import ACC_CHAIN, FIELDS, REQUIRED_KEYS, TRUST_FLAGS, check_row, eps_key, undeclared
+from lawbench.reports.schema import (ACC_CHAIN, FIELDS, REQUIRED_KEYS, TRUST_FLAGS, check_row, eps_key,
+                                     indicator_flags, undeclared)
 
 INVARIANT_TOL = 1e-9
 # what a smooth row records of its search
@@ -212,6 +213,8 @@ def _evaluate(model, data, cell, device, timer, chooser, phase, log) -> dict:
                                if "pgd" in ev.info["suite"] else {}),
                             **{step.name: {"eps": sorted(step.eps), **step.options} for step in suite}},
         "attack_check": {eps_key(e): c for e, c in ev.info["check"].items()},
+        "attack_indicators": ({eps_key(e): ind for e, ind in ev.info["indicators"].items()}
+                              if "adaptive" in ev.info["suite"] else None),
     }
 
 
@@ -231,7 +234,8 @@ def attack_suite(cell: dict) -> list:
             sweeping.append(len(steps))
         if name == "fast" and "pgd" in cell_attacks(cell):  # the sweep's PGD already ran at every eps
             options.setdefault("steps", 0)
-        steps.append(attacks.SuiteStep(name, tuple(float(e) for e in options.pop("eps", headline)), options))
+        where = cell["eps"] if attacks.attack_entry(name).every_eps else headline
+        steps.append(attacks.SuiteStep(name, tuple(float(e) for e in options.pop("eps", where)), options))
     covered = {e for i, st in enumerate(steps) if st.verifies and i not in sweeping for e in st.eps}
     rest = tuple(float(e) for e in cell["eps"] if float(e) not in covered)
     for i in sweeping:
@@ -375,6 +379,7 @@ def _fill_row(row: dict, task: CellTask, budget: threads.ThreadBudget, timer: Ti
                                       label_noise=cell["label_noise"], c=isoperimetry_constant(meta)))
     row["flags"] = [] if row.get("law_applicable") else ["law-vacuous"]  # Theorem 3 says nothing at this n
     row["flags"] += [f for f in row["aa_flags"] if f in TRUST_FLAGS]  # signs the attacks may have been fooled
+    row["flags"] += indicator_flags(row.get("attack_indicators"))  # indicators of attack failure that fired
     if not all(row["verified"].values()):
         row["flags"].append("unverified")  # an eps where only PGD (or weaker) ran: reports mark its numbers
     if row.get("smooth_no_gain"):

@@ -43,8 +43,9 @@ def attack_names() -> tuple:
     return tuple(e.name for e in list_attacks())
 
 
-# the PGD eps sweep, the fast suite at every other eps, AutoAttack at the headline eps: every eps verified
-DEFAULT_ATTACKS = ["pgd", "fast", "autoattack"]
+# the PGD eps sweep, the fast suite at every other eps, AutoAttack at the headline eps: every eps verified; then the
+# adaptive stage at every eps (indicators of attack failure; where one fires, attacks on the defense itself)
+DEFAULT_ATTACKS = ["pgd", "fast", "autoattack", "adaptive"]
 # what a cell without an `attacks` key runs: the suite before every eps was verified (such cells keep their ids)
 LEGACY_ATTACKS = ["pgd", "autoattack"]
 PGD_OPTIONS = {"steps": "pgd_steps", "restarts": "pgd_restarts", "step_size": "pgd_step_size"}  # [attack.pgd]

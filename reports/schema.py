@@ -145,6 +145,8 @@ FIELDS: tuple[Field, ...] = (
     Field("attack_details", "object", "attack", "per attack and eps, what it reports of itself"),
     Field("attack_settings", "object", "attack", "options each attack ran with"),
     Field("attack_check", "object", "attack", "the ball and misclassification check per eps"),
+    Field("attack_indicators", "object", "attack", "indicators of attack failure per eps and name: value, threshold, "
+          "fired (the adaptive stage; null where it did not run)"),
     # Lipschitz
     Field("lip_upper", "float", "lipschitz", "certified global L2 upper bound (null: uncertified)", required=True,
           lo=0.0),
@@ -187,7 +189,23 @@ STATUSES = ("ok", "failed")
 # flags that say a row's attacks may have been fooled (gradient masking, randomness, scaled logits); the runner copies
 # AutoAttack's and the suite's into the row's `flags`, reports mark rows carrying one (in `flags` or `aa_flags`)
 TRUST_FLAGS = ("randomized", "softmax_output", "zero_gradients", "square_beats_whitebox", "dynamic",
-               "softmax_saturated")
+               "softmax_saturated", "adaptive")
+# a row's flag for each indicator of attack failure that fired at some eps (`attack_indicators`): "indicator:NAME"
+INDICATOR_FLAG = "indicator:"
+
+
+def indicator_flags(indicators) -> list[str]:
+    """The flags of the indicators that fired at any eps of a row's `attack_indicators` (sorted, once each)."""
+    if not isinstance(indicators, dict):
+        return []
+    names = {name for per in indicators.values() if isinstance(per, dict)
+             for name, v in per.items() if isinstance(v, dict) and v.get("fired") is True}
+    return [INDICATOR_FLAG + n for n in sorted(names)]
+
+
+def is_trust_flag(flag) -> bool:
+    """A flag saying a row's attacks may have been fooled: TRUST_FLAGS, or an indicator of attack failure."""
+    return isinstance(flag, str) and (flag in TRUST_FLAGS or flag.startswith(INDICATOR_FLAG))
 ACC_CHAIN: tuple[str, ...] = ("cert_acc", "robust_acc", "pgd_acc", "clean_acc")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from .schema import ACC_KEYS, TRUST_FLAGS, parse_eps_key
+from .schema import ACC_KEYS, is_trust_flag, parse_eps_key
 
 
 def num(value) -> float | None:
@@ -82,7 +82,7 @@ def flagged(row: dict) -> list[str]:
     for key in ("flags", "aa_flags"):
         raw = row.get(key)
         if isinstance(raw, (list, tuple)):
-            out += [f for f in raw if isinstance(f, str) and f in TRUST_FLAGS]
+            out += [f for f in raw if is_trust_flag(f)]
     return list(dict.fromkeys(out))
 
 
