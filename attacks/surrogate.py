@@ -83,6 +83,10 @@ class Surrogate(TorchFunctionMode):
         self._carried: dict = {}   # id(bool or int tensor) -> (that tensor, its float carrier with a gradient)
         self._scores: dict = {}    # id(index tensor) -> (that tensor, scores, dim, sign)
 
+    def _live(self, t) -> bool:
+        """The surrogate applies to t: it carries a gradient, or the forward values are the surrogate's (soft)."""
+        return _floatlike(t) and (self.soft or t.requires_grad)
+
     # -- the carriers: a value the model computed, and a float with a gradient path that stands for it ----------------
 
     def _carry(self, hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
@@ -120,7 +124,7 @@ class Surrogate(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         carried = self._has_carried(args, kwargs)
-        if not carried and not _needs_grad(args, kwargs):
+        if not carried and not self.soft and not _needs_grad(args, kwargs):
             return func(*args, **kwargs)
         handler = self._handler(func) if not carried else None
         if handler is not None:
@@ -153,7 +157,7 @@ class Surrogate(TorchFunctionMode):
     def _rounding(self, func, args, kwargs):
         x = args[0]
         out = func(*args, **kwargs)
-        if not _floatlike(x) or not x.requires_grad or not _floatlike(out):
+        if not self._live(x) or not _floatlike(out):
             return out
         self.swapped[func.__name__] += 1
         return self._through(out, x)
@@ -181,7 +185,7 @@ class Surrogate(TorchFunctionMode):
         if not torch.is_tensor(out) or out.dtype != torch.bool:
             return out
         diff = (a - b) * COMPARISONS[func]
-        if not _floatlike(diff) or not diff.requires_grad:
+        if not self._live(diff):
             return out
         self.swapped[func.__name__.strip("_")] += 1
         return self._carry(out, torch.sigmoid(diff / (self.temperature * _spread(diff))))
@@ -189,7 +193,7 @@ class Surrogate(TorchFunctionMode):
     def _cast(self, func, args, kwargs):
         out = func(*args, **kwargs)
         x = args[0]
-        if (torch.is_tensor(out) and _floatlike(x) and x.requires_grad and not out.is_floating_point()
+        if (torch.is_tensor(out) and self._live(x) and not out.is_floating_point()
                 and out.dtype != torch.bool and out.shape == x.shape):
             self.swapped[f"cast to {out.dtype}".replace("torch.", "")] += 1
             return self._carry(out, x)
@@ -197,7 +201,7 @@ class Surrogate(TorchFunctionMode):
 
     def _detach(self, func, args, kwargs):
         x = args[0]
-        if not _floatlike(x) or not x.requires_grad:
+        if not _floatlike(x) or not x.requires_grad:  # (soft or not: detach changes no value)
             return func(*args, **kwargs)
         self.swapped["detach"] += 1
         return x.view_as(x)
@@ -206,7 +210,7 @@ class Surrogate(TorchFunctionMode):
         out = func(*args, **kwargs)
         x = args[0]
         dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-        if dim is None or not _floatlike(x) or not x.requires_grad:
+        if dim is None or not self._live(x):
             return out
         keep = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
         self._scores[id(out)] = (out, x, int(dim), SELECTIONS[func], bool(keep))
@@ -216,7 +220,7 @@ class Surrogate(TorchFunctionMode):
         x = args[0]
         out = func(*args, **kwargs)
         fn = SATURATING[func]
-        if not _floatlike(x) or not x.requires_grad or x.numel() == 0:
+        if not self._live(x) or x.numel() == 0:
             return out
         share = float((x.detach().abs() > SATURATED_AT[fn]).float().mean())
         if share < SATURATED_SHARE:
@@ -229,7 +233,7 @@ class Surrogate(TorchFunctionMode):
     def _clamp(self, func, args, kwargs):
         x = args[0]
         out = func(*args, **kwargs)
-        if not _floatlike(x) or not x.requires_grad or x.numel() == 0:
+        if not self._live(x) or x.numel() == 0:
             return out
         flat = (out.detach() != x.detach()).float().mean()  # where the derivative is zero
         if float(flat) < SATURATED_SHARE:
