@@ -109,9 +109,11 @@ class Trajectory:
 
 
 def ascend_margin(net, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, steps: int, gen: torch.Generator,
-                  draws: int = 1) -> Trajectory:
-    """Sign (Linf) or normalised (L2) ascent of the margin from a random start, step eps/2 decayed in four stages to
-    eps/16 (the suite's rule), every iterate kept inside the exact ball and [0, 1]."""
+                  draws: int = 1, judge=None) -> Trajectory:
+    """Sign (Linf) or normalised (L2) ascent of the margin of ``net`` from a random start, step eps/2 decayed in four
+    stages to eps/16 (the suite's rule), every iterate kept inside the exact ball and [0, 1]. ``judge``: another model
+    whose margin at every iterate decides the best and the first misclassified iterate (a transfer judged on the real
+    model at every step); else net's own."""
     n, shape = x.shape[0], x.shape[1:]
     x0 = x.detach().reshape(n, -1)
     lo, hi = box_bounds(x0, eps, norm)
@@ -128,6 +130,9 @@ def ascend_margin(net, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, 
     fwd = lambda v: net(v.view(-1, *shape))  # noqa: E731
     for t in range(steps + 1):
         m, g = margin_grad(fwd, xa, y, draws)
+        if judge is not None:
+            with torch.no_grad():
+                m = margin(judge(xa.view(-1, *shape)), y)
         better = m > top
         top = torch.where(better, m, top)
         x_best[better] = xa[better]

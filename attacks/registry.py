@@ -202,7 +202,7 @@ def _fast(model, x, y, eps, *, norm, seed, log=None, steps=100, targets=3, squar
                  description="indicators of attack failure, then where one fires or a masking flag was raised: "
                  "straight-through and smoothed gradients found at run time, EOT until the gradient is stable, "
                  "APGD-DLR, APGD-T, PGD on the margin, transfer from the smooth surrogate")
-def _adaptive(model, x, y, eps, *, norm, seed, log=None, evidence=None, mode="auto", steps=200, apgd_iter=100,
+def _adaptive(model, x, y, eps, *, norm, seed, log=None, evidence=None, mode="auto", steps=100, apgd_iter=100,
               targets=3, eot_cos=0.9, eot_max=160):
     from .adaptive import MODES, AdaptiveConfig, run_adaptive
     if mode not in MODES:

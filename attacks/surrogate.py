@@ -227,7 +227,7 @@ class Surrogate(TorchFunctionMode):
             return out
         self.swapped[f"{fn.__name__} (saturated)"] += 1
         # the median input brought to a quarter of the saturation point, where the curve still bends
-        scale = (x.detach().abs().median() * 4.0 / SATURATED_AT[fn]).clamp_min(1.0)
+        scale = (x.detach().abs().median() * 4.0 / SATURATED_AT[fn] * self.temperature / TEMPERATURE).clamp_min(1.0)
         return self._through(out, fn(x / scale))
 
     def _clamp(self, func, args, kwargs):

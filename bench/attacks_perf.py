@@ -124,7 +124,7 @@ def zoo(quick: bool, cache: Path, log, pattern: str = "*") -> tuple[dict, torch.
     return models, split.x_test, split.y_test
 
 
-def reference(model, x, y, eps, seed):
+def reference(model, x, y, eps, seed, norm: str = "Linf"):
     """(robust mask, passes) of pyautoattack alone, as a user runs it: standard, or its rand version (EOT 20) for a
     randomized model with each example judged by the majority of VOTE_DRAWS draws (as ours); at eps·(1−2⁻²⁰) so that
     its float32 clipping stays inside the exact ball (an ulp outside, a quantizer rounds an example back). Its
@@ -137,7 +137,7 @@ def reference(model, x, y, eps, seed):
     rand = is_randomized(model, x)
     net = Counted(model)
     with torch.random.fork_rng():
-        aa = AutoAttack(net, norm="Linf", eps=eps * (1 - 2 ** -20), version="rand" if rand else "standard",
+        aa = AutoAttack(net, norm=norm, eps=eps * (1 - 2 ** -20), version="rand" if rand else "standard",
                         device=x.device, seed=seed)
         xa, _ = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
         return ~misclassified(Randomized(net) if rand else net, xa, y), net.passes
@@ -349,6 +349,11 @@ def _print(res) -> None:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--masked" in argv:  # the adaptive stage on the masked zoo (bench.masked_perf)
+        from bench.masked_perf import main as masked
+        argv.remove("--masked")
+        return masked(argv)
     from bench.zoo import cache_dir as _cache_dir
     p = argparse.ArgumentParser(prog="python -m bench perf --attacks", description=__doc__.splitlines()[0])
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
