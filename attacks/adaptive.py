@@ -11,8 +11,8 @@ attacks with gradients the model hides from the suite:
   to a cosine of ``eot_cos``), starting from AutoAttack rand's 20; verdicts by the majority of fresh draws;
 * a transfer attack from the smooth surrogate (forward values smoothed too), judged on the real model.
 
-Its attacks are APGD-DLR and APGD-T (our engine, attacks.apgd) and PGD on the margin loss through the surrogate,
-then the transfer. Every example goes through the one validation path (the exact ball, [0, 1], misclassified by the
+Its attacks are APGD-DLR and APGD-T (our engine, attacks.apgd) and PGD on the margin loss through the surrogate (at
+several surrogate temperatures), then the transfer. Every example goes through the one validation path (the exact ball, [0, 1], misclassified by the
 real model in eval mode, by most draws where randomized).
 """
 from __future__ import annotations
@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import torch
 
 from .apgd import APGDConfig, apgd, rank_by_logit
-from .indicators import ascend_margin, fired, from_records, margin, margin_grad, probe
+from .indicators import ascend_margin, fired, from_records, margin_grad, probe
 from .pgd import pgd_sweep
 from .randomized import EOT_DRAWS, Randomized
 from .surrogate import Through, swapped_ops
-from .threat import box_bounds, check_attack
+from .threat import check_attack
 
 MODES = ("auto", "always")
 # flags of earlier attacks that send the stage in wherever points remain (attacks.autoattack.FLAG_DOC)
@@ -48,8 +48,6 @@ class AdaptiveConfig:
     eot_max: int = 160
     transfer_steps: int = 100
     transfer_restarts: int = 2
-    coordinate_rounds: int = 100   # greedy coordinate search (Linf, deterministic models with swapped operations)
-    coordinate_top: int = 32       # candidate coordinates per point and round
 
 
 def run_adaptive(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, *, seed: int = 0,
@@ -85,12 +83,12 @@ def run_adaptive(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str,
     info.update(ran=True, eot=eot if isinstance(model, Randomized) else None, eot_cos=cos, flags=["adaptive"])
     with torch.no_grad():
         classes = int(base(x[:1]).shape[1])
-    plan = _Plan(net, through, soft, base, norm, seed, cfg, isinstance(model, Randomized), classes, x)
+    plan = _Plan(net, through, soft, base, norm, seed, cfg, isinstance(model, Randomized), classes)
     for name, attack in plan.stages():
         idx = robust.nonzero().flatten()
         if idx.numel() == 0:
             break
-        raw = attack(x[idx], y[idx], eps, idx)
+        raw = attack(x[idx], y[idx], eps)
         ck = check_attack(model, x[idx], y[idx], raw, eps, norm)
         got = idx[ck.broken]
         robust[got] = False
@@ -126,15 +124,13 @@ def _stable_eot(model, net, x, y, cfg: AdaptiveConfig, points: int = 16) -> tupl
 
 class _Plan:
     """The stage's attacks, in order: APGD-DLR, APGD-T (deterministic models), PGD on the margin through the
-    surrogate, then where the surrogate swapped operations, the transfer from the smooth surrogate judged on the real
-    model at every step, and (Linf, deterministic) a greedy coordinate search on the real margin from the transfer's
-    best iterates."""
+    surrogate (at each of the temperatures where it swapped operations), then the transfer from the smooth surrogate
+    judged on the real model at every step."""
 
-    def __init__(self, net, through, soft, base, norm, seed, cfg: AdaptiveConfig, rand: bool, classes: int, x):
+    def __init__(self, net, through, soft, base, norm, seed, cfg: AdaptiveConfig, rand: bool, classes: int):
         self.net, self.through, self.soft, self.base, self.norm, self.seed = net, through, soft, base, norm, seed
         self.ops = soft is not None
         self.cfg, self.rand, self.classes = cfg, rand, classes
-        self.best = x.detach().clone()  # per point: the transfer's best iterate on the real margin (else x)
 
     def stages(self):
         out = [("apgd-dlr", self.apgd_dlr)] if self.classes >= 3 else []  # DLR needs 3 classes, targeted DLR 4
@@ -146,91 +142,44 @@ class _Plan:
             out.append(("pgd-margin", self.pgd))
         if self.soft is not None:
             out.append(("transfer", self.transfer))
-            if self.norm == "Linf" and not self.rand:
-                out.append(("coordinate", self.coordinate))
         return out
 
-    def apgd_dlr(self, x, y, eps, idx):
+    def apgd_dlr(self, x, y, eps):
         return apgd(self.net, x, y, eps, self.norm, APGDConfig(loss="dlr", n_iter=self.cfg.apgd_iter),
                     seed=self.seed).x_adv
 
-    def apgd_t(self, x, y, eps, idx):
+    def apgd_t(self, x, y, eps):
         k = max(1, min(self.cfg.targets, self.classes - 1))
         t = rank_by_logit(self.net, x, y, k)
         return apgd(self.net, x, y, eps, self.norm, APGDConfig(loss="dlr-targeted", n_iter=self.cfg.apgd_iter),
                     seed=self.seed + 1, targets=t).x_adv
 
-    def pgd(self, x, y, eps, idx, net=None):
+    def pgd(self, x, y, eps, net=None):
         steps = self.cfg.rand_steps if self.rand else self.cfg.steps
         return pgd_sweep(net or self.net, x, y, [eps], norm=self.norm, steps=steps, restarts=1, loss="margin",
                          seed=self.seed + 2).x_adv[0]
 
     def _pgd_at(self, temperature):
         """PGD through the surrogate at ``temperature`` (a deterministic model's swapped operations)."""
-        def run(x, y, eps, idx):
+        def run(x, y, eps):
             net = Through(self.base, temperature=temperature)
-            out = self.pgd(x, y, eps, idx, net)
+            out = self.pgd(x, y, eps, net)
             self.through.swapped.update(net.swapped)
             return out
         return run
 
-    def transfer(self, x, y, eps, idx):
+    def transfer(self, x, y, eps):
         """Ascent of the smooth surrogate's margin, every iterate judged by the real model (one draw where
         randomized); per point the first misclassified iterate, else the best one, over the restarts."""
         gen = torch.Generator(device=x.device).manual_seed(int(self.seed) + 4)
         soft = self.soft.model if isinstance(self.soft, Randomized) else self.soft
         draws = self.soft.eot if isinstance(self.soft, Randomized) else 1
         out, top = x.detach().clone(), torch.full((x.shape[0],), -float("inf"), device=x.device)
-        for _ in range(self.cfg.transfer_restarts):
+        for _ in range(1 if self.rand else self.cfg.transfer_restarts):  # EOT draws make a restart dear
             tr = ascend_margin(soft, x, y, eps, self.norm, self.cfg.transfer_steps, gen, draws, judge=self.base)
             better = tr.best[-1] > top
             out[better], top = tr.x_hit[better], torch.maximum(top, tr.best[-1])
-        self.best[idx] = out
         return out
-
-    def coordinate(self, x, y, eps, idx):
-        return coordinate_search(self.base, self.net, x, y, eps, self.best[idx], self.cfg.coordinate_rounds,
-                                 self.cfg.coordinate_top, self.seed)
-
-
-@torch.no_grad()
-def coordinate_search(judge, grad_net, x: torch.Tensor, y: torch.Tensor, eps: float, start: torch.Tensor,
-                      rounds: int, top: int, seed: int = 0) -> torch.Tensor:
-    """Linf, a deterministic model: from ``start``, each round tries ``top`` single-coordinate moves per point to an
-    end of the coordinate's box, ranked by the surrogate gradient's first-order gain (random coordinates where that
-    ranking stopped paying), and keeps the move that raises the real margin most. Returns the iterates (the first
-    misclassified one per point, else the last)."""
-    n, shape = x.shape[0], x.shape[1:]
-    x0 = x.detach().reshape(n, -1)
-    lo, hi = box_bounds(x0, eps, "Linf")
-    cur = torch.clamp(start.detach().reshape(n, -1).to(x0.dtype), lo, hi)
-    m = margin(judge(cur.view(n, *shape)), y)
-    stuck = torch.zeros(n, dtype=torch.bool, device=x.device)
-    gen = torch.Generator(device=x.device).manual_seed(int(seed) + 5)
-    d = cur.shape[1]
-    k = min(int(top), d)
-    for _ in range(int(rounds)):
-        act = (m <= 0).nonzero().flatten()
-        if act.numel() == 0:
-            break
-        with torch.enable_grad():
-            _, g = margin_grad(grad_net, cur[act].view(-1, *shape), y[act])
-        g = g.reshape(act.numel(), -1)
-        target = torch.where(g > 0, hi[act], lo[act])
-        gain = g * (target - cur[act])
-        rand = torch.rand(gain.shape, generator=gen, device=x.device) * (target != cur[act])
-        score = torch.where(stuck[act][:, None], rand, gain)
-        idx = score.topk(k, dim=1).indices
-        cand = cur[act].unsqueeze(1).repeat(1, k, 1)
-        cand.scatter_(2, idx.unsqueeze(2), target.gather(1, idx).unsqueeze(2))
-        mc = margin(judge(cand.view(-1, *shape)), y[act].repeat_interleave(k)).view(-1, k)
-        best, j = mc.max(1)
-        up = best > m[act]
-        rows = act[up]
-        cur[rows] = cand[up, j[up]]
-        m[rows] = best[up]
-        stuck[act] = ~up
-    return cur.view(n, *shape)
 
 
 __all__ = ["AdaptiveConfig", "MODES", "MASKING_FLAGS", "run_adaptive"]

@@ -28,7 +28,9 @@ from torch.overrides import TorchFunctionMode
 T = torch.Tensor
 
 ROUNDING = {torch.round, T.round, torch.floor, T.floor, torch.ceil, T.ceil, torch.trunc, T.trunc, torch.fix, T.fix}
-SIGNS = {torch.sign, T.sign, torch.sgn, T.sgn}
+# step -> the smooth function whose gradient it takes (at a temperature)
+STEPS = {torch.sign: torch.tanh, T.sign: torch.tanh, torch.sgn: torch.tanh, T.sgn: torch.tanh,
+         torch.heaviside: torch.sigmoid, T.heaviside: torch.sigmoid}
 # comparison -> the sign of (a - b) that makes it true
 COMPARISONS = {torch.gt: 1, T.gt: 1, T.__gt__: 1, torch.greater: 1, torch.ge: 1, T.ge: 1, T.__ge__: 1,
                torch.greater_equal: 1, torch.lt: -1, T.lt: -1, T.__lt__: -1, torch.less: -1, torch.le: -1,
@@ -136,12 +138,10 @@ class Surrogate(TorchFunctionMode):
     def _handler(self, func):
         if func in ROUNDING:
             return self._rounding
-        if func in SIGNS:
-            return self._sign
+        if func in STEPS:
+            return self._step
         if func in COMPARISONS:
             return self._comparison
-        if func is torch.heaviside or func is T.heaviside:
-            return self._heaviside
         if func in INT_CASTS or func in CASTS:
             return self._cast
         if func in DETACH:
@@ -162,21 +162,14 @@ class Surrogate(TorchFunctionMode):
         self.swapped[func.__name__] += 1
         return self._through(out, x)
 
-    def _sign(self, func, args, kwargs):
+    def _step(self, func, args, kwargs):
         x = args[0]
         out = func(*args, **kwargs)
-        if not _floatlike(x):
+        if not self._live(x) or not _floatlike(out):
             return out
-        self.swapped["sign"] += 1
-        return self._through(out, torch.tanh(x / (self.temperature * _spread(x))))
-
-    def _heaviside(self, func, args, kwargs):
-        x = args[0]
-        out = func(*args, **kwargs)
-        if not _floatlike(x):
-            return out
-        self.swapped["heaviside"] += 1
-        return self._through(out, torch.sigmoid(x / (self.temperature * _spread(x))))
+        smooth = STEPS[func]
+        self.swapped[func.__name__] += 1
+        return self._through(out, smooth(x / (self.temperature * _spread(x))))
 
     def _comparison(self, func, args, kwargs):
         out = func(*args, **kwargs)

@@ -238,7 +238,8 @@ def render_html(rows, views: list[View], *, source: str = "results.jsonl", image
            "Student-t interval over seeds where several ran. Ranking by robust accuracy (per-point worst case over "
            "every attack). Click a column header to sort.</p>",
            f'<p class="note">{esc(UNVERIFIED_NOTE)}. {FLAGGED_MARK} flagged: the attacks may have been fooled '
-           "(gradient masking, randomness, scaled logits; the flags column says which).</p>"]
+           "(gradient masking, randomness, scaled logits, an indicator of attack failure; the flags column says "
+           "which).</p>"]
     if views:
         out.append('<nav class="tabs" role="tablist" aria-label="dataset and threat model">')
         for v in views:

@@ -1,13 +1,15 @@
 """The Markdown leaderboard (GitHub tables through tabulate)."""
 from __future__ import annotations
 
+import math
 import re
 
 from tabulate import tabulate
 
 from .formats import (FLAGGED_MARK, MISSING, UNVERIFIED_NOTE, fmt_ci, fmt_eps, fmt_int, fmt_ratio,
                       fmt_robust, fmt_sig, fmt_slope, fmt_width)
-from .values import interpolates, num, text
+from .schema import parse_eps_key
+from .values import acc_at, interpolates, num, text
 from .columns import LEADERBOARD, RANKING, Column
 from .table import View, failed_rows, ranking, view_context
 from .stats import law_envelope, loglog_slope
@@ -233,6 +235,46 @@ def failed_table(rows) -> str:
                     ["left", "left", "left", "left", "right", "right", "left", "left"])
 
 
+def indicator_rows(rows) -> list[list[str]]:
+    """One line per ok row and eps where an indicator of attack failure fired (`attack_indicators`): what fired (value
+    over threshold), what the adaptive stage broke there, the robust accuracy left."""
+    out = []
+    for r in rows:
+        ind = r.get("attack_indicators")
+        if r.get("status") != "ok" or not isinstance(ind, dict):
+            continue
+        for key in sorted(ind, key=lambda k: parse_eps_key(k) if parse_eps_key(k) is not None else math.inf):
+            per = ind[key] if isinstance(ind[key], dict) else {}
+            fired = [f"{md_escape(str(n))} {v.get('value'):.3g} > {v.get('threshold'):g}" for n, v in sorted(per.items())
+                     if isinstance(v, dict) and v.get("fired") is True and isinstance(v.get("value"), (int, float))
+                     and isinstance(v.get("threshold"), (int, float))]
+            if not fired:
+                continue
+            breaks = (r.get("attack_breaks") or {}).get(key) or {}
+            robust = acc_at(r, "robust_acc", parse_eps_key(key))
+            out.append([md_escape(f"{text(r.get('model'))}-w{text(r.get('width'))}"), text(r.get("recipe")),
+                        text(r.get("seed")), text(r.get("threat")), key, "; ".join(fired),
+                        text(breaks.get("adaptive")) if isinstance(breaks, dict) else "",
+                        MISSING if robust is None else f"{100 * robust:.1f}"])
+    return out
+
+
+def indicator_section(rows) -> list[str]:
+    measured = [r for r in rows if r.get("status") == "ok" and isinstance(r.get("attack_indicators"), dict)]
+    if not measured:
+        return []
+    out = ["## Indicators of attack failure", "",
+           "Measured at every eps by the adaptive stage on the points the other attacks left (Pintor et al. 2022's "
+           "six, Carlini et al. 2019's sanity checks). Where one fires, the stage attacks the defense itself; its "
+           "breaks are in the robust accuracy shown.", ""]
+    body = indicator_rows(measured)
+    if not body:
+        return out + [f"No indicator fired on any of the {len(measured)} rows that measured them.", ""]
+    return out + [md_table(["model", "recipe", "seed", "threat", "eps", "fired (value > threshold)",
+                            "adaptive broke", "robust %"], body,
+                           ["left", "left", "right", "left", "right", "left", "right", "right"]), ""]
+
+
 def render_markdown(rows, views: list[View], *, source: str = "results.jsonl", plots: list[str] = (),
                     plot_ext: str | None = None) -> str:
     ok = sum(1 for r in rows if r.get("status") == "ok")
@@ -250,7 +292,7 @@ def render_markdown(rows, views: list[View], *, source: str = "results.jsonl", p
                "worst case over every attack run; ranking is by robust accuracy.")
     out.append("")
     out += [f"{UNVERIFIED_NOTE}. {FLAGGED_MARK} flagged: the attacks may have been fooled (gradient masking, "
-            "randomness, scaled logits; the flags column says which).", ""]
+            "randomness, scaled logits, an indicator of attack failure; the flags column says which).", ""]
     if not views:
         out += ["No successful rows.", ""]
     for view in views:
@@ -265,6 +307,7 @@ def render_markdown(rows, views: list[View], *, source: str = "results.jsonl", p
                 "labels only (the law bounds no other model); rows that do not are counted, not fitted.", "",
                 slope_table(view), ""]
     out += law_section(rows)
+    out += indicator_section(rows)
     if plots and plot_ext:
         out += ["## Plots", ""]
         for name in plots:

@@ -87,8 +87,9 @@ def test_fooling_model_at_most_pyautoattack_at_every_eps(name, fooled):
     row = rows[name]
     assert row["status"] == "ok", row.get("error")
     assert KINDS[name] in row["flags"], row["flags"]  # the trick is named in the row's flags
+    assert "adaptive" in row["flags"] and row["attack_indicators"]  # and the adaptive stage attacked the defense
     assert row["verified"] == {"0.05": True, "0.1": True, "0.2": True}
-    assert row["suite"] == ["pgd", "fast", "autoattack"]
+    assert row["suite"] == ["pgd", "fast", "autoattack", "adaptive"]
     model = models.get_model(name, in_shape=(1, 8, 8), num_classes=10, width=32)
     models.load_checkpoint(model, out / "checkpoints" / f"{row['train_key']}.pt")
     model.eval()

@@ -60,7 +60,8 @@ def _ids(overrides) -> set:
 
 def test_default_suite_verifies_every_eps_and_legacy_ids_hold(tmp_path):
     default = _ids(BASE)
-    assert default == _ids([*BASE, "attacks=[pgd,fast,autoattack]"])
+    assert default == _ids([*BASE, "attacks=[pgd,fast,autoattack,adaptive]"])
+    assert _ids([*BASE, "attacks=[pgd,fast,autoattack]"]).isdisjoint(default)  # rows without the adaptive stage re-run
     # the suite cells had before every eps was verified keeps their ids (they carry no attacks key) ...
     legacy = expand(build_spec("default", [*BASE, "attacks=[pgd,autoattack]"]))
     assert all("attacks" not in c for c in legacy)
@@ -71,7 +72,8 @@ def test_default_suite_verifies_every_eps_and_legacy_ids_hold(tmp_path):
     res = bench_cli("run", *BASE, "autoattack=[apgd-ce]", "--out", str(out))
     assert res.returncode == 0, res.stderr[-2000:]
     (row,) = rows(out)
-    assert row["suite"] == ["pgd", "fast", "autoattack"]
+    assert row["suite"] == ["pgd", "fast", "autoattack", "adaptive"]
+    assert set(row["attack_indicators"]) <= set(row["robust_acc"])  # measured at every eps with survivors
     # a custom AutoAttack list (TINY's [apgd-ce]) verifies nothing: fast covers every eps, and every eps is verified
     assert row["attack_settings"]["autoattack"]["eps"] == [0.1] and row["attack_settings"]["fast"]["eps"] == row["eps"]
     assert row["verified"] == {k: True for k in row["robust_acc"]} and "unverified" not in row["flags"]
@@ -79,10 +81,11 @@ def test_default_suite_verifies_every_eps_and_legacy_ids_hold(tmp_path):
     # AutoAttack standard verifies its headline eps: fast takes the others
     from bench.runner import attack_suite
     (cell,) = expand(build_spec("default", [*BASE, "autoattack=standard"]))
-    assert [(st.name, st.eps, st.verifies) for st in attack_suite(cell)] == [("fast", (0.05,), True),
-                                                                             ("autoattack", (0.1,), True)]
+    assert [(st.name, st.eps, st.verifies) for st in attack_suite(cell)] == [
+        ("fast", (0.05,), True), ("autoattack", (0.1,), True), ("adaptive", (0.05, 0.1), False)]
     (cell,) = expand(build_spec("default", [*BASE, "autoattack=standard", "attack.fast.eps=[0.1]"]))
-    assert [(st.name, st.eps) for st in attack_suite(cell)] == [("fast", (0.1,)), ("autoattack", (0.1,))]
+    assert [(st.name, st.eps) for st in attack_suite(cell)] == [("fast", (0.1,)), ("autoattack", (0.1,)),
+                                                               ("adaptive", (0.05, 0.1))]
 
 
 def test_pgd_alone_is_marked_unverified(tmp_path):
