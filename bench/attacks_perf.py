@@ -36,38 +36,7 @@ from pathlib import Path
 
 import torch
 
-
-class Quantize(torch.nn.Module):
-    """Input rounded to `levels` grey levels: a classic gradient-masking defence (the gradient is zero a.e.)."""
-
-    def __init__(self, levels: int = 8):
-        super().__init__()
-        self.levels = levels
-
-    def forward(self, x):
-        return torch.round(x * (self.levels - 1)) / (self.levels - 1)
-
-
-class Scale(torch.nn.Module):
-    """Logits multiplied by a constant: the prediction is unchanged, cross-entropy saturates (its gradient vanishes)."""
-
-    def __init__(self, factor: float = 1e4):
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, z):
-        return z * self.factor
-
-
-class Noise(torch.nn.Module):
-    """Gaussian input noise at every forward pass, eval mode too: a randomized defence."""
-
-    def __init__(self, sigma: float = 0.1):
-        super().__init__()
-        self.sigma = sigma
-
-    def forward(self, x):
-        return x + self.sigma * torch.randn_like(x)
+from bench.masked_zoo import Noise, Quantize, Scale  # noqa: F401  (the masking modules, declared once)
 
 
 SWEEP = (0.05, 0.1, 0.2, 0.3)  # the default Linf sweep: every eps is compared with the reference

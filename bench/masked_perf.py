@@ -73,7 +73,9 @@ def bench_model(name, model, x, y, norm, sweep, ref_fn, log, seed: int = 0) -> d
             "adaptive_share": round(t_ad / max(t_pipe, 1e-9), 3)}
 
 
-def measure(cache, n_points: int, pattern: str, log, quick: bool = False) -> dict:
+def measure(cache, n_points: int, pattern: str, log, quick: bool = False, partial=None) -> dict:
+    """The benchmark; ``partial(res)`` is called after each model (the CLI writes the JSON so far: a long run that
+    is stopped keeps what it measured)."""
     from bench.attacks_perf import SWEEP, zoo
     from bench.masked_zoo import masked_zoo
     import fnmatch
@@ -85,10 +87,14 @@ def measure(cache, n_points: int, pattern: str, log, quick: bool = False) -> dic
     for name, zm in masked.items():
         res["models"][name] = {"masked": True, "masking": zm.masking,
                                **bench_model(name, zm.model, x, y, zm.norm, zm.eps, zm.reference, log)}
+        if partial:
+            partial(res)
     if want:
         plain, _, _ = zoo(quick, cache, log, ",".join(want))
         for name, model in plain.items():
             res["models"][name] = {"masked": False, **bench_model(name, model, x, y, "Linf", SWEEP, None, log)}
+            if partial:
+                partial(res)
     per = res["models"]
     masked_rows = [m for m in per.values() if m["masked"]]
     unmasked_rows = [m for m in per.values() if not m["masked"]]
@@ -150,7 +156,7 @@ def main(argv=None) -> int:
     lg.setLevel(logging.ERROR)
     try:
         res = measure(cache_dir(args.cache), n, args.models, lambda m: print(m, file=sys.stderr, flush=True),
-                      args.quick)
+                      args.quick, (lambda r: write_json(args.json, r)) if args.json else None)
     finally:
         lg.setLevel(old)
     if not res["models"]:

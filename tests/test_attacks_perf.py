@@ -106,3 +106,22 @@ def test_autoattack_stage_not_weaker_than_pyautoattack_alone(digit_models):
     # robust models keep points at 0.1 and the ERM model loses some: the verdict compares real counts
     assert out["mlp-at"]["robust_alone"] >= 15 and out["cnn-at"]["robust_alone"] >= 15, out
     assert out["mlp"]["robust_alone"] < out["mlp-at"]["robust_alone"], out
+
+
+def test_masked_perf_quick_reports_the_adaptive_gap_and_false_alarms(tmp_path, capsys):
+    """`bench perf --attacks --masked` on a masked and an unmasked model (tiny): every key, the row never above
+    pyautoattack, and each eps carries its indicators."""
+    out = tmp_path / "masked.json"
+    assert perf.main(["--attacks", "--masked", "--quick", "--points", "8", "--models", "quant16-linf,mlp-erm",
+                      "--json", str(out), "--cache", str(tmp_path / "cache")]) == 0
+    res = json.loads(out.read_text())
+    for key in ("adaptive_gap_max", "aa_excess_max", "indicator_false_alarms", "adaptive_time_ratio_max",
+                "unmasked_adaptive_share_max", "targets"):
+        assert key in res, key
+    assert set(res["models"]) == {"quant16-linf", "mlp-erm"}
+    q = res["models"]["quant16-linf"]
+    assert q["masked"] and set(q["eps"]) == {"0.05", "0.1", "0.2", "0.3"}
+    for v in q["eps"].values():
+        assert v["reference"] is not None and v["row"] <= v["autoattack"]
+    assert res["indicator_false_alarms"] == sum(len(v["fired"]) for v in res["models"]["mlp-erm"]["eps"].values())
+    assert "adaptive_gap_max" in capsys.readouterr().out
