@@ -48,6 +48,11 @@ class AdaptiveConfig:
     eot_max: int = 160
     transfer_steps: int = 100
     transfer_restarts: int = 2
+    # pull-back: examples found at these multiples of eps, each coordinate then pulled back towards the clean point
+    # while the logits stay the same (a front end that rounds or thresholds maps an interval to one output)
+    pullback_radii: tuple = (1.5, 2.5, 4.0)
+    pullback_coords: int = 256   # the largest coordinates of a perturbation bisected one by one; the rest at once
+    pullback_rounds: int = 8
 
 
 def run_adaptive(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, *, seed: int = 0,
@@ -125,7 +130,8 @@ def _stable_eot(model, net, x, y, cfg: AdaptiveConfig, points: int = 16) -> tupl
 class _Plan:
     """The stage's attacks, in order: APGD-DLR, APGD-T (deterministic models), PGD on the margin through the
     surrogate (at each of the temperatures where it swapped operations), then the transfer from the smooth surrogate
-    judged on the real model at every step."""
+    judged on the real model at every step, and (deterministic models) examples found at larger radii pulled back
+    into the ball."""
 
     def __init__(self, net, through, soft, base, norm, seed, cfg: AdaptiveConfig, rand: bool, classes: int):
         self.net, self.through, self.soft, self.base, self.norm, self.seed = net, through, soft, base, norm, seed
@@ -142,6 +148,8 @@ class _Plan:
             out.append(("pgd-margin", self.pgd))
         if self.soft is not None:
             out.append(("transfer", self.transfer))
+            if not self.rand:
+                out.append(("pullback", self.pullback))
         return out
 
     def apgd_dlr(self, x, y, eps):
@@ -181,5 +189,63 @@ class _Plan:
             out[better], top = tr.x_hit[better], torch.maximum(top, tr.best[-1])
         return out
 
+    def pullback(self, x, y, eps):
+        """Examples at larger radii (PGD through the surrogate), pulled back (see pull_back); per point the smallest
+        perturbation that lands in the ball."""
+        from .threat import distance
+        best = x.detach().clone()
+        best_d = torch.full((x.shape[0],), float("inf"), device=x.device, dtype=torch.float64)
+        for k, r in enumerate(self.cfg.pullback_radii):
+            far = pgd_sweep(self.net, x, y, [eps * r], norm=self.norm, steps=self.cfg.steps, restarts=1,
+                            loss="margin", seed=self.seed + 10 + k)
+            hit = ~far.robust[0]
+            if not bool(hit.any()):
+                continue
+            pb = pull_back(self.base, x[hit], far.x_adv[0][hit], self.cfg.pullback_coords, self.cfg.pullback_rounds)
+            dist = distance(x[hit], pb, self.norm)
+            idx = hit.nonzero().flatten()
+            better = dist < best_d[idx]
+            best[idx[better]], best_d[idx[better]] = pb[better], dist[better]
+        return best
 
-__all__ = ["AdaptiveConfig", "MODES", "MASKING_FLAGS", "run_adaptive"]
+
+def pull_back(model, x: torch.Tensor, x_adv: torch.Tensor, coords: int = 256, rounds: int = 8) -> torch.Tensor:
+    """Each example's perturbation pulled back towards its clean point, coordinate by coordinate, as far as the
+    model's logits stay exactly what they are at the example. A front end that rounds, thresholds or encodes each input
+    maps an interval of values to one output: an example found at a larger radius may lie in the ball once pulled
+    back, and it is misclassified as it was. The ``coords`` largest coordinates of each perturbation are bisected
+    (``rounds`` halvings, all of them in one batch, each with the others held), the rest set to the clean value at
+    once where that keeps the logits; the joint result is kept only where the logits are still the same."""
+    n, shape = x.shape[0], x.shape[1:]
+    x0, xa = x.detach().reshape(n, -1), x_adv.detach().reshape(n, -1).clone()
+    with torch.no_grad():
+        z_ref = model(xa.view(n, *shape))
+        same = lambda v, rows: (model(v.view(-1, *shape)) == z_ref[rows]).all(1)  # noqa: E731
+        delta = xa - x0
+        k = min(int(coords), delta.shape[1])
+        top = delta.abs().topk(k, dim=1).indices                                   # (n, k)
+        rest = torch.ones_like(delta, dtype=torch.bool).scatter_(1, top, False)
+        trial = torch.where(rest, x0, xa)
+        keep = same(trial, torch.arange(n, device=x.device))
+        xa[keep] = trial[keep]
+        lo = torch.zeros(n, k, device=x.device, dtype=xa.dtype)                   # pulled-back share: t in [lo, hi]
+        hi = torch.ones_like(lo)
+        d_top = delta.gather(1, top)
+        x0_top = x0.gather(1, top)
+        rows = torch.arange(n, device=x.device).repeat_interleave(k)
+        for _ in range(int(rounds)):
+            mid = (lo + hi) / 2
+            cand = xa.repeat_interleave(k, 0)
+            col = top.reshape(-1)
+            cand[torch.arange(n * k, device=x.device), col] = (x0_top + (1 - mid) * d_top).reshape(-1)
+            ok = same(cand, rows).view(n, k)
+            lo = torch.where(ok, mid, lo)
+            hi = torch.where(ok, hi, mid)
+        pulled = xa.clone()
+        pulled.scatter_(1, top, x0_top + (1 - lo) * d_top)
+        keep = same(pulled, torch.arange(n, device=x.device))
+        xa[keep] = pulled[keep]
+    return xa.view(n, *shape)
+
+
+__all__ = ["AdaptiveConfig", "pull_back", "MODES", "MASKING_FLAGS", "run_adaptive"]

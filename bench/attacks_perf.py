@@ -97,14 +97,17 @@ def reference(model, x, y, eps, seed, norm: str = "Linf"):
     """(robust mask, passes) of pyautoattack alone, as a user runs it: standard, or its rand version (EOT 20) for a
     randomized model with each example judged by the majority of VOTE_DRAWS draws (as ours); at eps·(1−2⁻²⁰) so that
     its float32 clipping stays inside the exact ball (an ulp outside, a quantizer rounds an example back). Its
-    forward and backward passes are counted around the model (attacks.cost)."""
+    forward and backward passes are counted around the model (attacks.cost). A model whose forward cuts the autograd
+    graph (a thermometer code of comparisons) crashes pyautoattack's APGD: it is shown the model with its logits kept
+    attached to the input (exact zero gradients, attacks.autoattack._Connected), as a user would have to."""
     from pyautoattack import AutoAttack
     from lawbench.attacks import is_randomized
+    from lawbench.attacks.autoattack import _Connected
     from lawbench.attacks.cost import Counted
     from lawbench.attacks.randomized import Randomized
     from lawbench.attacks.threat import misclassified
     rand = is_randomized(model, x)
-    net = Counted(model)
+    net = Counted(_Connected(model))
     with torch.random.fork_rng():
         aa = AutoAttack(net, norm=norm, eps=eps * (1 - 2 ** -20), version="rand" if rand else "standard",
                         device=x.device, seed=seed)

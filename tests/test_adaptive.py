@@ -334,3 +334,20 @@ def test_plugin_model_through_the_cli_gets_indicators_and_the_adaptive_stage(cli
         aa = row["autoattack_acc"].get(k)
         assert aa is None or v <= aa
     assert "adaptive" in row["attack_breaks"]["0.1"]
+
+
+def test_pull_back_keeps_the_logits_and_shrinks_the_perturbation(inner, digits):
+    from lawbench.attacks.adaptive import pull_back
+    from lawbench.attacks.threat import distance
+    _, _, x, _ = digits
+    model = Front("round", inner).eval()
+    gen = torch.Generator().manual_seed(0)
+    far = torch.clamp(x + 0.3 * (2 * torch.rand(x.shape, generator=gen) - 1), 0, 1)
+    pulled = pull_back(model, x, far, coords=64, rounds=8)
+    with torch.no_grad():
+        assert torch.equal(model(pulled), model(far))          # the model sees the same input
+    ratio = distance(x, pulled, "L2") / distance(x, far, "L2")
+    assert float(ratio.max()) < 0.95 and float(ratio.mean()) < 0.9, ratio
+    plain = pull_back(inner, x, far, coords=64, rounds=8)      # no interval maps to one output: nothing moves much
+    with torch.no_grad():
+        assert torch.equal(inner(plain), inner(far))
