@@ -102,13 +102,13 @@ def reference(model, x, y, eps, seed, norm: str = "Linf"):
     attached to the input (exact zero gradients, attacks.autoattack._Connected), as a user would have to."""
     from pyautoattack import AutoAttack
     from lawbench.attacks import is_randomized
-    from lawbench.attacks.autoattack import _Connected
+    from lawbench.attacks.autoattack import _Connected, _frozen
     from lawbench.attacks.cost import Counted
     from lawbench.attacks.randomized import Randomized
     from lawbench.attacks.threat import misclassified
     rand = is_randomized(model, x)
     net = Counted(_Connected(model))
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), _frozen(model):  # parameters frozen: _Connected sees an output cut from the input
         aa = AutoAttack(net, norm=norm, eps=eps * (1 - 2 ** -20), version="rand" if rand else "standard",
                         device=x.device, seed=seed)
         xa, _ = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])

@@ -2,7 +2,7 @@
 masked zoo (bench.masked_zoo), against pyautoattack and a hand-written adaptive reference per model, and its
 indicators on the unmasked zoo models (bench.attacks_perf), in one run.
 
-Per model and eps of its sweep, on the same points and seed: the robust accuracy of our default pipeline as the CLI
+Per model and eps of its sweep, on the same points (class-balanced: the first of each digit) and seed: the robust accuracy of our default pipeline as the CLI
 runs it (PGD sweep, the fast suite at every eps but the headline, AutoAttack standard at the headline, the adaptive
 stage at every eps), of pyautoattack alone (standard; rand on a randomized model, its examples judged by the majority
 of 25 draws; at eps·(1−2⁻²⁰)), of the model's hand-written reference (masked models), and the indicators of attack
@@ -73,6 +73,18 @@ def bench_model(name, model, x, y, norm, sweep, ref_fn, log, seed: int = 0) -> d
             "adaptive_share": round(t_ad / max(t_pipe, 1e-9), 3)}
 
 
+def balanced(x, y, n: int):
+    """The first n // C test points of each class, in the test set's order (mnist5k's test set is sorted by label:
+    its first 200 points are zeros and ones), then the next ones of any class up to n."""
+    classes = torch.unique(y)
+    per = max(1, n // len(classes))
+    pick = torch.cat([(y == c).nonzero().flatten()[:per] for c in classes])
+    rest = torch.ones_like(y, dtype=torch.bool)
+    rest[pick] = False
+    pick = torch.cat([pick, rest.nonzero().flatten()[: max(0, n - pick.numel())]]).sort().values
+    return x[pick], y[pick]
+
+
 def measure(cache, n_points: int, pattern: str, log, quick: bool = False, partial=None) -> dict:
     """The benchmark; ``partial(res)`` is called after each model (the CLI writes the JSON so far: a long run that
     is stopped keeps what it measured)."""
@@ -82,7 +94,7 @@ def measure(cache, n_points: int, pattern: str, log, quick: bool = False, partia
     pats = [p.strip() for p in pattern.split(",") if p.strip()]
     want = [m for m in UNMASKED if any(fnmatch.fnmatch(m, p) for p in pats)]
     masked, x_test, y_test = masked_zoo(cache, log, pattern, quick)
-    x, y = x_test[:n_points], y_test[:n_points]
+    x, y = balanced(x_test, y_test, n_points)
     res = {"n": n_points, "quick": quick, "threads": torch.get_num_threads(), "models": {}}
     for name, zm in masked.items():
         res["models"][name] = {"masked": True, "masking": zm.masking,
