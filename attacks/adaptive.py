@@ -27,7 +27,7 @@ from .indicators import ascend_margin, fired, from_records, margin_grad, probe
 from .pgd import pgd_sweep
 from .randomized import EOT_DRAWS, Randomized
 from .surrogate import Through, swapped_ops
-from .threat import check_attack
+from .threat import check_attack, distance
 
 MODES = ("auto", "always")
 # flags of earlier attacks that send the stage in wherever points remain (attacks.autoattack.FLAG_DOC)
@@ -83,7 +83,7 @@ def run_adaptive(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str,
         log(f"adaptive: {', '.join(why) or 'mode always'} at eps {eps:g}; attacking {int(robust.sum())} points"
             + (f" through {ops}" if ops else ""))
     through = Through(base)
-    eot, cos = _stable_eot(model, through, x[robust], y[robust], cfg) if isinstance(model, Randomized) else (1, None)
+    eot, cos = _stable_eot(through, x[robust], y[robust], cfg) if isinstance(model, Randomized) else (1, None)
     net = _randomized_like(model, through, eot)
     info.update(ran=True, eot=eot if isinstance(model, Randomized) else None, eot_cos=cos, flags=["adaptive"])
     with torch.no_grad():
@@ -111,7 +111,7 @@ def _randomized_like(model, net, eot: int):
     return Randomized(net, eot=eot, votes=model.votes) if isinstance(model, Randomized) else net
 
 
-def _stable_eot(model, net, x, y, cfg: AdaptiveConfig, points: int = 16) -> tuple[int, float]:
+def _stable_eot(net, x, y, cfg: AdaptiveConfig, points: int = 16) -> tuple[int, float]:
     """(draws, cosine): the fewest draws from EOT_DRAWS up (doubling, at most eot_max) at which two independent EOT
     estimates of the margin gradient agree to a median cosine of cfg.eot_cos on a few points."""
     xs, ys = x[:points], y[:points]
@@ -192,7 +192,6 @@ class _Plan:
     def pullback(self, x, y, eps):
         """Examples at larger radii (PGD through the surrogate), pulled back (see pull_back); per point the smallest
         perturbation that lands in the ball."""
-        from .threat import distance
         best = x.detach().clone()
         best_d = torch.full((x.shape[0],), float("inf"), device=x.device, dtype=torch.float64)
         for k, r in enumerate(self.cfg.pullback_radii):

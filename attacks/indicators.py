@@ -177,7 +177,7 @@ def probe(model, x, y, eps: float, norm: str, *, seed: int, surrogate=None, poin
     draws = PROBE_EOT if isinstance(model, Randomized) else 1
     out = {}
     # unavailable gradients
-    m0, g0 = margin_grad(net, xs.reshape(xs.shape[0], -1).view_as(xs), ys)
+    _, g0 = margin_grad(net, xs, ys)
     g0 = g0.reshape(g0.shape[0], -1)
     dead = (g0.abs().sum(1) == 0) | ~torch.isfinite(g0).all(1)
     out["unavailable_gradients"] = entry("unavailable_gradients", float(dead.float().mean()))

@@ -264,9 +264,8 @@ class Surrogate(TorchFunctionMode):
         if func in OR:
             a, b = self._carrier(args[0]), self._carrier(args[1])
             return a + b - a * b
-        if func in CASTS or func in INT_CASTS:  # a cast of a carried value: the carrier in the float it asks for
-            c = self._carrier(args[0])
-            return c
+        if func in CASTS or func in INT_CASTS:  # a cast of a carried value: its carrier (the caller casts the value)
+            return self._carrier(args[0])
         return func(*self._carrier(args), **{k: self._carrier(v) for k, v in kwargs.items()})
 
     # -- selections: one_hot and look-ups of an argmax ----------------------------------------------------------------
