@@ -118,6 +118,13 @@ def attack_options(name: str) -> dict:
     return out
 
 
+def option_choices(name: str) -> dict:
+    """{option: allowed values} an attack declares for its options (its factory's ``option_choices``), so a spec
+    is refused before it runs."""
+    entry = _REGISTRY[name] if name in _REGISTRY else get_attack(name).entry
+    return dict(getattr(entry.factory, "option_choices", {}))
+
+
 def attack_entry(name: str) -> AttackEntry:
     if name not in _REGISTRY:
         raise AttackError(f"unknown attack {name!r}{did_you_mean(name, _REGISTRY)}; known: "
@@ -213,6 +220,9 @@ def _adaptive(model, x, y, eps, *, norm, seed, log=None, evidence=None, mode="au
                                        log=log)
     flags = info.pop("flags")
     return AttackOutput(robust, x_adv, {"stages": info, "indicators": info.pop("indicators"), "flags": flags})
+
+
+_adaptive.option_choices = {"mode": ("auto", "always")}  # attacks.adaptive.MODES
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lawbench.attacks.autoattack import AA_ATTACKS, IMPLS, check_native
 from lawbench.base.names import did_you_mean
-from lawbench.attacks.registry import attack_options, list_attacks
+from lawbench.attacks.registry import attack_options, list_attacks, option_choices
 from lawbench.attacks.threat import NORMS
 from bench.train import OPTIMIZERS, RECIPES
 
@@ -462,6 +462,9 @@ def check_attack_options(spec: dict) -> None:
             if option not in known:
                 raise SpecError(f"{where}: unknown option of attack '{name}' (known: {', '.join(sorted(known))})")
             _check_option_value(where, value, attack_options(name).get(option))
+            choices = option_choices(name).get(option)
+            if choices is not None and value not in choices:
+                raise SpecError(f"{where}: must be one of {list(choices)}, got {value!r}")
             if name == "autoattack" and option == "version":
                 raise SpecError(f"{where}: AutoAttack's version is the autoattack key (autoattack = \"plus\")")
             if option == "eps":

@@ -351,3 +351,13 @@ def test_pull_back_keeps_the_logits_and_shrinks_the_perturbation(inner, digits):
     plain = pull_back(inner, x, far, coords=64, rounds=8)      # no interval maps to one output: nothing moves much
     with torch.no_grad():
         assert torch.equal(inner(plain), inner(far))
+
+
+def test_a_bad_adaptive_mode_is_refused_before_the_store_is_touched(cli, tmp_path):
+    from lawbench.attacks.adaptive import MODES
+    from lawbench.attacks.registry import option_choices
+    assert option_choices("adaptive")["mode"] == MODES
+    out = tmp_path / "out"
+    r = cli("run", "dataset=digits", "attack.adaptive.mode=sometimes", "--out", str(out))
+    assert r.returncode == 2 and "attack.adaptive.mode" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
