@@ -94,18 +94,17 @@ def test_default_pgd_not_weaker_than_torchattacks_on_mlps_and_cnns(digit_models)
 
 def test_autoattack_stage_not_weaker_than_pyautoattack_alone(digit_models):
     """bench perf's AutoAttack verdict, asserted: our pipeline (PGD, then AutoAttack standard on what PGD left)
-    against pyautoattack standard alone on the same points and seed, point for point, on an ERM MLP, a PGD-trained
-    MLP and a PGD-trained CNN."""
+    against pyautoattack standard alone on the same points and seed, point for point, on a PGD-trained MLP and a
+    PGD-trained CNN."""
     from bench.perf import autoattack_agreement
     models, x, y = digit_models
-    pick = {k: models[k] for k in ("mlp", "mlp-at", "cnn-at")}
+    pick = {k: models[k] for k in ("mlp-at", "cnn-at")}  # where APGD-CE leaves points for the later attacks
     out = autoattack_agreement(pick, x[:40], y[:40], 0.1, steps=20, seed=0)
     for name, v in out.items():
         assert v["not_weaker"] and v["missed"] == 0, (name, v)
         assert v["robust_ours"] <= v["robust_alone"], (name, v)
-    # robust models keep points at 0.1 and the ERM model loses some: the verdict compares real counts
+    # robust models keep points at 0.1: the verdict compares real counts
     assert out["mlp-at"]["robust_alone"] >= 15 and out["cnn-at"]["robust_alone"] >= 15, out
-    assert out["mlp"]["robust_alone"] < out["mlp-at"]["robust_alone"], out
 
 
 def test_masked_perf_quick_reports_the_adaptive_gap_and_false_alarms(tmp_path, capsys):

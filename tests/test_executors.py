@@ -105,7 +105,7 @@ def test_ray_driver_killed_resumes_without_loss_or_duplicates(tmp_path):
     out = tmp_path / "out"
     # 12 tiny cells: once two rows are in, enough remain that the kill lands mid-sweep (with 6, a fast machine's
     # workers could finish the rest between two polls)
-    sweep = [*TINY, "autoattack=off", "attacks=[pgd]", "seed=[0,1,2,3,4,5]", "--executor", "ray", "--threads", "1",
+    sweep = [*TINY, *QUICK, "seed=[0,1,2,3,4,5]", "--executor", "ray", "--threads", "1",
              "--out", str(out)]  # the flag this time
     env = {**os.environ, **SUBPROCESS_ENV}
     proc = subprocess.Popen([sys.executable, "-m", "bench", "run", *sweep], cwd=NEUTRAL_CWD, env=env,
