@@ -17,13 +17,14 @@ real model in eval mode, by most draws where randomized).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 
 from .apgd import APGDConfig, apgd, rank_by_logit
-from .indicators import ascend_margin, fired, from_records, margin_grad, probe
+from .indicators import ascend_margin, fired, from_records, margin, margin_grad, probe
 from .pgd import pgd_sweep
 from .randomized import EOT_DRAWS, Randomized
 from .surrogate import Through, swapped_ops
@@ -53,6 +54,11 @@ class AdaptiveConfig:
     pullback_radii: tuple = (1.5, 2.5, 4.0)
     pullback_coords: int = 256   # the largest coordinates of a perturbation bisected one by one; the rest at once
     pullback_rounds: int = 8
+    # under L2, also Linf-shaped examples at these multiples of eps/sqrt(d): a front end that rounds each pixel makes
+    # a small step on every pixel the cheapest change (each pixel pulled back to its cell's edge), and shrinking
+    # then reverts the least useful of them until the example fits the ball
+    pullback_linf: tuple = (1.0, 2.0, 4.0)
+    shrink_rounds: int = 24
 
 
 def run_adaptive(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, *, seed: int = 0,
@@ -190,17 +196,22 @@ class _Plan:
         return out
 
     def pullback(self, x, y, eps):
-        """Examples at larger radii (PGD through the surrogate), pulled back (see pull_back); per point the smallest
-        perturbation that lands in the ball."""
+        """Examples at larger radii (PGD through the surrogate), pulled back (see pull_back) and, under L2, shrunk
+        into the ball (see shrink); per point the smallest perturbation that lands in the ball."""
         best = x.detach().clone()
         best_d = torch.full((x.shape[0],), float("inf"), device=x.device, dtype=torch.float64)
-        for k, r in enumerate(self.cfg.pullback_radii):
-            far = pgd_sweep(self.net, x, y, [eps * r], norm=self.norm, steps=self.cfg.steps, restarts=1,
+        radii = [(self.norm, eps * r) for r in self.cfg.pullback_radii]
+        if self.norm == "L2":
+            radii += [("Linf", eps * r / math.sqrt(x[0].numel())) for r in self.cfg.pullback_linf]
+        for k, (norm, radius) in enumerate(radii):
+            far = pgd_sweep(self.net, x, y, [radius], norm=norm, steps=self.cfg.steps, restarts=1,
                             loss="margin", seed=self.seed + 10 + k)
             hit = ~far.robust[0]
             if not bool(hit.any()):
                 continue
             pb = pull_back(self.base, x[hit], far.x_adv[0][hit], self.cfg.pullback_coords, self.cfg.pullback_rounds)
+            if self.norm == "L2":
+                pb = shrink(self.base, self.through, x[hit], y[hit], pb, eps, self.cfg.shrink_rounds)
             dist = distance(x[hit], pb, self.norm)
             idx = hit.nonzero().flatten()
             better = dist < best_d[idx]
@@ -247,4 +258,47 @@ def pull_back(model, x: torch.Tensor, x_adv: torch.Tensor, coords: int = 256, ro
     return xa.view(n, *shape)
 
 
-__all__ = ["AdaptiveConfig", "pull_back", "MODES", "MASKING_FLAGS", "run_adaptive"]
+def shrink(model, grad_net, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, eps: float,
+           rounds: int = 24) -> torch.Tensor:
+    """L2: examples outside the ball brought into it by reverting coordinates of their perturbation to the clean
+    values, the least useful first (the first-order margin each keeps, through ``grad_net``'s gradients, per unit
+    of squared norm it costs), while ``model`` still misclassifies the example. Each round first tries to shed the
+    whole excess at once, else a share of it (halved on each failure, doubled on each success). An example that
+    cannot be brought in comes back nearer, still misclassified; one ``model`` classifies correctly, as it is."""
+    n = x.shape[0]
+    x0, cur = x.detach().reshape(n, -1), x_adv.detach().reshape(n, -1).clone()
+    budget = float(eps) ** 2 * (1 - 1e-6)
+    share = torch.full((n,), 0.25, dtype=torch.float64, device=x.device)
+    with torch.no_grad():
+        wrong = margin(model(cur.view_as(x)), y) > 0
+    for _ in range(int(rounds)):
+        d = cur - x0
+        excess = (d.double() ** 2).sum(1) - budget
+        act = (wrong & (excess > 0)).nonzero().flatten()
+        if act.numel() == 0:
+            break
+        _, g = margin_grad(grad_net, cur[act].view(-1, *x.shape[1:]), y[act])
+        da = d[act]
+        c2 = da.double() ** 2
+        keep = (g.reshape(act.numel(), -1).double() * da.double()) / c2.clamp_min(1e-30)
+        order = torch.where(da != 0, keep, torch.full_like(keep, float("inf"))).argsort(1)
+        shed = c2.gather(1, order).cumsum(1)                                  # cost shed by reverting a prefix
+        ok_any = torch.zeros(act.numel(), dtype=torch.bool, device=x.device)
+        for frac in (torch.ones_like(share[act]), share[act]):                # the whole excess, else a share
+            todo = ~ok_any
+            if not bool(todo.any()):
+                break
+            need = (excess[act] * frac)[:, None]
+            k = (shed < need).sum(1) + 1                                      # the shortest prefix shedding it
+            cut = torch.arange(order.shape[1], device=x.device)[None, :] < k[:, None]
+            revert = torch.zeros_like(cut).scatter_(1, order, cut)
+            trial = torch.where(revert, x0[act], cur[act])
+            with torch.no_grad():
+                good = (margin(model(trial.view(-1, *x.shape[1:])), y[act]) > 0) & todo
+            cur[act[good]] = trial[good]
+            ok_any |= good
+        share[act] = torch.where(ok_any, (share[act] * 2).clamp_max(1.0), share[act] / 2)
+    return cur.view_as(x_adv)
+
+
+__all__ = ["AdaptiveConfig", "pull_back", "shrink", "MODES", "MASKING_FLAGS", "run_adaptive"]

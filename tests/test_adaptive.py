@@ -361,3 +361,26 @@ def test_a_bad_adaptive_mode_is_refused_before_the_store_is_touched(cli, tmp_pat
     r = cli("run", "dataset=digits", "attack.adaptive.mode=sometimes", "--out", str(out))
     assert r.returncode == 2 and "attack.adaptive.mode" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_shrink_brings_pulled_back_examples_into_the_ball_and_keeps_them_misclassified(inner, digits):
+    """Linf-shaped examples on a 16-level quantizer, pulled back to their cells' edges, then shrunk to an L2 radius
+    below their own: the examples brought in are inside it; none comes back farther, and all stay misclassified."""
+    from lawbench.attacks.adaptive import pull_back, shrink
+    from lawbench.attacks.pgd import pgd_sweep
+    from lawbench.attacks.threat import distance
+    _, _, x, y = digits
+    model = Front("round", inner).eval()
+    ok = ~misclassified(model, x, y)
+    x, y = x[ok], y[ok]
+    far = pgd_sweep(Through(model), x, y, [0.15], norm="Linf", steps=50, restarts=1, loss="margin", seed=0)
+    hit = ~far.robust[0]
+    assert int(hit.sum()) >= 10
+    x, y = x[hit], y[hit]
+    pb = pull_back(model, x, far.x_adv[0][hit], coords=64, rounds=8)
+    eps = float(distance(x, pb, "L2").median()) * 0.8
+    out = shrink(model, Through(model), x, y, pb, eps)
+    d = distance(x, out, "L2")
+    assert bool((d <= distance(x, pb, "L2")).all())
+    assert int(((d <= eps) & (distance(x, pb, "L2") > eps)).sum()) >= 3   # some were brought in
+    assert bool(misclassified(model, out, y).all())                    # and none was given back to its label
