@@ -184,8 +184,38 @@ def _digits(*, n_train, n_test, label_noise, seed, data_dir, test_size=360) -> S
 
 # ------------------------------------------------------------------------------------------------ gauss
 
-def gauss_sample(n: int, d: int, dist: str, W: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """n points in pixel space and their teacher labels (see _gauss)."""
+def gauss_sample(n: int, d: int, dist: str, W: np.ndarray, rng: np.random.Generator,
+                 margin: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """n points in pixel space and their teacher labels (see _gauss); with ``margin`` (pixel units) > 0, only
+    points at least that far (L2) from the teacher's decision boundary, drawn by rejection in batches."""
+    if margin <= 0:
+        return _gauss_draw(n, d, dist, W, rng)
+    xs, ys, have, drawn = [], [], 0, 0
+    while have < n:
+        if drawn > 1000 * n + 100_000:  # fewer than one draw in a thousand lies that far from the boundary
+            raise DatasetError(f"gauss: margin {margin:g} (pixel units) keeps {have} of {drawn} draws; choose a "
+                               f"smaller margin")
+        x, y = _gauss_draw(max(n, 256), d, dist, W, rng)
+        drawn += len(y)
+        keep = teacher_distance(x, y, W) >= margin
+        xs.append(x[keep])
+        ys.append(y[keep])
+        have += int(keep.sum())
+    return np.concatenate(xs)[:n], np.concatenate(ys)[:n]
+
+
+def teacher_distance(xp: np.ndarray, y: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """Each point's L2 distance (pixel space) to the boundary of its class's region under the linear teacher: the
+    region is an intersection of half-spaces s_y >= s_j, so the distance is the smallest over j of
+    (s_y - s_j) / ||W_y - W_j||."""
+    s = (xp.astype(np.float64) - 0.5) @ W
+    gap = s[np.arange(len(y)), y][:, None] - s                                     # (n, C)
+    norms = np.linalg.norm(W[:, y].T[:, :, None] - W[None, :, :], axis=1)           # (n, C): ||W_y - W_j||
+    dist = np.where(np.arange(W.shape[1])[None, :] == y[:, None], np.inf, gap / np.maximum(norms, 1e-300))
+    return dist.min(axis=1)
+
+
+def _gauss_draw(n: int, d: int, dist: str, W: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     g = rng.standard_normal((n, d))
     if dist == "gauss":
         x = g / math.sqrt(d)
@@ -199,8 +229,8 @@ def gauss_sample(n: int, d: int, dist: str, W: np.ndarray, rng: np.random.Genera
     return xp, y
 
 
-def _gauss(*, n_train, n_test, label_noise, seed, data_dir, d=64, num_classes=2, dist="gauss", teacher_seed=0
-           ) -> Split:
+def _gauss(*, n_train, n_test, label_noise, seed, data_dir, d=64, num_classes=2, dist="gauss", teacher_seed=0,
+           margin=0.0) -> Split:
     """Synthetic data in the setting of the law of robustness.
 
     x ~ N(0, I_d/d) (dist="gauss") or uniform on the unit sphere S^{d-1} (dist="sphere"); labels
@@ -209,7 +239,12 @@ def _gauss(*, n_train, n_test, label_noise, seed, data_dir, d=64, num_classes=2,
     mapped affinely into the box: x_pix = 0.5 + (sqrt(d)/8) * x, so each coordinate is ~ N(0.5, 1/64) (std 1/8,
     clipping at 4 std is rare), then clipped to [0,1]. meta.scale = sqrt(d)/8 records the map: a Lipschitz constant
     L_pix measured in pixel space is L_pix * sqrt(d)/8 in the law's units, and an eps_pix is eps_pix / (sqrt(d)/8).
-    The cell seed draws the train and test samples; label_noise flips labels as for every dataset."""
+    The cell seed draws the train and test samples; label_noise flips labels as for every dataset.
+
+    margin: the teacher's margin gamma in the law's units (0: none). Training and test inputs closer than gamma
+    (gamma * scale in pixel space) to the teacher's boundary are redrawn, so the clean labels admit a classifier
+    robust at every eps < gamma (the teacher itself, Lipschitz about 1/gamma at margin 1); label noise stays
+    independent of x, and test labels stay clean."""
     d = check_int("d", d, lo=1, what="gauss: ")
     num_classes = check_int("num_classes", num_classes, lo=2, what="gauss: ")
     teacher_seed = check_int("teacher_seed", teacher_seed, lo=0, what="gauss: ")
@@ -217,19 +252,36 @@ def _gauss(*, n_train, n_test, label_noise, seed, data_dir, d=64, num_classes=2,
         raise DatasetError(f"gauss: dist={dist!r} must be 'gauss' or 'sphere'")
     n_tr = 1000 if n_train is None else check_int("n_train", n_train, lo=1, what="gauss: ")
     n_te = 1000 if n_test is None else check_int("n_test", n_test, lo=1, what="gauss: ")
+    margin = _check_margin(margin)
     W = make_rng(teacher_seed, 100).standard_normal((d, num_classes))
-    xtr, ytr = gauss_sample(n_tr, d, dist, W, make_rng(seed, STREAM_GEN_TRAIN))
-    xte, yte = gauss_sample(n_te, d, dist, W, make_rng(seed, STREAM_GEN_TEST))
-    # d_eff of the distribution, from a fixed reference sample (same for every seed and n)
-    ref, _ = gauss_sample(2000, d, dist, W, make_rng(0, 200))
-    d_eff = dataset_d_eff(f"gauss[d={d},dist={dist}]", ref)
     scale = math.sqrt(d) / 8.0
+    gap = margin * scale
+    xtr, ytr = gauss_sample(n_tr, d, dist, W, make_rng(seed, STREAM_GEN_TRAIN), gap)
+    xte, yte = gauss_sample(n_te, d, dist, W, make_rng(seed, STREAM_GEN_TEST), gap)
+    # d_eff of the distribution, from a fixed reference sample (same for every seed and n)
+    ref, _ = gauss_sample(2000, d, dist, W, make_rng(0, 200), gap)
+    d_eff = dataset_d_eff(f"gauss[d={d},dist={dist}{f',margin={margin:g}' if margin else ''}]", ref)
     source = (f"synthetic {dist}: x~{'N(0,I_d/d)' if dist == 'gauss' else 'Unif(S^{d-1})'}, "
-              f"x_pix=clip(0.5+sqrt(d)/8*x,0,1), teacher=argmax linear (teacher_seed={teacher_seed})")
+              f"x_pix=clip(0.5+sqrt(d)/8*x,0,1), teacher=argmax linear (teacher_seed={teacher_seed})"
+              + (f", margin {margin:g}" if margin else ""))
     return _finish("gauss", x_tr=xtr, y_tr=ytr, x_te=xte, y_te=yte, divisor=1.0, num_classes=num_classes,
                    in_shape=(d,), source=source, d_eff=d_eff, label_noise=label_noise, seed=seed, scale=scale,
                    data_source="synthetic",
-                   options={"d": d, "num_classes": num_classes, "dist": dist, "teacher_seed": teacher_seed})
+                   options={"d": d, "num_classes": num_classes, "dist": dist, "teacher_seed": teacher_seed,
+                            "margin": margin})
+
+
+def _check_margin(margin) -> float:
+    if isinstance(margin, bool) or not isinstance(margin, (int, float, np.integer, np.floating)):
+        raise DatasetError(f"gauss: margin={margin!r} is not a number")
+    margin = float(margin)
+    if not math.isfinite(margin) or margin < 0:
+        raise DatasetError(f"gauss: margin={margin!r} must be a finite number >= 0")
+    # the signed distance to one pairwise boundary is about N(0, 1/d) in the law's units for x ~ N(0, I_d/d) and
+    # at most 1 on the sphere: beyond 4 (or 1) nothing is accepted in practice
+    if margin >= 1.0:
+        raise DatasetError(f"gauss: margin={margin:g} must be below 1 (inputs have norm about 1 in the law's units)")
+    return margin
 
 
 # ------------------------------------------------------------------------------------------------ mnist / cifar10
@@ -260,7 +312,7 @@ _DATASETS: dict[str, _Entry] = {
     "digits": _Entry("scikit-learn 8x8 digits (d=64, 1797 points); seeded stratified split, 360 test",
                      _digits, {"test_size": 360}),
     "gauss": _Entry("synthetic: x ~ N(0,I_d/d) or unit sphere, random linear teacher labels, mapped into [0,1]^d",
-                    _gauss, {"d": 64, "num_classes": 2, "dist": "gauss", "teacher_seed": 0}),
+                    _gauss, {"d": 64, "num_classes": 2, "dist": "gauss", "teacher_seed": 0, "margin": 0.0}),
     "mnist": _Entry("full MNIST (60000/10000) from the idx files in the data dir (--data-dir or BENCH_DATA)",
                     _mnist, {}),
     "cifar10": _Entry("CIFAR-10 (50000/10000, 3x32x32, d=3072) from the python batches or tarball in the data dir",
@@ -280,7 +332,7 @@ def load_dataset(name: str = DEFAULT_DATASET, *, n_train: int | None = None, n_t
     n_train / n_test: stratified seeded subsets (None = everything available; gauss: sizes to draw, default 1000).
     label_noise: fraction of training labels replaced by a uniformly random different class (test stays clean).
     seed: drives every random choice. data_dir: where file-based datasets live (else $BENCH_DATA, else the cache
-    dir). options: dataset specific (mnist5k/digits: test_size; gauss: d, num_classes, dist, teacher_seed).
+    dir). options: dataset specific (mnist5k/digits: test_size; gauss: d, num_classes, dist, teacher_seed, margin).
     Raises DatasetError (one line naming the culprit) on any problem."""
     if not isinstance(name, str):
         raise DatasetError(f"dataset name {name!r} is not a string")

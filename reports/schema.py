@@ -96,6 +96,8 @@ FIELDS: tuple[Field, ...] = (
     Field("num_classes", "int", "data", "classes", required=True, lo=1),
     Field("n_noisy", "int", "data", "training labels flipped", "points", lo=0),
     Field("data_scale", "float", "data", "the synthetic data's pixel scale (gauss)"),
+    Field("data_margin", "float", "data", "the teacher's margin gamma in the law's units (gauss; 0: none): every "
+          "input lies at least gamma from the teacher's boundary", lo=0.0),
     # model
     Field("family", "str", "model", "model family (mlp, cnn, ...)", required=True),
     Field("params", "int", "model", "trainable parameters p", required=True, nullable=False, lo=0),
