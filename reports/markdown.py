@@ -62,17 +62,26 @@ def view_heading_facts(view: View) -> str:
             f"headline eps {_fmt_list(ctx['eps'], fmt_eps)} · attacks {ctx['suite']}")
 
 
-def slope_rows(view: View) -> list[tuple[str, str, dict]]:
-    """(bound, scope, loglog_slope result) for lip_lower and lip_upper, over all families then per family."""
+def slope_scopes(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """The rows in groups a slope may be fitted over: one family, one recipe, one label-noise level each (a fit
+    across recipes mixes models the law treats apart: ERM and the smoothest interpolator). The scope names the
+    family and recipe, and the noise level where the view has several."""
+    key = lambda r: (r.get("family") or "?", r.get("recipe") or "?", r.get("label_noise"))  # noqa: E731
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(key(r), []).append(r)
+    noises = len({k[2] for k in groups}) > 1
     out = []
-    families = list(dict.fromkeys(e.family for e in view.entries))
-    for y in ("lip_lower", "lip_upper"):
-        out.append((y, "all families", loglog_slope(view.rows, y=y)))
-        if len(families) > 1:
-            for fam in families:
-                out.append((y, fam or "?", loglog_slope([r for e in view.entries if e.family == fam for r in e.rows],
-                                                        y=y)))
+    for (fam, recipe, noise), members in groups.items():
+        parts = [fam, recipe] + ([f"noise {noise:g}"] if noises and isinstance(noise, (int, float)) else [])
+        out.append((" · ".join(parts), members))
     return out
+
+
+def slope_rows(view: View) -> list[tuple[str, str, dict]]:
+    """(bound, scope, loglog_slope result) for lip_lower and lip_upper, per family, recipe and label noise."""
+    scopes = slope_scopes(view.rows)
+    return [(y, scope, loglog_slope(members, y=y)) for y in ("lip_lower", "lip_upper") for scope, members in scopes]
 
 
 def interval_note(res: dict) -> str:

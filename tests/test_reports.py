@@ -331,9 +331,13 @@ def test_markdown_failed_rows_slopes_and_plots(rendered):
     assert not re.search(r"(?<!\\)<[a-z/]", md)  # no tag a renderer would swallow ...
     assert not re.search(r"&[a-z]+;", md)  # ... and no HTML entity a reader of the plain text would have to decode
     slopes = tables[("mnist5k · Linf", "Log-log slope of the Lipschitz bounds against p/(n·d)")]
-    first = slopes[0]
-    assert (first["bound"], first["scope"]) == ("lip_lower", "all families")
-    res = reports.loglog_slope([r for r in rows if r["threat"] == "Linf"], y="lip_lower")
+    linf = [r for r in rows if r["threat"] == "Linf" and r["status"] == "ok"]
+    fam, recipe = linf[0]["family"], linf[0]["recipe"]
+    (first,) = [s for s in slopes if (s["bound"], s["scope"]) == ("lip_lower", f"{fam} · {recipe}")]
+    # one slope per family and recipe: never a fit across recipes (ERM and the smooth interpolator apart)
+    scopes = {(r["family"], r["recipe"]) for r in linf}
+    assert len(slopes) == 2 * len(scopes) and len({s["scope"] for s in slopes}) == len(scopes)
+    res = reports.loglog_slope([r for r in linf if (r["family"], r["recipe"]) == (fam, recipe)], y="lip_lower")
     assert float(first["slope"]) == pytest.approx(res["slope"], abs=5e-4)
     lo, hi = (float(x) for x in first["95% CI"].strip("[]").split(","))
     assert (lo, hi) == (pytest.approx(res["ci_low"], abs=5e-4), pytest.approx(res["ci_high"], abs=5e-4))
