@@ -123,6 +123,8 @@ SCHEMA: dict[str, Key] = {
     "train_steps": Key("int", 10, lo=1),
     "train_step_size": Key("float", 0.0, lo=0, doc="0: 2.5·eps/steps"),
     "train_eps_warmup": Key("int", 0, lo=0),
+    "at_epochs": Key("int", 0, lo=0, doc="pgd-at only: its epochs (0: epochs, which ERM stops short of once it "
+                     "interpolates and PGD-AT runs to the end)"),
     "smooth_margin": Key("float", 1.0, lo=0, lo_open=True, doc="smooth only: logit margin each training point keeps"),
     "smooth_lambda": Key("float", 1e-3, lo=0, lo_open=True, doc="smooth only: the search's first penalty"),
     "smooth_growth": Key("float", 4.0, lo=1, lo_open=True, doc="smooth only: penalty factor between stages"),
@@ -570,6 +572,9 @@ def expand(spec: dict, entries: list = ()) -> list[dict]:
         cell["aa_eps"] = sorted(cell.pop(f"aa_eps_{threat}")) if cell["autoattack"] != "off" else []
         if cell["recipe"] != "pgd-at":
             cell["train_eps"] = 0.0
+        at_epochs = cell.pop("at_epochs")  # a pgd-at cell's epochs: the cell reads as one given epochs=at_epochs
+        if cell["recipe"] == "pgd-at" and at_epochs:
+            cell["epochs"] = at_epochs
         d = cell.pop("d")
         if d:  # the d axis is the dataset's d option: a cell names it there, as data_options.d=... would
             cell["data_options"] = {**cell["data_options"], "d": d}

@@ -67,3 +67,17 @@ def test_presets_are_valid():
         assert expand(build_spec(name))
     with pytest.raises(SpecError, match="unknown preset 'nope'"):
         build_spec("nope")
+
+
+def test_at_epochs_is_pgd_at_s_own_budget_and_moves_no_other_cell():
+    """at_epochs sets the epochs of pgd-at cells alone: other recipes' cells (and ids) are those of a spec without
+    it, and a pgd-at cell given at_epochs=E is the cell given epochs=E (the same training, the same id)."""
+    from bench.spec import build_spec, cell_id, expand
+    base = ["recipe=[erm,pgd-at]", "train_eps=0.1", "epochs=300", "width=40"]
+    plain = {c["recipe"]: c for c in expand(build_spec("default", base))}
+    with_at = {c["recipe"]: c for c in expand(build_spec("default", [*base, "at_epochs=20"]))}
+    assert cell_id(with_at["erm"]) == cell_id(plain["erm"]) and with_at["erm"]["epochs"] == 300
+    assert with_at["pgd-at"]["epochs"] == 20 and "at_epochs" not in with_at["pgd-at"]
+    (direct,) = expand(build_spec("default", ["recipe=pgd-at", "train_eps=0.1", "epochs=20", "width=40"]))
+    assert cell_id(with_at["pgd-at"]) == cell_id(direct)
+    assert cell_id(plain["pgd-at"]) != cell_id(direct)
