@@ -11,9 +11,10 @@ attacks with gradients the model hides from the suite:
   to a cosine of ``eot_cos``), starting from AutoAttack rand's 20; verdicts by the majority of fresh draws;
 * a transfer attack from the smooth surrogate (forward values smoothed too), judged on the real model.
 
-Its attacks are APGD-DLR and APGD-T (our engine, attacks.apgd) and PGD on the margin loss through the surrogate (at
-several surrogate temperatures), then the transfer. Every example goes through the one validation path (the exact ball, [0, 1], misclassified by the
-real model in eval mode, by most draws where randomized).
+Its attacks are APGD-DLR and APGD-T (our engine, attacks.apgd), PGD on the margin through the surrogate (at several
+surrogate temperatures), the transfer, then (deterministic models) examples found at larger radii pulled back into
+the ball (and, under L2, shrunk into it). Every example goes through the one validation path (the exact ball,
+[0, 1], misclassified by the real model in eval mode, by most draws where randomized).
 """
 from __future__ import annotations
 

@@ -2,11 +2,12 @@
 masked zoo (bench.masked_zoo), against pyautoattack and a hand-written adaptive reference per model, and its
 indicators on the unmasked zoo models (bench.attacks_perf), in one run.
 
-Per model and eps of its sweep, on the same points (class-balanced: the first of each digit) and seed: the robust accuracy of our default pipeline as the CLI
-runs it (PGD sweep, the fast suite at every eps but the headline, AutoAttack standard at the headline, the adaptive
-stage at every eps), of pyautoattack alone (standard; rand on a randomized model, its examples judged by the majority
-of 25 draws; at eps·(1−2⁻²⁰)), of the model's hand-written reference (masked models), and the indicators of attack
-failure that fired. Times: the adaptive stage over the sweep against pyautoattack over the sweep.
+Per model and eps of its sweep, on the same points (class-balanced: the first of each digit) and seed: the robust
+accuracy of our default pipeline as the CLI runs it (PGD sweep, the fast suite at every eps but the headline,
+AutoAttack standard at the headline, the adaptive stage at every eps), of pyautoattack alone (standard; rand on a
+randomized model, its examples judged by the majority of 25 draws; at eps·(1−2⁻²⁰)), of the model's hand-written
+reference (masked models), and the indicators of attack failure that fired. Times: the adaptive stage over the sweep
+against pyautoattack over the sweep.
 
 JSON keys: ``adaptive_gap_max`` (max over masked models and eps of row − reference, points), ``aa_excess_max`` (max
 over every model and eps of row − pyautoattack, points; above 0: the row above AutoAttack), ``indicator_false_alarms``
@@ -57,7 +58,8 @@ def bench_model(name, model, x, y, norm, sweep, ref_fn, log, seed: int = 0) -> d
             ref = ref_fn(x, y, e, seed)
         ind = ev.info["indicators"].get(e, {})
         d = (ev.info["details"].get("adaptive") or {}).get(e, {})
-        per_eps[str(e)] = {"row": acc(ev.robust[e]), "autoattack": acc(aa), "reference": None if ref is None else acc(ref),
+        per_eps[str(e)] = {"row": acc(ev.robust[e]), "autoattack": acc(aa),
+                           "reference": None if ref is None else acc(ref),
                            "gap": None if ref is None else round(acc(ev.robust[e]) - acc(ref), 2),
                            "aa_excess": round(acc(ev.robust[e]) - acc(aa), 2),
                            "ref_misses": None if ref is None else int((~ref & ev.robust[e]).sum()),

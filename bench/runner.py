@@ -351,7 +351,7 @@ def _fill_row(row: dict, task: CellTask, budget: threads.ThreadBudget, timer: Ti
     row.update(n_train=len(data.y_train), n_test=len(data.y_test), d=meta.d, d_eff=meta.d_eff,
                num_classes=meta.num_classes, n_noisy=getattr(meta, "n_noisy", None),
                data_source=getattr(meta, "data_source", None), data_scale=getattr(meta, "scale", None),
-               data_margin=meta.options.get("margin") if meta.name == "gauss" else None)
+               data_margin=meta.options.get("margin"))
     entry = models.get_entry(cell["model"])
     torch.manual_seed(cell["seed"])
     model = models.get_model(cell["model"], in_shape=tuple(meta.in_shape), num_classes=meta.num_classes,

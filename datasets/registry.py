@@ -210,8 +210,8 @@ def teacher_distance(xp: np.ndarray, y: np.ndarray, W: np.ndarray) -> np.ndarray
     (s_y - s_j) / ||W_y - W_j||."""
     s = (xp.astype(np.float64) - 0.5) @ W
     gap = s[np.arange(len(y)), y][:, None] - s                                     # (n, C)
-    norms = np.linalg.norm(W[:, y].T[:, :, None] - W[None, :, :], axis=1)           # (n, C): ||W_y - W_j||
-    dist = np.where(np.arange(W.shape[1])[None, :] == y[:, None], np.inf, gap / np.maximum(norms, 1e-300))
+    pair = np.linalg.norm(W[:, :, None] - W[:, None, :], axis=0)                   # (C, C): ||W_i - W_j||
+    dist = np.where(np.arange(W.shape[1])[None, :] == y[:, None], np.inf, gap / np.maximum(pair[y], 1e-300))
     return dist.min(axis=1)
 
 

@@ -1,9 +1,9 @@
 """The law's synthetic data with a margin teacher: inputs within gamma of the teacher's boundary are redrawn, so the
 clean labels admit a classifier robust at every eps < gamma. Checked against the data and a strong attack on the
 teacher itself, not against the sampler's own bookkeeping."""
+import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -80,7 +80,6 @@ def test_the_row_records_gamma_and_a_bad_one_leaves_the_store_untouched(tmp_path
             "n_train=100", "n_test=50", "eps_L2=[0.1]", "attacks=[pgd]", "lip_points=16"]
     r = bench_cli("run", *spec, "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
-    import json
     (row,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert row["data_margin"] == 0.2 and row["status"] == "ok"
     before = (out / "results.jsonl").read_bytes()
