@@ -254,3 +254,89 @@ def study_title(key: tuple) -> str:
     dataset, threat, family, recipe, noise = key
     return " · ".join([dataset or "?", threat or "?", family or "?", recipe or "?",
                        f"noise {noise:g}" if noise is not None else "noise ?"])
+
+
+# ----------------------------------------------------------------------------------------------------- capacity
+
+def capacity_key(row: dict) -> tuple:
+    """One capacity curve: data set, threat, family and label noise; width, n and d move p/(n·d) along it."""
+    return (text(row.get("dataset")), text(row.get("threat")), text(row.get("family")) or text(row.get("model")),
+            num(row.get("label_noise")))
+
+
+def capacity_title(key: tuple) -> str:
+    dataset, threat, family, noise = key
+    return " · ".join([dataset or "?", threat or "?", family or "?",
+                       f"noise {noise:g}" if noise is not None else "noise ?"])
+
+
+@dataclass
+class Trend:
+    """How one recipe's robust accuracy at one eps moves along p/(n·d): per seed the OLS slope of robust accuracy
+    (points of %) on log2 p/(n·d), then the mean and t-interval over seeds."""
+    recipe: str
+    eps: float
+    slope: float | None = None       # percentage points per doubling of p/(n·d)
+    half: float | None = None        # CI half-width (None: under two seeds)
+    n_seeds: int = 0
+
+    @property
+    def verdict(self) -> str:
+        if self.slope is None:
+            return "no trend measured (under two points per seed)"
+        if self.half is None:
+            return "has no verdict from one seed"
+        if self.slope - self.half > 1e-9:
+            return "rises with p/(n·d)"
+        if self.slope + self.half < -1e-9:
+            return "falls with p/(n·d)"
+        return "flat within the seed spread"
+
+
+def capacity_groups(rows) -> dict[tuple, dict[str, dict]]:
+    """{capacity_key: {recipe: {(width, n, d): ok rows over seeds}}}, points in order of p/(n·d): every recipe,
+    interpolating or not (robust accuracy speaks of every model; the table says which rows interpolate)."""
+    grouped: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in rows:
+        if isinstance(r, dict) and is_ok(r) and row_ratio(r) is not None:
+            point = (num(r.get("width")), num(r.get("n_train")), num(r.get("d")))
+            grouped[capacity_key(r)][text(r.get("recipe"))][point].append(r)
+    order = lambda item: _mean(item[1], row_ratio)  # noqa: E731
+    return {k: {rec: dict(sorted(pts.items(), key=order)) for rec, pts in sorted(grouped[k].items())}
+            for k in sorted(grouped, key=repr)}
+
+
+def robust_trend(points: dict, recipe: str, eps: float) -> Trend:
+    """The Trend of one recipe's rows ({point: rows}) at eps."""
+    by_seed: dict = defaultdict(list)
+    for rows in points.values():
+        for r in rows:
+            ratio, acc = row_ratio(r), acc_at(r, "robust_acc", eps)
+            if ratio and ratio > 0 and acc is not None:
+                by_seed[text(r.get("seed"))].append((math.log2(ratio), 100.0 * acc))
+    slopes = []
+    for pts in by_seed.values():
+        xs = np.array([p[0] for p in pts])
+        if len(np.unique(np.round(xs, 9))) < 2:
+            continue
+        slopes.append(float(np.polyfit(xs, np.array([p[1] for p in pts]), 1)[0]))
+    slope, half = mean_ci(slopes)
+    return Trend(recipe, eps, slope, half, len(slopes))
+
+
+def separated(group: dict[str, dict], eps: float) -> list[tuple]:
+    """Where two recipes' robust accuracy at eps differs by more than the seed spread: per point whose 95% intervals
+    of two recipes do not overlap, (ratio, (recipe, mean, half), (recipe, mean, half)) for the pair farthest apart
+    there (a recipe with one seed has no interval and separates from nothing)."""
+    out = []
+    for point in sorted({pt for pts in group.values() for pt in pts}, key=lambda pt: repr(pt)):
+        stats = []
+        for recipe, pts in group.items():
+            mean, half = mean_ci([acc_at(r, "robust_acc", eps) for r in pts.get(point, [])])
+            if mean is not None and half is not None:
+                stats.append((recipe, mean, half))
+        apart = [(a, b) for a in stats for b in stats if a[1] - a[2] > b[1] + b[2]]
+        if apart:
+            a, b = max(apart, key=lambda ab: ab[0][1] - ab[1][1])
+            out.append((_mean([r for pts in group.values() for r in pts.get(point, [])], row_ratio), a, b))
+    return sorted(out, key=lambda t: t[0])

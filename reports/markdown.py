@@ -6,13 +6,13 @@ import re
 
 from tabulate import tabulate
 
-from .formats import (FLAGGED_MARK, MISSING, UNVERIFIED_NOTE, fmt_ci, fmt_eps, fmt_int, fmt_ratio,
+from .formats import (FLAGGED_MARK, MISSING, UNVERIFIED_NOTE, fmt_ci, fmt_eps, fmt_int, fmt_pct, fmt_ratio,
                       fmt_robust, fmt_sig, fmt_slope, fmt_width)
 from .schema import parse_eps_key
-from .values import acc_at, interpolates, num, text
+from .values import acc_at, interpolates, num, row_eps, row_ratio, text, verified_at
 from .columns import LEADERBOARD, RANKING, Column
 from .table import View, failed_rows, ranking, view_context
-from .stats import law_envelope, loglog_slope
+from .stats import law_envelope, loglog_slope, mean_ci
 from . import law
 
 PLOT_TITLES = {
@@ -213,6 +213,74 @@ def _exponent_cells(res) -> list[str]:
     return cells
 
 
+def _mean_ci_of(rows, get) -> tuple:
+    return mean_ci([get(r) for r in rows])
+
+
+def capacity_table(group: dict[str, dict], eps: list[float]) -> str:
+    """One line per recipe and point along p/(n·d): robust accuracy at every eps and the Lipschitz bounds at margin 1
+    (interpolating rows only: the law's quantity), each the mean ± the 95% t-interval over seeds."""
+    headers = ["recipe", "width", "n", "d", "p/(n·d)", "seeds", "interpolating", "clean"]
+    headers += [f"robust @{fmt_eps(e)}" for e in eps] + ["lip_lower at margin 1", "lip_upper at margin 1"]
+    body = []
+    for recipe, points in group.items():
+        for (width, n, d), rs in points.items():
+            fits = [r for r in rs if interpolates(r)]
+            cells = [md_escape(recipe), fmt_width(width), fmt_int(n), fmt_int(d),
+                     fmt_ratio(_mean_ci_of(rs, row_ratio)[0]), str(len(rs)), f"{len(fits)}/{len(rs)}",
+                     fmt_pct(*_mean_ci_of(rs, lambda r: num(r.get("clean_acc"))))]
+            cells += [fmt_robust(*_mean_ci_of(rs, lambda r, e=e: acc_at(r, "robust_acc", e)),
+                                 verified=all(verified_at(r, e) for r in rs)) for e in eps]
+            cells += [fmt_sig(*_mean_ci_of(fits, lambda r, k=k: law.law_units(r, k)))
+                      for k in ("lip_lower_unit_margin", "lip_upper_unit_margin")]
+            body.append(cells)
+    return md_table(headers, body, ["left"] + ["right"] * (len(headers) - 1))
+
+
+def capacity_notes(group: dict[str, dict], eps: list[float]) -> list[str]:
+    """Per recipe and eps whether robust accuracy rises with p/(n·d) (a t-interval over seeds of per-seed slopes),
+    then per eps where the recipes differ by more than their seed spread."""
+    lines = []
+    for recipe, points in group.items():
+        for e in eps:
+            t = law.robust_trend(points, recipe, e)
+            if t.slope is None:
+                continue
+            ci = f" [{t.slope - t.half:+.2f}, {t.slope + t.half:+.2f}]" if t.half is not None else ""
+            lines.append(f"{recipe} at eps {fmt_eps(e)}: robust accuracy {t.verdict} ({t.slope:+.2f}{ci} points "
+                         f"per doubling of p/(n·d), {t.n_seeds} seed(s)).")
+    for e in eps:
+        apart = law.separated(group, e)
+        if not apart:
+            lines.append(f"At eps {fmt_eps(e)} no two recipes differ by more than their seed spread at any point.")
+            continue
+        ratio, (ra, ma, ha), (rb, mb, hb) = max(apart, key=lambda t: t[1][1] - t[2][1])
+        lines.append(f"At eps {fmt_eps(e)} recipes differ by more than their seed spread at {len(apart)} point(s) "
+                     f"along p/(n·d); farthest apart at {fmt_ratio(ratio)}: {ra} {fmt_pct(ma, ha)} against "
+                     f"{rb} {fmt_pct(mb, hb)}.")
+    return lines
+
+
+def capacity_section(rows) -> list[str]:
+    """Robust accuracy and the Lipschitz constant against p/(n·d) per recipe and label noise, with CIs over seeds and
+    the verdict on whether robust accuracy rises with capacity; curves with a single point are left out."""
+    groups = {k: g for k, g in law.capacity_groups(rows).items() if any(len(pts) > 1 for pts in g.values())}
+    if not groups:
+        return []
+    out = ["## Robust accuracy and Lipschitz constants against p/(n·d)", "",
+           "Per label-noise level, every recipe along p/(n·d): robust accuracy at each eps (all rows) and the "
+           "Lipschitz bounds at margin 1 in the law's units (interpolating rows only), each the mean ± the "
+           "half-width of a 95% t-interval over seeds. The law says an interpolator of noisy labels has a Lipschitz "
+           "constant of at least about sqrt(n·d/p), so robust interpolation needs p ≳ n·d; the verdicts fit, per "
+           "seed, robust accuracy (points of %) against log2 p/(n·d) and give the t-interval of the slopes over "
+           "seeds.", ""]
+    for key, group in groups.items():
+        eps = sorted({e for pts in group.values() for rs in pts.values() for r in rs for e in row_eps(r)})
+        out += [f"### {md_escape(law.capacity_title(key))}", "", capacity_table(group, eps), ""]
+        out += ["\n".join(f"- {md_escape(line)}" for line in capacity_notes(group, eps)), ""]
+    return out
+
+
 def law_section(rows) -> list[str]:
     """The frontier per (data, threat, family, noise, n, d) and the exponents per study, over interpolating rows."""
     out = ["## The law: smoothest interpolators and exponents", "",
@@ -315,6 +383,7 @@ def render_markdown(rows, views: list[View], *, source: str = "results.jsonl", p
                 "The law's scale sqrt(n·d/p) has slope −0.5. Fitted over the rows that interpolate their training "
                 "labels only (the law bounds no other model); rows that do not are counted, not fitted.", "",
                 slope_table(view), ""]
+    out += capacity_section(rows)
     out += law_section(rows)
     out += indicator_section(rows)
     if plots and plot_ext:
