@@ -277,11 +277,14 @@ def build_spec(preset: str = "default", overrides: list[str] = ()) -> dict:
     loaded = load_preset(preset)
     spec.update(loaded)
     explicit = set()  # keys the overrides set
+    attack_tables = set()  # [attack.NAME] tables the overrides reach into
     for text in overrides:
         key, value = parse_override(text)
         top, _, sub = key.partition(".")
         _check_key(top, "override")
         explicit.add(top)
+        if top == "attack":
+            attack_tables |= {sub.split(".")[0]} if sub else set(value) if isinstance(value, dict) else set()
         if sub:
             if not isinstance(spec[top], dict):
                 raise SpecError(f"override '{key}': '{top}' is not an option table")
@@ -291,8 +294,19 @@ def build_spec(preset: str = "default", overrides: list[str] = ()) -> dict:
     if isinstance(spec["executor"], str):  # executor = "ray" is short for [executor] name = "ray"
         spec["executor"] = {"name": spec["executor"]}
     _fold_pgd_options(spec, explicit, loaded)
+    _drop_preset_options_of_dropped_attacks(spec, explicit, attack_tables)
     validate(spec)
     return _normalize(spec)
+
+
+def _drop_preset_options_of_dropped_attacks(spec: dict, explicit: set, attack_tables: set) -> None:
+    """A command line that sets `attacks` leaves the preset's [attack.NAME] tables of attacks it no longer runs
+    behind (`law attacks=[pgd]` runs PGD alone, whatever options the preset gave its fast suite); options the command
+    line itself gives an attack it does not run stay an error."""
+    if "attacks" not in explicit or not isinstance(spec["attack"], dict) or not isinstance(spec["attacks"], list):
+        return
+    spec["attack"] = {name: options for name, options in spec["attack"].items()
+                      if name in spec["attacks"] or name in attack_tables}
 
 
 def _set_path(table: dict, path: list, value, key: str) -> dict:

@@ -81,3 +81,15 @@ def test_at_epochs_is_pgd_at_s_own_budget_and_moves_no_other_cell():
     (direct,) = expand(build_spec("default", ["recipe=pgd-at", "train_eps=0.1", "epochs=20", "width=40"]))
     assert cell_id(with_at["pgd-at"]) == cell_id(direct)
     assert cell_id(plain["pgd-at"]) != cell_id(direct)
+
+
+def test_a_preset_s_attack_options_leave_with_its_attacks():
+    """`law attacks=[pgd]` runs PGD alone: the preset's options for its fast suite go with the suite; options the
+    command line itself gives an attack it does not run are still refused."""
+    spec = build_spec("law", ["attacks=[pgd]"])
+    assert spec["attacks"] == ["pgd"] and "fast" not in spec["attack"]
+    assert build_spec("law")["attack"]["fast"] == {"square_queries": 100}
+    with pytest.raises(SpecError, match="attack.fast"):
+        build_spec("law", ["attacks=[pgd]", "attack.fast.square_queries=10"])
+    with pytest.raises(SpecError, match="attack.fast"):
+        build_spec("default", ["attacks=[pgd]", "attack={fast={square_queries=10}}"])
