@@ -1,6 +1,7 @@
 """Plots from result rows (matplotlib, Agg / SVG canvases only; pyplot's global state is never touched).
 
-- robust_vs_ratio: robust accuracy per eps against p/(n·d), log x, a vertical mark at p = n·d; one panel per view.
+- robust_vs_ratio: robust accuracy per eps against p/(n·d), log x, a vertical mark at p = n·d; one panel per view, or
+  per line of a view with more than MAX_LINES_PER_PANEL (recipe x noise level).
 - lipschitz_vs_ratio: lip_upper and lip_lower against p/(n·d) on log-log axes with the law's C·sqrt(n·d/p) line as a
   lower envelope: the largest C under every interpolating row's lip_lower (the law is a lower bound); one panel per
   view.
@@ -101,16 +102,35 @@ def _accuracy_axes(ax, ylabel: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
 
 
+# a view with more lines than this gets one panel per line (each eps one colour): recipes x noise levels x eps in one
+# panel are unreadable
+MAX_LINES_PER_PANEL = 4
+
+
+def _robust_panels(views: list[View]) -> list[tuple[str, list]]:
+    """(title, lines) per panel: a view's lines in one panel, or one panel per line where the view has more than
+    MAX_LINES_PER_PANEL."""
+    panels = []
+    for view in views:
+        lines = _lines(view)
+        if len(lines) <= MAX_LINES_PER_PANEL:
+            panels.append((f"{view.title}: robust accuracy", lines))
+        else:
+            panels += [(f"{view.title}: {label}", [(label, ents)]) for label, ents in lines]
+    return panels
+
+
 def plot_robust_vs_ratio(views: list[View]) -> Figure:
-    fig, axes = _figure(*_grid(len(views)), w=7.2)
-    if not views:
+    panels = _robust_panels(views)
+    fig, axes = _figure(*_grid(len(panels), max_cols=2 if len(panels) <= 4 else 3), w=7.2 if len(panels) <= 4 else 5.2)
+    if not panels:
         _no_data(axes[0])
-    for ax, view in zip(axes, views):
-        eps_list = sorted({e for en in view.entries for e in en.by_eps.get("robust", {})})
+    for ax, (title, lines) in zip(axes, panels):
+        eps_list = sorted({e for _, ents in lines for en in ents for e in en.by_eps.get("robust", {})})
         cmap = matplotlib.colormaps["viridis"]
         drawn = False
         used: set = set()
-        for fi, (fam, ents) in enumerate(_lines(view)):
+        for fi, (fam, ents) in enumerate(lines):
             marker = MARKERS[fi % len(MARKERS)]
             for ei, eps in enumerate(eps_list):
                 get = lambda e, eps=eps: e.by_eps.get("robust", {}).get(eps)  # noqa: E731
@@ -119,7 +139,8 @@ def plot_robust_vs_ratio(views: list[View]) -> Figure:
                     continue
                 color = cmap(0.1 + 0.8 * ei / max(1, len(eps_list) - 1))
                 ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * v for v in es], marker=marker, color=color,
-                            capsize=2, linewidth=1.2, markersize=4, label=f"{fam} eps={fmt_eps(eps)}")
+                            capsize=2, linewidth=1.2, markersize=4,
+                            label=f"{'' if len(lines) == 1 else fam + ' '}eps={fmt_eps(eps)}")
                 unverified, flagged = _marked_points(ents, get, eps)
                 _mark(ax, unverified, UNVERIFIED, used)
                 _mark(ax, flagged, FLAGGED, used)
@@ -127,17 +148,21 @@ def plot_robust_vs_ratio(views: list[View]) -> Figure:
             xs, ys, es = _series(ents, lambda e: e.clean)
             if xs:
                 ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * v for v in es], marker=marker, color="0.55",
-                            linestyle="--", capsize=2, linewidth=1, markersize=3, label=f"{fam} clean")
+                            linestyle="--", capsize=2, linewidth=1, markersize=3,
+                            label="clean" if len(lines) == 1 else f"{fam} clean")
                 drawn = True
         if not drawn:
             _no_data(ax)
-            _title(ax, view.title)
+            _title(ax, title)
             continue
         _accuracy_axes(ax, "robust accuracy (%)")
-        _title(ax, f"{view.title}: robust accuracy")
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
-                  ncols=1 + (len(ax.get_legend_handles_labels()[1]) > 14))
-    for ax in axes[len(views) or 1:]:
+        _title(ax, title, width=62 if len(panels) <= 4 else 48)
+        if len(lines) == 1:  # a panel of its own: the legend inside, eps and clean only
+            ax.legend(fontsize=7, loc="best")
+        else:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+                      ncols=1 + (len(ax.get_legend_handles_labels()[1]) > 14))
+    for ax in axes[len(panels) or 1:]:
         ax.set_visible(False)
     return fig
 
