@@ -15,7 +15,7 @@ from conftest import run_in_process
 # Gaussian d=16, n=200, 20% flipped labels: widths 256 and 1024 (p/(n·d) 1.5 and 6) interpolate under ERM.
 LAW_TINY = ["law", "width=[256,1024]", "seed=[0,1]", "label_noise=0.2", "n_train=200", "n_test=100",
             "d=16", "recipe=[erm,smooth]", "pgd_steps=5", "eps_L2=[0.5]", "smooth_epochs=25", "smooth_restarts=1",
-            "lip_points=64"]
+            "lip_points=64", "executor=local"]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,8 @@ def _pairs(rows):
 
 
 def _reload(out, row):
-    data = datasets.load_dataset("gauss", n_train=200, n_test=100, label_noise=0.2, seed=row["seed"], d=16)
+    data = datasets.load_dataset("gauss", n_train=200, n_test=100, label_noise=0.2, seed=row["seed"], d=16,
+                                 margin=row["data_margin"] or 0.0)
     model = models.get_model("mlp", in_shape=(16,), num_classes=2, width=row["width"])
     models.load_checkpoint(model, out / "checkpoints" / f"{row['train_key']}.pt")
     return model.eval(), data

@@ -12,6 +12,8 @@ import pytest
 
 from lawbench import reports
 from lawbench.reports import markdown
+from lawbench.reports.formats import fmt_eps
+from lawbench.reports.values import row_eps
 from test_reports import fixture_rows, make_row, mlp_params
 
 
@@ -147,3 +149,39 @@ def test_plot_titles_fit_inside_the_image():
             if t.get_text():
                 box = t.get_window_extent(canvas.get_renderer())
                 assert box.x0 >= -1 and box.x1 <= width + 1, (name, t.get_text())
+
+
+def _capacity_rows(slopes: dict, seeds=(0, 1, 2, 3)) -> list[dict]:
+    """Rows of recipes whose robust accuracy at every eps is base + slope·log2 p (points of %) plus a seed's
+    offset: a known trend per recipe."""
+    rng = np.random.default_rng(7)
+    rows = []
+    for recipe, (base, slope) in slopes.items():
+        for width in (32, 64, 128, 256):
+            for seed in seeds:
+                r = make_row("mlp", "mlp", width, mlp_params(width), seed, "L2", rng)
+                acc = (base + slope * math.log2(r["params"]) + (seed - 1.5)) / 100
+                r.update(recipe=recipe, cell_id=f"{recipe}-{width}-{seed}", interpolates=True, train_margin=1.0,
+                         lip_upper_unit_margin=5.0 + seed, lip_lower_unit_margin=4.0 + seed,
+                         robust_acc={k: acc for k in r["robust_acc"]})
+                rows.append(r)
+    return rows
+
+
+def test_the_capacity_section_says_which_recipe_rises_with_p_and_where_recipes_part():
+    """Robust accuracy rising 3 points per doubling of p is read as rising, an exactly constant one as flat, not
+    rising (a zero-width interval is no evidence of a trend), a falling one as falling; recipes 30 points apart are
+    reported apart at every width, with the means the table shows."""
+    rows = _capacity_rows({"erm": (10.0, 3.0), "pgd-at": (90.0, 0.0), "smooth": (60.0, -2.0)})
+    section = "\n".join(markdown.capacity_section(rows))
+    assert "## Robust accuracy and Lipschitz constants against p/(n·d)" in section
+    eps = sorted({e for r in rows for e in row_eps(r)})
+    for e in eps:
+        tag = fmt_eps(e)
+        assert f"erm at eps {tag}: robust accuracy rises with p/(n·d) (+3.00" in section
+        assert f"pgd-at at eps {tag}: robust accuracy flat within the seed spread (+0.00" in section
+        assert f"smooth at eps {tag}: robust accuracy falls with p/(n·d) (-2.00" in section
+        assert f"At eps {tag} recipes differ by more than their seed spread at 4 point(s)" in section
+    # the table: one line per recipe and width, the Lipschitz bound at margin 1 as mean ± interval over 4 seeds
+    table = [line for line in section.splitlines() if line.startswith("| smooth")]
+    assert len(table) == 4 and all("5.5 ± 2.1" in line or "5.5 ± 2.05" in line for line in table), table
