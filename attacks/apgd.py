@@ -79,12 +79,15 @@ class _Rows:
 
 
 def apgd(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, cfg: APGDConfig, *, seed: int = 0,
-         targets: torch.Tensor | None = None, found: Found | None = None, warnings: list | None = None) -> Found:
+         targets: torch.Tensor | None = None, found: Found | None = None, warnings: list | None = None,
+         x_init: torch.Tensor | None = None) -> Found:
     """APGD on every point of x not already broken in ``found``: one row per (target, restart) of each point
     (``targets``: (N, k) for the targeted loss). Returns ``found`` updated: the points some row misclassified at
     one of its iterates, with that iterate as their example. The model is used as given (eval mode, frozen).
     ``warnings``: where the DLR losses find rows with an exactly zero gradient at their start, the original's
-    warning is appended."""
+    warning is appended. ``x_init``: the start of every row (shaped like the rows: k·restarts·N points, in the rows'
+    order) instead of the random draw, as the original's x_init (the same start makes two engines comparable
+    iteration by iteration)."""
     n = x.shape[0]
     found = found if found is not None else Found.start(x)
     todo = (~found.broken).nonzero().flatten()
@@ -115,7 +118,8 @@ def apgd(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, cfg: AP
                     g += torch.autograd.grad(lv.sum(), xr)[0]
         return z.detach(), lv.detach(), g / eot
 
-    xa = _start(x0, lo, hi, eps, norm, gen)
+    xa = _start(x0, lo, hi, eps, norm, gen) if x_init is None else \
+        torch.minimum(torch.maximum(x_init.detach().reshape(x0.shape).to(x0.dtype), lo), hi)
     z, lv, g = loss_grad(xa, yy, tgt)
     if warnings is not None and cfg.loss != "ce":
         zero = int((g.abs().sum(1) == 0).sum())

@@ -1,0 +1,180 @@
+"""Our AutoAttack engine pinned to the algorithm, not only to its verdicts: APGD follows the original's trajectory
+iteration by iteration from the same start; every attack spends exactly the passes its closed form says on points no
+attack can break (every target of APGD-T and FAB-T attacked, every pass counted once, per attack); Square's Linf
+search stays on the ball's vertices; FAB drops the rows of broken points; the native engine raises the original's
+masking flags on masked models. Each test names the change to the engine it catches."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lawbench.attacks.apgd as apgd_mod
+from conftest import digits_split, train_digits_mlp
+from lawbench.attacks.apgd import APGDConfig, _loss, apgd
+from lawbench.attacks.autoattack import run_autoattack
+from lawbench.attacks.cost import Counted
+from lawbench.attacks.fab import FABConfig, fab_targeted
+from lawbench.attacks.rows import Found
+from lawbench.attacks.square import _propose_linf, _start
+
+
+@pytest.fixture(scope="module")
+def setting():
+    """A trained digits MLP and 40 test points it classifies with a logit margin above 3: no attack breaks them at
+    the small radii below, so every row runs every iteration on both engines."""
+    xtr, ytr, x, y = digits_split(800, slice(1300, 1500))
+    model = train_digits_mlp(0, xtr, ytr)
+    with torch.no_grad():
+        z = model(x)
+    zs = z.sort(1)[0]
+    keep = (z.argmax(1) == y) & (zs[:, -1] - zs[:, -2] > 3)
+    return model, x[keep][:40], y[keep][:40]
+
+
+class Recorded(torch.nn.Module):
+    """The model, recording the logits of every forward that will be differentiated (one per APGD iteration)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.logits = model, []
+
+    def forward(self, v):
+        z = self.model(v)
+        if torch.is_grad_enabled() and v.requires_grad:
+            self.logits.append(z.detach())
+        return z
+
+
+def _losses(rec: Recorded, y, target, loss) -> torch.Tensor:
+    return torch.stack([_loss(z, y, target, loss) for z in rec.logits])
+
+
+def _trajectories(model, x, y, norm, eps, loss):
+    """(original's, ours) loss of every point at every iteration from one shared start."""
+    from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+    gen = torch.Generator().manual_seed(1)
+    t = 2 * torch.rand(x.shape, generator=gen) - 1
+    d = t / (t.abs().amax(1, keepdim=True) if norm == "Linf" else t.norm(dim=1, keepdim=True))
+    start = (x + eps * d).clamp(0, 1)
+    target = None
+    if loss == "dlr-targeted":
+        with torch.no_grad():
+            target = model(x).argsort(1, descending=True)[:, 1]
+        theirs = Recorded(model)
+        atk = APGDAttack_targeted(theirs, norm=norm, eps=eps, n_iter=100, device="cpu", n_target_classes=1)
+        atk.y_target = target
+    else:
+        theirs = Recorded(model)
+        atk = APGDAttack(theirs, norm=norm, eps=eps, n_iter=100, loss=loss, device="cpu")
+    atk.init_hyperparam(x)
+    atk.attack_single_run(x, y, x_init=start)
+    ours = Recorded(model)
+    found = apgd(ours, x, y, eps, norm, APGDConfig(loss=loss), targets=None if target is None else target[:, None],
+                 x_init=start)
+    assert not bool(found.broken.any()), "a point broke: the rows would leave and the trajectories part"
+    return _losses(theirs, y, target, loss), _losses(ours, y, target, loss)
+
+
+# (norm, eps, loss): the cases where both of APGD's ingredients move the trajectory (on Linf cross-entropy every step
+# reaches a vertex and halving the step changes nothing there)
+CASES = [("Linf", 0.02, "dlr-targeted"), ("L2", 0.15, "ce")]
+FLOAT_NOISE = 1e-5   # largest |loss difference| allowed over 40 points x 101 iterations (measured: 4e-7 and 9e-7)
+
+
+@pytest.mark.parametrize("norm, eps, loss", CASES)
+def test_apgd_follows_the_originals_trajectory(setting, norm, eps, loss, monkeypatch):
+    """Same start, same model: the loss of every point at every iteration equals the original's to float noise. The
+    comparison has power: without momentum, or without halving the step at a checkpoint, the same trajectories part
+    by more than a thousand times that (measured 0.012 to 0.034). Catches: a dropped momentum term, a checkpoint that
+    never halves, a wrong checkpoint schedule or oscillation count, a wrong loss."""
+    model, x, y = setting
+    theirs, ours = _trajectories(model, x, y, norm, eps, loss)
+    assert theirs.shape == ours.shape == (101, x.shape[0])
+    assert float((theirs - ours).abs().max()) < FLOAT_NOISE
+    step, checkpoint = apgd_mod._step, apgd_mod._checkpoint
+
+    def no_halving(r, i, period, rho):
+        kept = r.step.clone()
+        checkpoint(r, i, period, rho)
+        r.step = kept
+
+    for name, broken in (("_step", lambda r, a, e, n: step(r, 1.0, e, n)), ("_checkpoint", no_halving)):
+        with monkeypatch.context() as m:
+            m.setattr(apgd_mod, name, broken)
+            theirs, mutant = _trajectories(model, x, y, norm, eps, loss)
+        assert float((theirs - mutant).abs().max()) > 1000 * FLOAT_NOISE, name
+
+
+def test_every_attack_spends_its_closed_form_on_points_none_can_break(setting):
+    """At Linf 1e-4 nothing breaks, so each attack runs every row to its last iteration: APGD-CE (1 + 100) forwards
+    and backwards per point; APGD-T one ranking forward, then (1 + 100) of each per point and target (9 targets);
+    FAB-T one ranking forward, then per point, target and iteration two forwards and one backward; Square one
+    forward per point and query plus its start. Counted per attack, each pass once. Catches: a target dropped
+    (APGD-T's or FAB-T's last), a backward counted twice, counts cumulative across attacks, an extra pass per step."""
+    model, x, y = setting
+    n, k, q = x.shape[0], 9, 50
+    res = run_autoattack(model, x, y, 1e-4, norm="Linf", version=["apgd-ce", "apgd-t", "fab-t", "square"],
+                         impl="native", n_queries=q)
+    assert bool(res.robust.all()) and set(res.info["broken_by"].values()) == {0}
+    assert res.info["passes_by_attack"] == {
+        "apgd-ce": {"forward": 101 * n, "backward": 101 * n},
+        "apgd-t": {"forward": n + 101 * k * n, "backward": 101 * k * n},
+        "fab-t": {"forward": n + 200 * k * n, "backward": 100 * k * n},
+        "square": {"forward": n + q * n, "backward": 0},
+    }
+    # and nothing else is spent but the engine's own checks and the clean forward (5 randomness draws, the
+    # probability check, the dynamic-defense trace: 7 forwards of the points, then 1 to find the clean verdicts),
+    # and one point's forward to read the class count
+    spent = res.info["passes_attack"]
+    per_attack = res.info["passes_by_attack"].values()
+    assert spent["forward"] == 8 * n + 1 + sum(p["forward"] for p in per_attack)
+    assert spent["backward"] == sum(p["backward"] for p in per_attack)
+
+
+def test_fab_drops_the_rows_of_broken_points(setting):
+    """At Linf 0.1 FAB-T breaks some points early: their rows leave, so the backward passes fall short of 100 per
+    row, while the survivors' rows run every iteration. Catches: FAB never dropping rows of broken points."""
+    model, x, y = setting
+    counted = Counted(model)
+    targets = model(x).argsort(1, descending=True)[:, 1:10]
+    found = fab_targeted(counted, x, y, 0.1, "Linf", targets, FABConfig(), found=Found.start(x))
+    broken = int(found.broken.sum())
+    assert 0 < broken < x.shape[0]
+    assert counted.passes.backward < 100 * 9 * x.shape[0]
+    assert counted.passes.backward >= 100 * 9 * (x.shape[0] - broken)
+
+
+def test_square_linf_moves_between_the_balls_vertices(setting):
+    """The original's Linf Square starts on vertical stripes at ±eps and moves a square by ±2·eps, clipped to the
+    ball: every coordinate of every proposal lies at x0 ± eps (or on the [0, 1] box). Catches: a square moving by
+    less than 2·eps (a proposal inside the ball is never one of Square's)."""
+    _, x, _ = setting
+    x0 = x.reshape(-1, 1, 8, 8)
+    eps = 0.05
+    lo, hi = (x0 - eps).clamp(0, 1), (x0 + eps).clamp(0, 1)
+    gen = torch.Generator().manual_seed(0)
+    xb = _start(x0, lo, hi, eps, "Linf", gen)
+    for p in (0.8, 0.1, 0.02):
+        prop = _propose_linf(x0, xb, lo, hi, eps, p, gen)
+        at_vertex = ((prop - x0).abs() - eps).abs() < 1e-6
+        on_box = (prop == 0) | (prop == 1)
+        assert bool((at_vertex | on_box).all()), p
+        assert bool((prop != xb).any()), p  # it moved
+
+
+@pytest.mark.parametrize("wrap, flag", [("quantize", "zero_gradients"), ("noise", "randomized")])
+def test_the_native_engine_raises_the_originals_masking_flags(setting, wrap, flag):
+    """On a model that quantizes its input (zero gradients) and one that adds noise at every forward (randomized),
+    our engine raises the flags the original's checks raise (they buy the masking restarts, attacks.autoattack).
+    Catches: the native engine never raising the randomized or zero-gradient warning."""
+    from bench.masked_zoo import Noise, Quantize
+    model, x, y = setting
+    front = Quantize(16) if wrap == "quantize" else Noise(0.05)
+    masked = torch.nn.Sequential(front, model).eval()
+    flags = {}
+    for impl in ("native", "original"):
+        torch.manual_seed(0)
+        res = run_autoattack(masked, x[:20], y[:20], 0.05, norm="Linf", version=["apgd-ce", "apgd-t"], impl=impl)
+        flags[impl] = set(res.flags)
+    assert flag in flags["original"]
+    assert flags["native"] == flags["original"], flags
