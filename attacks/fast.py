@@ -42,6 +42,7 @@ from lawbench.base.modes import eval_mode
 from .autoattack import (MASKING_FLAGS, AAResult, _frozen, aa_view, captured, flags_from_warnings, inner_eps,
                          masking_restarts, run_autoattack, square_starts)
 from .pgd import pgd_sweep
+from .standard import NATIVE
 from .randomized import Randomized, is_randomized, randomized
 from .threat import check_attack, misclassified
 
@@ -127,12 +128,12 @@ def run_fast(model, x, y, eps, *, norm, seed=0, log=None, steps=100, targets=3, 
     idx = (robust & ~flat).nonzero().flatten()
     with torch.no_grad():
         n_classes = model(x[:1]).shape[1]
-    if idx.numel() and "randomized" in flags and n_classes >= 3:  # AutoAttack rand's second stage, with EOT
+    if idx.numel() and "randomized" in flags and n_classes >= NATIVE["apgd-dlr"].min_classes:  # rand's 2nd stage
         t = time.perf_counter()
         res = run_autoattack(model, x[idx], y[idx], eps, norm=norm, version=["apgd-dlr"], seed=seed,
                              batch_size=batch_size, log=log, n_total=n_total, impl=impl)
         record("apgd-dlr", idx, res.robust, res.x_adv, time.perf_counter() - t, {"eot": model.eot})
-    elif idx.numel() and n_classes >= 4:  # the targeted DLR loss needs 4 classes (AutoAttack skips it too)
+    elif idx.numel() and n_classes >= NATIVE["apgd-t"].min_classes:  # AutoAttack skips it below too
         t = time.perf_counter()
         ranked_apgd_t = _ranked_apgd_t_native if impl == "native" else _ranked_apgd_t
         res = ranked_apgd_t(model, x[idx], y[idx], eps, norm, seed, log, targets, batch_size)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -23,9 +24,75 @@ from .randomized import EOT_DRAWS, Randomized
 from .rows import Found
 from .square import SquareConfig, square
 
-NATIVE_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
 STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
 RAND = ("apgd-ce", "apgd-dlr")
+
+
+@dataclass
+class Attempt:
+    """What every native attack is called with: the points, the threat, and the run's settings."""
+    model: torch.nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    eps: float
+    norm: str
+    seed: int
+    n_target_classes: int      # targets of APGD-T and FAB-T (at most C - 1)
+    n_queries: int             # Square's budget
+    square_view: object        # (net, xi, back) for vector data, None for images
+    warnings: list
+
+
+@dataclass(frozen=True)
+class NativeAttack:
+    """One attack of the engine: the fewest classes it runs with (the original skips it below that; the DLR losses
+    need their sorted logits) and how it runs on the points not yet broken in ``found``."""
+    min_classes: int
+    run: Callable[[Attempt, Found], None]
+
+
+def _apgd_ce(a: Attempt, found: Found) -> None:
+    eot = a.model.eot if isinstance(a.model, Randomized) else 1
+    apgd(a.model, a.x, a.y, a.eps, a.norm, APGDConfig(loss="ce", eot=eot), seed=a.seed, found=found,
+         warnings=a.warnings)
+
+
+def _apgd_dlr(a: Attempt, found: Found) -> None:
+    eot = a.model.eot if isinstance(a.model, Randomized) else 1
+    apgd(a.model, a.x, a.y, a.eps, a.norm, APGDConfig(loss="dlr", eot=eot), seed=a.seed, found=found,
+         warnings=a.warnings)
+
+
+def _apgd_t(a: Attempt, found: Found) -> None:
+    apgd(a.model, a.x, a.y, a.eps, a.norm, APGDConfig(loss="dlr-targeted"), seed=a.seed,
+         targets=rank_by_logit(a.model, a.x, a.y, a.n_target_classes), found=found, warnings=a.warnings)
+
+
+def _fab_t(a: Attempt, found: Found) -> None:
+    fab_targeted(a.model, a.x, a.y, a.eps, a.norm, rank_by_logit(a.model, a.x, a.y, a.n_target_classes),
+                 FABConfig(), found=found)
+
+
+def _square(a: Attempt, found: Found) -> None:
+    """Square on image data as is; vector data through its image view, the found examples mapped back."""
+    cfg = SquareConfig(n_queries=a.n_queries)
+    if a.square_view is None:
+        square(a.model, a.x, a.y, a.eps, a.norm, cfg, seed=a.seed, found=found)
+        return
+    net, xi, back = a.square_view
+    sub = Found(found.broken.clone(), xi.detach().clone())
+    before = sub.broken.clone()
+    square(net, xi, a.y, a.eps, a.norm, cfg, seed=a.seed, found=sub)
+    new = sub.broken & ~before
+    if bool(new.any()):
+        found.x_adv[new] = back(sub.x_adv[new]).to(found.x_adv.dtype)
+        found.broken |= new
+
+
+# The engine's attacks: one call signature, each one's class-count rule declared here and read everywhere
+NATIVE = {"apgd-ce": NativeAttack(2, _apgd_ce), "apgd-dlr": NativeAttack(3, _apgd_dlr),
+          "apgd-t": NativeAttack(4, _apgd_t), "fab-t": NativeAttack(2, _fab_t), "square": NativeAttack(2, _square)}
+NATIVE_ATTACKS = tuple(NATIVE)
 
 
 @dataclass
@@ -56,50 +123,24 @@ def run_native(model, counter, x: torch.Tensor, y: torch.Tensor, eps: float, nor
     C = z.shape[1]
     found = Found.start(x, z.argmax(1) != y)   # clean-misclassified points need no attack: x itself
     run = NativeRun(found.x_adv, found.broken, list(attacks), warnings=warnings)
-    ntc = max(1, min(n_target_classes, C - 1))
+    attempt = Attempt(model, x, y, eps, norm, seed, max(1, min(n_target_classes, C - 1)), n_queries, square_view,
+                      warnings)
     for name in attacks:
         if bool(found.broken.all()):
             break
-        before, t0, was = counter.passes.forward, time.perf_counter(), int(found.broken.sum())
-        back0 = counter.passes.backward
-        if name in ("apgd-ce", "apgd-dlr"):
-            if name == "apgd-dlr" and C < 3:
-                continue
-            eot = model.eot if isinstance(model, Randomized) else 1
-            apgd(model, x, y, eps, norm, APGDConfig(loss="ce" if name == "apgd-ce" else "dlr", eot=eot), seed=seed,
-                 found=found, warnings=warnings)
-        elif name == "apgd-t":
-            if C < 4:
-                continue
-            apgd(model, x, y, eps, norm, APGDConfig(loss="dlr-targeted"), seed=seed,
-                 targets=rank_by_logit(model, x, y, ntc), found=found, warnings=warnings)
-        elif name == "fab-t":
-            fab_targeted(model, x, y, eps, norm, rank_by_logit(model, x, y, ntc), FABConfig(), found=found)
-        elif name == "square":
-            _square(model, x, y, eps, norm, n_queries, seed, square_view, found)
+        if C < NATIVE[name].min_classes:
+            continue
+        before, t0, was = Passes(counter.passes.forward, counter.passes.backward), time.perf_counter(), \
+            int(found.broken.sum())
+        NATIVE[name].run(attempt, found)
         run.broken_by[name] = int(found.broken.sum()) - was
-        run.passes[name] = Passes(counter.passes.forward - before, counter.passes.backward - back0).as_dict()
+        run.passes[name] = (counter.passes - before).as_dict()
         run.seconds[name] = round(time.perf_counter() - t0, 4)
         if log:
-            log(f"{name}: broke {run.broken_by[name]} of {n - was} in {run.seconds[name]:.2f} s ({run.passes[name]['forward']} forward, "
-                f"{run.passes[name]['backward']} backward passes)")
+            log(f"{name}: broke {run.broken_by[name]} of {n - was} in {run.seconds[name]:.2f} s "
+                f"({run.passes[name]['forward']} forward, {run.passes[name]['backward']} backward passes)")
     run.x_raw, run.broken = found.x_adv, found.broken
     return run
-
-
-def _square(model, x, y, eps, norm, n_queries, seed, view, found: Found) -> None:
-    """Square on image data as is; vector data through its image view, the found examples mapped back."""
-    if view is None:
-        square(model, x, y, eps, norm, SquareConfig(n_queries=n_queries), seed=seed, found=found)
-        return
-    net, xi, back = view
-    sub = Found(found.broken.clone(), xi.detach().clone())
-    before = sub.broken.clone()
-    square(net, xi, y, eps, norm, SquareConfig(n_queries=n_queries), seed=seed, found=sub)
-    new = sub.broken & ~before
-    if bool(new.any()):
-        found.x_adv[new] = back(sub.x_adv[new]).to(found.x_adv.dtype)
-        found.broken |= new
 
 
 # --------------------------------------------------------------------------------------------- the original's checks
