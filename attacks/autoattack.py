@@ -28,7 +28,9 @@ from .cost import counted
 from .pgd import AttackError, check_norm
 from .randomized import Randomized
 from .standard import NATIVE_ATTACKS, RAND, STANDARD, run_native
-from .threat import check_attack
+from .apgd import APGDConfig, apgd
+from .rows import Found
+from .threat import check_attack, misclassified
 
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 
@@ -173,7 +175,7 @@ def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
                    version: str | Sequence[str] = "standard", seed: int = 0, batch_size: int = 1000,
                    log: Callable[[str], None] | None = None, n_total: int | None = None,
                    num_classes: int | None = None, n_target_classes: int | None = None,
-                   n_queries: int | None = None, impl: str = "original") -> AAResult:
+                   n_queries: int | None = None, impl: "str | Engine" = "original") -> AAResult:
     """Run AutoAttack on (x, y) at ``eps``: the original (pyautoattack, ``impl="original"``) or our engine
     (``impl="native"``, attacks.standard: the standard and rand versions and lists of its attacks). Either way the
     forward and backward passes are counted (info["passes"], per attack for native) and every example goes through
@@ -187,13 +189,7 @@ def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
     Square breaking more than 0.2% of the full set beyond the white-box attacks raises ``square_beats_whitebox``).
     """
     check_norm(norm)
-    if impl not in IMPLS:
-        raise AttackError(f"autoattack impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "original":
-        try:
-            import pyautoattack  # noqa: F401
-        except ImportError as exc:  # pragma: no cover - dependency declared in pyproject
-            raise AttackError("pyautoattack is not installed (pip install pyautoattack)") from exc
+    engine = get_engine(impl)
     if isinstance(version, str):
         if version not in ("standard", "plus"):
             raise AttackError(f"autoattack version must be 'standard', 'plus' or a list of {AA_ATTACKS}, "
@@ -206,8 +202,7 @@ def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
         if bad or not attacks:
             raise AttackError(f"unknown AutoAttack attack(s) {bad}; choose from {AA_ATTACKS}")
         vname = "custom"
-    if impl == "native":
-        check_native(version)
+    engine.check(version)
     t0 = time.perf_counter()
     N = x.shape[0]
     n_total = N if n_total is None else int(n_total)
@@ -215,7 +210,7 @@ def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
     y = y.to(dev)
     view = image_shape_for(tuple(x.shape[1:]))
     info = {"version": vname, "eps": float(eps), "norm": norm, "seed": int(seed), "n_attacked": N,
-            "image_view": list(view) if view else None, "impl": impl}
+            "image_view": list(view) if view else None, "impl": engine.name}
     if N == 0:
         info.update(attacks=attacks or [], seconds=0.0, broken_by={}, warnings=[], check={})
         return AAResult(torch.zeros(0, dtype=torch.bool, device=dev), x.detach().clone(), [], info)
@@ -225,12 +220,9 @@ def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
         vname = "rand"
     info["version"] = vname
     net, counter = counted(model)
-    if impl == "native":
-        run = _Native(net, counter, norm, vname, attacks, log, n_target_classes, n_queries)
-        x_raw, cap = run(x, y, float(eps), int(seed))
-    else:
-        run = _Run(net, norm, vname, attacks, int(batch_size), log, num_classes, n_target_classes, n_queries)
-        x_raw, cap = run(x, y, inner_eps(float(eps), norm), int(seed))
+    run = engine.runner(net, counter, norm, vname, attacks, int(batch_size), log, num_classes, n_target_classes,
+                        n_queries)
+    x_raw, cap = run(x, y, engine.eps(float(eps), norm), int(seed))
     info.update(attacks=run.attacks_run, n_target_classes=run.n_target_classes,
                 n_queries=int(n_queries or 5000) if "square" in run.attacks_run else None)
     info["passes_attack"] = counter.passes.as_dict()
@@ -307,9 +299,6 @@ class _Run:
         return back(x_adv_i), cap
 
 
-IMPLS = ("native", "original")
-
-
 def check_native(version) -> None:
     """The native engine runs the standard and rand versions and lists of its own attacks (attacks.standard)."""
     if isinstance(version, str):
@@ -359,6 +348,132 @@ class _Native:
         return res.x_raw, _NativeLog(res.warnings, res.broken_by, len(res.attacks), res.passes)
 
 
+class Engine:
+    """Where AutoAttack's attacks run: the original (pyautoattack) or ours (attacks.standard). One object per name
+    (ENGINES, get_engine), chosen once from a cell's autoattack_impl and handed down as is; everything that differs
+    between the two engines is a method here."""
+    name = ""
+
+    def check(self, version) -> None:
+        """Refuse (AttackError) a version or list of attacks this engine does not run."""
+
+    def runner(self, net, counter, norm, vname, attacks, batch_size, log, num_classes, n_target_classes, n_queries):
+        """A configured run: (x, y, eps, seed) -> (raw examples like x, what the run logged); attributes
+        attacks_run and n_target_classes once it has run."""
+        raise NotImplementedError
+
+    def eps(self, eps: float, norm: str) -> float:
+        """The radius the engine is given for the exact ball of radius eps."""
+        return float(eps)
+
+    def apgd_targeted(self, model, x, y, eps, norm, seed, log, ranked, batch_size) -> AAResult:
+        """APGD-T (standard settings) on each point's own targets ``ranked`` (N, k), a point's later targets only
+        while it stands; examples checked against the exact ball."""
+        raise NotImplementedError
+
+
+class OriginalEngine(Engine):
+    name = "original"
+
+    def check(self, version) -> None:
+        try:
+            import pyautoattack  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - dependency declared in pyproject
+            raise AttackError("pyautoattack is not installed (pip install pyautoattack)") from exc
+
+    def runner(self, net, counter, norm, vname, attacks, batch_size, log, num_classes, n_target_classes, n_queries):
+        return _Run(net, norm, vname, attacks, batch_size, log, num_classes, n_target_classes, n_queries)
+
+    def eps(self, eps: float, norm: str) -> float:
+        return inner_eps(eps, norm)
+
+    def apgd_targeted(self, model, x, y, eps, norm, seed, log, ranked, batch_size) -> AAResult:
+        """pyautoattack's APGDAttack_targeted (100 iterations, one restart), run target by target, each on the
+        points still robust; only the choice of targets is the caller's (AutoAttack takes the 2nd..10th largest
+        logits)."""
+        from pyautoattack.autopgd_base import APGDAttack_targeted
+        from pyautoattack import checks as aa_checks
+        net, xi, back = aa_view(model, x)
+        examples = xi.detach().clone()
+        per_target = []
+        with eval_mode(model):
+            devices = [x.device] if x.device.type == "cuda" else []
+            robust = ~misclassified(model, x, y)
+            with captured(log) as cap, torch.random.fork_rng(devices=devices), _frozen(model):
+                for k in aa_checks.funcs:  # pyautoattack never resets its global call counters
+                    aa_checks.funcs[k] = 0
+                eot = model.eot if isinstance(model, Randomized) else 1
+                atk = APGDAttack_targeted(net, n_iter=100, norm=norm, n_restarts=1, eps=self.eps(eps, norm),
+                                          seed=seed,
+                                          eot_iter=eot, rho=.75, n_target_classes=ranked.shape[1], device=x.device,
+                                          logger=logging.getLogger("auto-attack"))
+                atk.init_hyperparam(xi)
+                for j in range(ranked.shape[1]):
+                    idx = robust.nonzero().flatten()
+                    if idx.numel() == 0:
+                        break
+                    torch.random.manual_seed(seed)
+                    broke = 0
+                    for start in range(0, idx.numel(), batch_size):
+                        part = idx[start:start + batch_size]
+                        atk.y_target = ranked[part, j]
+                        _, acc, _, adv = atk.attack_single_run(xi[part], y[part])
+                        hit = acc == 0
+                        if isinstance(model, Randomized) and bool(hit.any()):  # one lucky draw is no break
+                            hit[hit.clone()] = misclassified(model, back(adv[hit]), y[part][hit])
+                        fooled = part[hit]
+                        examples[fooled] = adv[hit].detach()
+                        robust[fooled] = False
+                        broke += int(fooled.numel())
+                    per_target.append(broke)
+                    if log:
+                        log(f"apgd-t (ranked target {j + 1}): broke {broke} of {idx.numel()}")
+        ck = check_attack(model, x, y, back(examples), eps, norm, log=log)
+        flags = flags_from_warnings(cap.warnings)
+        return AAResult(robust=~ck.broken, x_adv=ck.x_adv, flags=flags,
+                        info={"per_target": per_target, "warnings": cap.warnings, "check": ck.info})
+
+
+class NativeEngine(Engine):
+    name = "native"
+
+    def check(self, version) -> None:
+        check_native(version)
+
+    def runner(self, net, counter, norm, vname, attacks, batch_size, log, num_classes, n_target_classes, n_queries):
+        return _Native(net, counter, norm, vname, attacks, log, n_target_classes, n_queries)
+
+    def apgd_targeted(self, model, x, y, eps, norm, seed, log, ranked, batch_size) -> AAResult:
+        """attacks.apgd (the original's algorithm) with each point's targets as rows of one batch: a point broken
+        by one target drops the rest."""
+        with eval_mode(model):
+            warnings: list = []
+            with _frozen(model):
+                found = Found.start(x, misclassified(model, x, y))
+                clean_broken = found.broken.clone()
+                apgd(model, x, y, eps, norm, APGDConfig(loss="dlr-targeted"), seed=seed, targets=ranked, found=found,
+                     warnings=warnings)
+        if log:
+            log(f"apgd-t (ranked targets as rows): broke {int((found.broken & ~clean_broken).sum())} of "
+                f"{int((~clean_broken).sum())}")
+        ck = check_attack(model, x, y, found.x_adv, eps, norm, log=log)
+        return AAResult(robust=~ck.broken, x_adv=ck.x_adv, flags=flags_from_warnings(warnings),
+                        info={"warnings": warnings, "check": ck.info, "impl": "native"})
+
+
+ENGINES = {e.name: e for e in (NativeEngine(), OriginalEngine())}
+IMPLS = tuple(ENGINES)
+
+
+def get_engine(impl: "str | Engine") -> Engine:
+    """The engine named ``impl`` (or ``impl`` itself when it is one)."""
+    if isinstance(impl, Engine):
+        return impl
+    if impl not in ENGINES:
+        raise AttackError(f"autoattack impl must be one of {IMPLS}, got {impl!r}")
+    return ENGINES[impl]
+
+
 def aa_view(model: torch.nn.Module, x: torch.Tensor):
     """(net, xi, back): the model as pyautoattack sees it (image-shaped input where the data is not, see
     image_shape_for), x in that shape, and back(examples) -> examples shaped like x."""
@@ -398,10 +513,10 @@ def captured(log: Callable[[str], None] | None):
 
 
 def square_starts(model, x, y, eps, norm, *, starts, queries, seed, batch_size, log, n_total=None,
-                  impl: str = "original") -> AAResult:
-    """Square (the original, or ours with impl="native") with `starts` random starts per point run as rows of one
-    batch: a point is robust when every start fails. Restarts cost one loop instead of `starts` loops: on the few points left at the end of a run,
-    Square's time is its per-iteration overhead, not its rows. pyautoattack draws one square per iteration for the
+                  impl: "str | Engine" = "original") -> AAResult:
+    """Square (on the engine ``impl``) with `starts` random starts per point run as rows of one batch: a point is
+    robust when every start fails. Restarts cost one loop instead of `starts` loops: on the few points left at the
+    end of a run, Square's time is its per-iteration overhead, not its rows. pyautoattack draws one square per iteration for the
     whole batch, so the starts share proposals and differ in their initial stripes and in what each accepts."""
     n = x.shape[0]
     rep = lambda t: t.repeat(starts, *([1] * (t.dim() - 1)))  # noqa: E731
@@ -423,7 +538,7 @@ MASKING_FLAGS = ("zero_gradients", "square_beats_whitebox", "randomized")
 MASKING_SQUARE_RESTARTS = 2
 
 
-def masking_restarts(model, x, y, eps, norm, res, seed, batch_size, log, impl: str = "original") -> dict:
+def masking_restarts(model, x, y, eps, norm, res, seed, batch_size, log, impl: "str | Engine" = "original") -> dict:
     """Where AutoAttack saw signs of gradient masking, gradient-based attacks cannot be trusted on the survivors:
     Square (black box) runs again from MASKING_SQUARE_RESTARTS fresh random starts per survivor (another seed, the
     starts as rows of one batch, see square_starts), so the pipeline does strictly more than AutoAttack alone on every

@@ -32,15 +32,13 @@ AutoAttack would report it. Every example goes through the one validation path (
 """
 from __future__ import annotations
 
-import logging
 import time
 
 import torch
 
 from lawbench.base.modes import eval_mode
 
-from .autoattack import (MASKING_FLAGS, AAResult, _frozen, aa_view, captured, flags_from_warnings, inner_eps,
-                         masking_restarts, run_autoattack, square_starts)
+from .autoattack import MASKING_FLAGS, get_engine, masking_restarts, run_autoattack, square_starts
 from .pgd import pgd_sweep
 from .standard import NATIVE
 from .randomized import Randomized, is_randomized, randomized
@@ -135,8 +133,9 @@ def run_fast(model, x, y, eps, *, norm, seed=0, log=None, steps=100, targets=3, 
         record("apgd-dlr", idx, res.robust, res.x_adv, time.perf_counter() - t, {"eot": model.eot})
     elif idx.numel() and n_classes >= NATIVE["apgd-t"].min_classes:  # AutoAttack skips it below too
         t = time.perf_counter()
-        ranked_apgd_t = _ranked_apgd_t_native if impl == "native" else _ranked_apgd_t
-        res = ranked_apgd_t(model, x[idx], y[idx], eps, norm, seed, log, targets, batch_size)
+        with eval_mode(model):  # the ranking in eval mode: no dropout draw, no batch statistics
+            ranked = rank_targets(model, x[idx], y[idx], norm, targets)
+        res = get_engine(impl).apgd_targeted(model, x[idx], y[idx], eps, norm, seed, log, ranked, batch_size)
         flags.update(res.flags)
         record("apgd-t", idx, res.robust, res.x_adv, time.perf_counter() - t, {"targets": targets})
     # 3. Square, its budget set by what the checks saw
@@ -180,71 +179,3 @@ def _square(model, x, y, eps, norm, seed, flags: set, square_queries, batch_size
         extra["masking_restarts"] = masking_restarts(model, x, y, eps, norm, res, seed, batch_size, log, impl)
     flags.update(res.flags)
     return res.robust, res.x_adv, time.perf_counter() - t, extra
-
-
-def _ranked_apgd_t(model, x, y, eps, norm, seed, log, targets, batch_size) -> AAResult:
-    """APGD-T, the original (pyautoattack's APGDAttack_targeted, its standard settings: 100 iterations, DLR-targeted
-    loss, one restart), run per point on its ranked targets in turn, each target only on the points still robust.
-    Only the choice of targets is ours: AutoAttack takes the 2nd..10th largest logits."""
-    from pyautoattack.autopgd_base import APGDAttack_targeted
-    from pyautoattack import checks as aa_checks
-    net, xi, back = aa_view(model, x)
-    examples = xi.detach().clone()
-    per_target = []
-    with eval_mode(model):
-        devices = [x.device] if x.device.type == "cuda" else []
-        ranked = rank_targets(model, x, y, norm, targets)  # in eval mode: no dropout draw, no batch statistics
-        robust = ~misclassified(model, x, y)
-        with captured(log) as cap, torch.random.fork_rng(devices=devices), _frozen(model):
-            for k in aa_checks.funcs:  # pyautoattack never resets its global call counters
-                aa_checks.funcs[k] = 0
-            eot = model.eot if isinstance(model, Randomized) else 1
-            atk = APGDAttack_targeted(net, n_iter=100, norm=norm, n_restarts=1, eps=inner_eps(eps, norm), seed=seed,
-                                      eot_iter=eot, rho=.75, n_target_classes=ranked.shape[1], device=x.device,
-                                      logger=logging.getLogger("auto-attack"))
-            atk.init_hyperparam(xi)
-            for j in range(ranked.shape[1]):
-                idx = robust.nonzero().flatten()
-                if idx.numel() == 0:
-                    break
-                torch.random.manual_seed(seed)
-                broke = 0
-                for start in range(0, idx.numel(), batch_size):
-                    part = idx[start:start + batch_size]
-                    atk.y_target = ranked[part, j]
-                    _, acc, _, adv = atk.attack_single_run(xi[part], y[part])
-                    hit = acc == 0
-                    if isinstance(model, Randomized) and bool(hit.any()):  # one lucky draw is no break
-                        hit[hit.clone()] = misclassified(model, back(adv[hit]), y[part][hit])
-                    fooled = part[hit]
-                    examples[fooled] = adv[hit].detach()
-                    robust[fooled] = False
-                    broke += int(fooled.numel())
-                per_target.append(broke)
-                if log:
-                    log(f"apgd-t (ranked target {j + 1}): broke {broke} of {idx.numel()}")
-    ck = check_attack(model, x, y, back(examples), eps, norm, log=log)
-    flags = flags_from_warnings(cap.warnings)
-    return AAResult(robust=~ck.broken, x_adv=ck.x_adv, flags=flags,
-                    info={"per_target": per_target, "warnings": cap.warnings, "check": ck.info})
-
-
-def _ranked_apgd_t_native(model, x, y, eps, norm, seed, log, targets, batch_size) -> AAResult:
-    """APGD-T on our engine (attacks.apgd, the original's algorithm) with each point's ranked targets as rows of one
-    batch: a point broken by one target drops the rest."""
-    from .apgd import APGDConfig, apgd
-    from .rows import Found
-    with eval_mode(model):
-        warnings: list = []
-        ranked = rank_targets(model, x, y, norm, targets)
-        with _frozen(model):
-            found = Found.start(x, misclassified(model, x, y))
-            clean_broken = found.broken.clone()
-            apgd(model, x, y, eps, norm, APGDConfig(loss="dlr-targeted"), seed=seed, targets=ranked, found=found,
-                 warnings=warnings)
-    if log:
-        log(f"apgd-t (ranked targets as rows): broke {int((found.broken & ~clean_broken).sum())} of "
-            f"{int((~clean_broken).sum())}")
-    ck = check_attack(model, x, y, found.x_adv, eps, norm, log=log)
-    return AAResult(robust=~ck.broken, x_adv=ck.x_adv, flags=flags_from_warnings(warnings),
-                    info={"warnings": warnings, "check": ck.info, "impl": "native"})
