@@ -3,6 +3,8 @@ over seeds (mean ± Student-t interval), flags, and the RobustBench-style rankin
 """
 from __future__ import annotations
 
+import json
+
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -79,8 +81,46 @@ def _hashable(v):
 
 
 def config_key(row: dict) -> tuple:
-    """What identifies a configuration apart from its seed."""
-    return tuple(_hashable(row.get(k)) for k in CONFIG_KEYS)
+    """What identifies a configuration apart from its seed: the columns a reader sees (CONFIG_KEYS), then every
+    other setting of the row's cell, so rows that differ in anything but the seed (the AutoAttack engine, the
+    learning rate, the attacks' options) are never averaged together as if they were seeds."""
+    return tuple(_hashable(row.get(k)) for k in CONFIG_KEYS) + (_setting_key(row),)
+
+
+def _settings(row: dict) -> dict:
+    """The row's cell without its seed ({} for rows that carry no cell)."""
+    cell = row.get("cell")
+    return {k: v for k, v in cell.items() if k != "seed"} if isinstance(cell, dict) else {}
+
+
+def _setting_key(row: dict) -> str:
+    return json.dumps(_settings(row), sort_keys=True, default=repr)
+
+
+def _setting_text(settings: dict, key: str) -> str:
+    """A cell setting for a label: strings bare, other values as JSON, a key the cell lacks as its default."""
+    if key not in settings:
+        return "default"
+    v = settings[key]
+    return v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=repr)
+
+
+def _setting_differences(entries: list) -> dict[int, list[str]]:
+    """For entries that the visible columns cannot tell apart, the cell settings that set them apart
+    ({id(entry): ["key=value", ...]}), so two lines of a table never read alike."""
+    twins: dict = defaultdict(list)
+    for e in entries:
+        twins[config_key(e.rows[0])[:-1]].append(e)
+    out = {}
+    for group in twins.values():
+        if len(group) < 2:
+            continue
+        settings = [_settings(e.rows[0]) for e in group]
+        keys = sorted({k for s in settings for k in s if len({json.dumps(x.get(k), sort_keys=True, default=repr)
+                                                                for x in settings}) > 1})
+        for e, st in zip(group, settings):
+            out[id(e)] = [f"{k}={_setting_text(st, k)}" for k in keys]
+    return out
 
 
 def view_key(row: dict) -> tuple[str, str, str]:
@@ -235,8 +275,9 @@ def build_views(rows, confidence: float = 0.95) -> list[View]:
         entries = sorted((make_entry(rs, confidence) for rs in grouped[vk].values()), key=lambda e: e.sort_key)
         varying = [k for k in ("recipe", "train_eps", "n_train", "label_noise")
                    if len({repr(getattr(e, k)) for e in entries}) > 1]
+        differences = _setting_differences(entries)
         for e in entries:
-            e.label = _label(e, varying)
+            e.label = " · ".join([_label(e, varying), *differences.get(id(e), [])])
         vid = base = view_id(vk)
         taken = {v.id for v in views}
         i = 2

@@ -185,3 +185,25 @@ def test_the_capacity_section_says_which_recipe_rises_with_p_and_where_recipes_p
     # the table: one line per recipe and width, the Lipschitz bound at margin 1 as mean ± interval over 4 seeds
     table = [line for line in section.splitlines() if line.startswith("| smooth")]
     assert len(table) == 4 and all("5.5 ± 2.1" in line or "5.5 ± 2.05" in line for line in table), table
+
+
+def test_rows_that_differ_in_more_than_the_seed_are_never_averaged_together():
+    """The same cell attacked by the original and by our AutoAttack engine (two seeds, robust 4% and 1%): two entries,
+    each with its own mean and no interval, labelled by the setting that sets them apart, not one entry reading
+    2.50 ± 19.06 as if the engines were seeds. Rows of one setting over two seeds still form one entry."""
+    rng = np.random.default_rng(5)
+    rows = []
+    for seed, impl, acc in ((0, "original", 0.04), (1, "native", 0.01), (2, "native", 0.03)):
+        r = make_row("mlp", "mlp", 128, mlp_params(128), seed, "Linf", rng)
+        cell = {"width": 128, "seed": seed, "lr": 0.01}
+        if impl == "native":
+            cell["autoattack_impl"] = "native"
+        r.update(cell=cell, cell_id=f"c{seed}", robust_acc={k: acc for k in r["robust_acc"]})
+        rows.append(r)
+    (view,) = reports.build_views(rows)
+    by_label = {e.label: e for e in view.entries}
+    assert set(by_label) == {"mlp-w128 · autoattack_impl=default", "mlp-w128 · autoattack_impl=native"}
+    assert by_label["mlp-w128 · autoattack_impl=default"].robust.mean == pytest.approx(0.04)
+    assert by_label["mlp-w128 · autoattack_impl=native"].robust.mean == pytest.approx(0.02)
+    assert sorted(by_label["mlp-w128 · autoattack_impl=native"].seeds) == ["1", "2"]
+    assert "autoattack_impl=native" in _md(rows)
