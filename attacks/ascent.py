@@ -1,5 +1,8 @@
-"""The one projected-gradient ascent loop: adversarial training, the eps sweep (sequential and joint schedules) and the
-stacked multi-model path all move their rows with :func:`ascend`.
+"""Our PGD's ascent loop (the sign or normalised gradient step with a fixed schedule): adversarial training, the eps
+sweep (sequential and joint schedules) and the stacked multi-model path all move their rows with :func:`ascend`.
+AutoAttack's attacks on our engine (APGD's momentum and checkpoints, FAB's projections, Square's random search) run
+loops of their own over rows of one batch (attacks.rows); the two mechanisms compact their batches differently
+(lazily here, at every settlement there).
 
 What differs between them is said by data, not by another copy of the loop:
 
