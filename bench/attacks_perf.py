@@ -326,6 +326,10 @@ def main(argv=None) -> int:
         from bench.masked_perf import main as masked
         argv.remove("--masked")
         return masked(argv)
+    if "--equivalence" in argv:  # our AutoAttack engine against the original's own seed spread (bench.equivalence)
+        from bench.equivalence import main as equivalence
+        argv.remove("--equivalence")
+        return equivalence(argv)
     from bench.zoo import cache_dir as _cache_dir
     p = argparse.ArgumentParser(prog="python -m bench perf --attacks", description=__doc__.splitlines()[0])
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")

@@ -1,0 +1,74 @@
+"""`python -m bench perf --attacks --equivalence`: is our AutoAttack engine the original, within the original's own
+randomness? The evidence a default engine needs, per zoo model and eps of the sweep.
+
+Both engines run AutoAttack standard (rand on a randomized model) alone on the same points at several seeds. The test
+per model and eps: native never spends more forward or backward passes at a seed; on an unmasked model native's mean
+robust accuracy over the seeds differs from the original's mean by no more than the original differs from itself (the
+largest gap between two of its seeds, at least one point); on a masked model native's mean is at or below the
+original's (stronger is no fault there). Numbers, not a
+p-value: the original's seed spread is the only yardstick of "the same attack" there is.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bench.attacks_perf import MASKED, SWEEP, native, reference, zoo
+
+
+def compare(model, x, y, eps: float, seeds: int, masked: bool) -> dict:
+    """Robust % per seed on both engines, their passes, and the verdict at one eps."""
+    orig, nat, more_passes = [], [], False
+    n = x.shape[0]
+    for s in range(seeds):
+        r_o, p_o = reference(model, x, y, eps, s)
+        r_n, p_n = native(model, x, y, eps, s)
+        orig.append(100.0 * float(r_o.float().mean()))
+        nat.append(100.0 * float(r_n.float().mean()))
+        more_passes |= p_n.forward > p_o.forward or p_n.backward > p_o.backward
+    spread = max(max(orig) - min(orig), 100.0 / n)
+    gap = sum(nat) / seeds - sum(orig) / seeds
+    ok = (gap <= 0 if masked else abs(gap) <= spread) and not more_passes  # masked: stronger is no fault
+    return {"original": [round(v, 2) for v in orig], "native": [round(v, 2) for v in nat],
+            "gap": round(gap, 2), "original_spread": round(spread, 2), "native_more_passes": more_passes,
+            "point_evaluations": n * seeds, "equivalent": ok}
+
+
+def measure(quick: bool, cache, n_points: int, seeds: int, pattern: str, log) -> dict:
+    models, x_test, y_test = zoo(quick, cache, log, pattern)
+    x, y = x_test[:n_points], y_test[:n_points]
+    res = {"n": n_points, "seeds": seeds, "sweep": list(SWEEP), "models": {}}
+    for name, model in models.items():
+        log(f"{name}:")
+        res["models"][name] = {str(e): compare(model, x, y, e, seeds, name in MASKED) for e in SWEEP}
+    res["equivalent_all"] = all(v["equivalent"] for m in res["models"].values() for v in m.values())
+    return res
+
+
+def main(argv) -> int:
+    from bench.zoo import cache_dir, write_json
+    p = argparse.ArgumentParser(prog="python -m bench perf --attacks --equivalence", description=__doc__.splitlines()[0])
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument("--quick", action="store_true", help="tiny models and points (a smoke test)")
+    p.add_argument("--points", type=int, default=None, help="test points per seed (default 250)")
+    p.add_argument("--seeds", type=int, default=4, help="seeds per engine (default 4: 1,000 point-evaluations)")
+    p.add_argument("--models", default="*", help="only the zoo models matching these comma-separated patterns")
+    p.add_argument("--cache", default=None, help="folder for the trained zoo")
+    args = p.parse_args(argv)
+    if args.seeds < 2:
+        print("bench perf --attacks --equivalence: --seeds must be at least 2 (a spread needs two)", file=sys.stderr)
+        return 2
+    n = args.points or (8 if args.quick else 250)
+    res = measure(args.quick, cache_dir(args.cache), n, args.seeds, args.models,
+                  lambda m: print(m, file=sys.stderr, flush=True))
+    if not res["models"]:
+        print(f"bench perf --attacks --equivalence: no zoo model matches --models {args.models!r}", file=sys.stderr)
+        return 2
+    for name, per in res["models"].items():
+        for e, v in per.items():
+            print(f"{name} @{e}: original {v['original']} native {v['native']} gap {v['gap']:+.2f} "
+                  f"(spread {v['original_spread']:.2f}) {'equivalent' if v['equivalent'] else 'NOT equivalent'}")
+    print(f"equivalent on every model and eps: {res['equivalent_all']}")
+    if args.json:
+        write_json(args.json, res)
+    return 0
