@@ -40,7 +40,11 @@ def measure(quick: bool, cache, n_points: int, seeds: int, pattern: str, log) ->
     res = {"n": n_points, "seeds": seeds, "sweep": list(SWEEP), "models": {}}
     for name, model in models.items():
         log(f"{name}:")
-        res["models"][name] = {str(e): compare(model, x, y, e, seeds, name in MASKED) for e in SWEEP}
+        per = res["models"][name] = {}
+        for e in SWEEP:
+            v = per[str(e)] = compare(model, x, y, e, seeds, name in MASKED)
+            log(f"  @{e}: original {v['original']} native {v['native']} gap {v['gap']:+.2f} (spread "
+                f"{v['original_spread']:.2f}) {'equivalent' if v['equivalent'] else 'NOT equivalent'}")
     res["equivalent_all"] = all(v["equivalent"] for m in res["models"].values() for v in m.values())
     return res
 
