@@ -51,16 +51,13 @@ class NativeAttack:
     run: Callable[[Attempt, Found], None]
 
 
-def _apgd_ce(a: Attempt, found: Found) -> None:
-    eot = a.model.eot if isinstance(a.model, Randomized) else 1
-    apgd(a.model, a.x, a.y, a.eps, a.norm, APGDConfig(loss="ce", eot=eot), seed=a.seed, found=found,
-         warnings=a.warnings)
-
-
-def _apgd_dlr(a: Attempt, found: Found) -> None:
-    eot = a.model.eot if isinstance(a.model, Randomized) else 1
-    apgd(a.model, a.x, a.y, a.eps, a.norm, APGDConfig(loss="dlr", eot=eot), seed=a.seed, found=found,
-         warnings=a.warnings)
+def _untargeted(loss: str) -> Callable[[Attempt, Found], None]:
+    """APGD on an untargeted loss (ce, dlr), with EOT on a randomized model."""
+    def run(a: Attempt, found: Found) -> None:
+        eot = a.model.eot if isinstance(a.model, Randomized) else 1
+        apgd(a.model, a.x, a.y, a.eps, a.norm, APGDConfig(loss=loss, eot=eot), seed=a.seed, found=found,
+             warnings=a.warnings)
+    return run
 
 
 def _apgd_t(a: Attempt, found: Found) -> None:
@@ -90,7 +87,7 @@ def _square(a: Attempt, found: Found) -> None:
 
 
 # The engine's attacks: one call signature, each one's class-count rule declared here and read everywhere
-NATIVE = {"apgd-ce": NativeAttack(2, _apgd_ce), "apgd-dlr": NativeAttack(3, _apgd_dlr),
+NATIVE = {"apgd-ce": NativeAttack(2, _untargeted("ce")), "apgd-dlr": NativeAttack(3, _untargeted("dlr")),
           "apgd-t": NativeAttack(4, _apgd_t), "fab-t": NativeAttack(2, _fab_t), "square": NativeAttack(2, _square)}
 NATIVE_ATTACKS = tuple(NATIVE)
 
