@@ -35,7 +35,7 @@ class SpecError(ValueError):
 THREATS = NORMS                                   # the attack engine's norms: the threat models a cell can use
 AUTOATTACK_VERSIONS = ("standard", "plus", "off")  # pyautoattack's versions, or none
 AUTOATTACK_NAMES = AA_ATTACKS                      # the attacks a custom AutoAttack run may list (in its order)
-AUTOATTACK_IMPL = "original"                       # the default engine (README: why)
+AUTOATTACK_IMPL = "native"                         # the default engine (README: the evidence)
 
 
 def attack_names() -> tuple:
@@ -294,9 +294,22 @@ def build_spec(preset: str = "default", overrides: list[str] = ()) -> dict:
     if isinstance(spec["executor"], str):  # executor = "ray" is short for [executor] name = "ray"
         spec["executor"] = {"name": spec["executor"]}
     _fold_pgd_options(spec, explicit, loaded)
+    _engine_for_version(spec, explicit, loaded)
     _drop_preset_options_of_dropped_attacks(spec, explicit, attack_tables)
     validate(spec)
     return _normalize(spec)
+
+
+def _engine_for_version(spec: dict, explicit: set, loaded: dict) -> None:
+    """The default engine runs what it can: a version or attack list only the original runs (`autoattack=plus`,
+    untargeted `fab`) takes the original when neither the command line nor the preset chose an engine; a native
+    engine asked for by name stays an error for them (validate says why)."""
+    if "autoattack_impl" in explicit or "autoattack_impl" in loaded or spec["autoattack"] == "off":
+        return
+    try:
+        check_native(spec["autoattack"])
+    except Exception:
+        spec["autoattack_impl"] = "original"
 
 
 def _drop_preset_options_of_dropped_attacks(spec: dict, explicit: set, attack_tables: set) -> None:

@@ -97,11 +97,12 @@ def _setting_key(row: dict) -> str:
     return json.dumps(_settings(row), sort_keys=True, default=repr)
 
 
-def _setting_text(settings: dict, key: str) -> str:
-    """A cell setting for a label: strings bare, other values as JSON, a key the cell lacks as its default."""
-    if key not in settings:
+def _setting_text(settings: dict, key: str, row: dict) -> str:
+    """A cell setting for a label: strings bare, other values as JSON; a key the cell lacks reads as the row's field
+    of that name where the row records what was used (autoattack_impl), else as "default"."""
+    if key not in settings and not isinstance(row.get(key), str):
         return "default"
-    v = settings[key]
+    v = settings[key] if key in settings else row[key]
     return v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=repr)
 
 
@@ -119,7 +120,7 @@ def _setting_differences(entries: list) -> dict[int, list[str]]:
         keys = sorted({k for s in settings for k in s if len({json.dumps(x.get(k), sort_keys=True, default=repr)
                                                                 for x in settings}) > 1})
         for e, st in zip(group, settings):
-            out[id(e)] = [f"{k}={_setting_text(st, k)}" for k in keys]
+            out[id(e)] = [f"{k}={_setting_text(st, k, e.rows[0])}" for k in keys]
     return out
 
 

@@ -127,7 +127,7 @@ def test_native_through_the_cli_counts_passes_and_refuses_plus(tmp_path, capsys)
     base = ["dataset=digits", "n_train=300", "n_test=30", "width=32", "epochs=30", "recipe=erm", "label_noise=0",
             "eps_Linf=[0.05,0.1]", "aa_eps_Linf=[0.1]", "lip_points=16", "pgd_steps=5", "executor.name=local",
             "attacks=[pgd,autoattack]"]
-    code, out, err = run_in_process(["run", *base, "autoattack_impl=native", "--out", str(tmp_path / "n")], capsys)
+    code, out, err = run_in_process(["run", *base, "--out", str(tmp_path / "n")], capsys)  # native: the default
     assert code == 0, err
     (row,) = read_rows(tmp_path / "n" / "results.jsonl")
     assert row["status"] == "ok" and row["autoattack_impl"] == "native"
@@ -141,13 +141,25 @@ def test_native_through_the_cli_counts_passes_and_refuses_plus(tmp_path, capsys)
     assert not (tmp_path / "p").exists()
 
 
+ORIGINAL_CELL_ID = "85f4f202516ab532"  # `default width=40 recipe=erm` while the original was the default engine
+
+
 def test_original_cells_keep_their_ids():
-    """A cell on the original engine has no autoattack_impl key: stores made before the key resume as they were."""
-    from bench.spec import build_spec, cell_id, expand
+    """A cell on the original engine has no autoattack_impl key: stores made before the key resume as they were. The
+    default engine is native; a version only the original runs takes the original unless an engine is named."""
+    from bench.spec import SpecError, build_spec, cell_id, expand
     (orig,) = expand(build_spec("default", ["width=40", "recipe=erm", "autoattack_impl=original"]))
     (nat,) = expand(build_spec("default", ["width=40", "recipe=erm", "autoattack_impl=native"]))
+    (dflt,) = expand(build_spec("default", ["width=40", "recipe=erm"]))
     assert "autoattack_impl" not in orig and nat["autoattack_impl"] == "native"
-    assert cell_id(orig) != cell_id(nat)
+    assert cell_id(orig) != cell_id(nat) and cell_id(dflt) == cell_id(nat)
+    # a cell id stored before native was the default (width 40, ERM, default preset): the original's cell, unchanged
+    assert cell_id(orig) == ORIGINAL_CELL_ID
+    for version in ("autoattack=plus", "autoattack=[apgd-ce,fab]"):
+        (plus,) = expand(build_spec("default", ["width=40", "recipe=erm", version]))
+        assert "autoattack_impl" not in plus, version
+    with pytest.raises(SpecError, match="autoattack_impl"):
+        build_spec("default", ["autoattack=plus", "autoattack_impl=native"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the rows-on-the-device path is "

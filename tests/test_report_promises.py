@@ -198,12 +198,13 @@ def test_rows_that_differ_in_more_than_the_seed_are_never_averaged_together():
         cell = {"width": 128, "seed": seed, "lr": 0.01}
         if impl == "native":
             cell["autoattack_impl"] = "native"
-        r.update(cell=cell, cell_id=f"c{seed}", robust_acc={k: acc for k in r["robust_acc"]})
+        r.update(cell=cell, cell_id=f"c{seed}", robust_acc={k: acc for k in r["robust_acc"]}, autoattack_impl=impl)
         rows.append(r)
     (view,) = reports.build_views(rows)
     by_label = {e.label: e for e in view.entries}
-    assert set(by_label) == {"mlp-w128 · autoattack_impl=default", "mlp-w128 · autoattack_impl=native"}
-    assert by_label["mlp-w128 · autoattack_impl=default"].robust.mean == pytest.approx(0.04)
+    # the original's cell has no key (ids as before): its label reads the engine the row records
+    assert set(by_label) == {"mlp-w128 · autoattack_impl=original", "mlp-w128 · autoattack_impl=native"}
+    assert by_label["mlp-w128 · autoattack_impl=original"].robust.mean == pytest.approx(0.04)
     assert by_label["mlp-w128 · autoattack_impl=native"].robust.mean == pytest.approx(0.02)
     assert sorted(by_label["mlp-w128 · autoattack_impl=native"].seeds) == ["1", "2"]
     assert "autoattack_impl=native" in _md(rows)
