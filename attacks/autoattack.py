@@ -30,6 +30,7 @@ from .randomized import Randomized
 from .standard import NATIVE_ATTACKS, RAND, STANDARD, run_native
 from .apgd import APGDConfig, apgd
 from .rows import Found
+from .square import SquareConfig
 from .threat import check_attack, misclassified
 
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
@@ -175,14 +176,16 @@ def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
                    version: str | Sequence[str] = "standard", seed: int = 0, batch_size: int = 1000,
                    log: Callable[[str], None] | None = None, n_total: int | None = None,
                    num_classes: int | None = None, n_target_classes: int | None = None,
-                   n_queries: int | None = None, impl: "str | Engine" = "original") -> AAResult:
+                   n_queries: int | None = None, square_discard: float = 0.0,
+                   impl: "str | Engine" = "original") -> AAResult:
     """Run AutoAttack on (x, y) at ``eps``: the original (pyautoattack, ``impl="original"``) or our engine
     (``impl="native"``, attacks.standard: the standard and rand versions and lists of its attacks). Either way the
     forward and backward passes are counted (info["passes"], per attack for native) and every example goes through
     the one validation path.
 
     n_target_classes / n_queries: for a custom list only, the targets of APGD-T and FAB-T (default min(9, C-1)) and
-    Square's query budget (default 5000), as the fast suite sets them.
+    Square's query budget (default 5000), as the fast suite sets them; square_discard: Square's statistics-based
+    discarding (attacks.square.discard; native engine only, 0 = every row its whole budget, as the original).
 
     version: "standard", "plus", or a list of attack names from AA_ATTACKS (run with standard settings).
     n_total: size of the full evaluation set when (x, y) is a subset (used for the Square check threshold:
@@ -220,11 +223,14 @@ def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
         vname = "rand"
     info["version"] = vname
     net, counter = counted(model)
+    square = SquareConfig(n_queries=int(n_queries or 5000), discard=float(square_discard))
     run = engine.runner(net, counter, norm, vname, attacks, int(batch_size), log, num_classes, n_target_classes,
-                        n_queries)
+                        square)
     x_raw, cap = run(x, y, engine.eps(float(eps), norm), int(seed))
     info.update(attacks=run.attacks_run, n_target_classes=run.n_target_classes,
-                n_queries=int(n_queries or 5000) if "square" in run.attacks_run else None)
+                n_queries=square.n_queries if "square" in run.attacks_run else None)
+    if square.discard and "square" in run.attacks_run:
+        info["square_discard"] = square.discard
     info["passes_attack"] = counter.passes.as_dict()
     # One validation path: pyautoattack clips with x +- eps in float32 and may overshoot the ball by an ulp (it runs
     # at inner_eps, so that is rare). An example that is no longer adversarial once projected into the exact ball is
@@ -258,10 +264,10 @@ class _Run:
     pyautoattack returns them: not yet checked against the exact ball."""
 
     def __init__(self, model, norm, vname, attacks, batch_size, log, num_classes, n_target_classes=None,
-                 n_queries=None):
+                 square: SquareConfig = SquareConfig()):
         self.model, self.norm, self.vname, self.attacks = model, norm, vname, attacks
         self.batch_size, self.log, self.num_classes = batch_size, log, num_classes
-        self.targets, self.queries = n_target_classes, n_queries
+        self.targets, self.queries = n_target_classes, square.n_queries
         self.attacks_run: list = []
         self.n_target_classes = None
 
@@ -292,7 +298,7 @@ class _Run:
                         aa.apgd.n_restarts = 1
                         aa.fab.n_restarts = 1
                         aa.apgd_targeted.n_restarts = 1
-                        aa.square.n_queries = int(self.queries or 5000)
+                        aa.square.n_queries = int(self.queries)
                     self.attacks_run = list(aa.attacks_to_run)
                     self.n_target_classes = ntc
                     x_adv_i, _ = aa.run_standard_evaluation(xi, y, batch_size=self.batch_size)
@@ -325,10 +331,10 @@ class _NativeLog:
 class _Native:
     """One configured native run: (x, y, eps, seed) -> (raw examples like x, _NativeLog)."""
 
-    def __init__(self, net, counter, norm, vname, attacks, log, n_target_classes, n_queries):
+    def __init__(self, net, counter, norm, vname, attacks, log, n_target_classes, square: SquareConfig):
         self.net, self.counter, self.norm, self.log = net, counter, norm, log
         self.attacks_run = list(RAND if vname == "rand" else STANDARD if attacks is None else attacks)
-        self.targets, self.queries = n_target_classes, n_queries
+        self.targets, self.square = n_target_classes, square
         self.n_target_classes = None
 
     def __call__(self, x, y, eps, seed):
@@ -340,7 +346,7 @@ class _Native:
             view = aa_view(model, x) if image_shape_for(tuple(x.shape[1:])) is not None else None
             with _frozen(model):
                 res = run_native(model, self.counter, x, y, eps, self.norm, self.attacks_run, seed=seed,
-                                 n_target_classes=self.targets or 9, n_queries=int(self.queries or 5000),
+                                 n_target_classes=self.targets or 9, square=self.square,
                                  square_view=view, log=self.log)
         for w in res.warnings:
             if self.log:
@@ -351,13 +357,14 @@ class _Native:
 class Engine:
     """Where AutoAttack's attacks run: the original (pyautoattack) or ours (attacks.standard). One object per name
     (ENGINES, get_engine), chosen once from a cell's autoattack_impl and handed down as is; everything that differs
-    between the two engines is a method here."""
+    between the two engines is a method or an attribute here."""
     name = ""
+    square_discard = False  # runs Square with statistics-based discarding (attacks.square.discard)
 
     def check(self, version) -> None:
         """Refuse (AttackError) a version or list of attacks this engine does not run."""
 
-    def runner(self, net, counter, norm, vname, attacks, batch_size, log, num_classes, n_target_classes, n_queries):
+    def runner(self, net, counter, norm, vname, attacks, batch_size, log, num_classes, n_target_classes, square):
         """A configured run: (x, y, eps, seed) -> (raw examples like x, what the run logged); attributes
         attacks_run and n_target_classes once it has run."""
         raise NotImplementedError
@@ -381,8 +388,10 @@ class OriginalEngine(Engine):
         except ImportError as exc:  # pragma: no cover - dependency declared in pyproject
             raise AttackError("pyautoattack is not installed (pip install pyautoattack)") from exc
 
-    def runner(self, net, counter, norm, vname, attacks, batch_size, log, num_classes, n_target_classes, n_queries):
-        return _Run(net, norm, vname, attacks, batch_size, log, num_classes, n_target_classes, n_queries)
+    def runner(self, net, counter, norm, vname, attacks, batch_size, log, num_classes, n_target_classes, square):
+        if square.discard:
+            raise AttackError("Square's statistics-based discarding runs on the native engine only")
+        return _Run(net, norm, vname, attacks, batch_size, log, num_classes, n_target_classes, square)
 
     def eps(self, eps: float, norm: str) -> float:
         return inner_eps(eps, norm)
@@ -436,12 +445,13 @@ class OriginalEngine(Engine):
 
 class NativeEngine(Engine):
     name = "native"
+    square_discard = True
 
     def check(self, version) -> None:
         check_native(version)
 
-    def runner(self, net, counter, norm, vname, attacks, batch_size, log, num_classes, n_target_classes, n_queries):
-        return _Native(net, counter, norm, vname, attacks, log, n_target_classes, n_queries)
+    def runner(self, net, counter, norm, vname, attacks, batch_size, log, num_classes, n_target_classes, square):
+        return _Native(net, counter, norm, vname, attacks, log, n_target_classes, square)
 
     def apgd_targeted(self, model, x, y, eps, norm, seed, log, ranked, batch_size) -> AAResult:
         """attacks.apgd (the original's algorithm) with each point's targets as rows of one batch: a point broken
@@ -513,7 +523,7 @@ def captured(log: Callable[[str], None] | None):
 
 
 def square_starts(model, x, y, eps, norm, *, starts, queries, seed, batch_size, log, n_total=None,
-                  impl: "str | Engine" = "original") -> AAResult:
+                  impl: "str | Engine" = "original", discard: float = 0.0) -> AAResult:
     """Square (on the engine ``impl``) with `starts` random starts per point run as rows of one batch: a point is
     robust when every start fails. Restarts cost one loop instead of `starts` loops: on the few points left at the
     end of a run, Square's time is its per-iteration overhead, not its rows. pyautoattack draws one square per iteration for the
@@ -521,7 +531,8 @@ def square_starts(model, x, y, eps, norm, *, starts, queries, seed, batch_size, 
     n = x.shape[0]
     rep = lambda t: t.repeat(starts, *([1] * (t.dim() - 1)))  # noqa: E731
     res = run_autoattack(model, rep(x), rep(y), eps, norm=norm, version=["square"], seed=seed,
-                         batch_size=batch_size, log=log, n_total=n_total, n_queries=queries, impl=impl)
+                         batch_size=batch_size, log=log, n_total=n_total, n_queries=queries, impl=impl,
+                         **({"square_discard": discard} if discard else {}))
     still = res.robust.reshape(starts, n)
     first = (~still).to(torch.int8).argmax(0)  # the first start that broke each point
     pick = first * n + torch.arange(n, device=x.device)

@@ -47,6 +47,9 @@ from .threat import check_attack, misclassified
 
 # Square's random starts per point where the gradients are masked (each start a row of one batch)
 MASKED_STARTS = 2
+# Square's discarding factor on an engine that has it (attacks.square.discard): rows whose margin says they will not
+# break leave early (0 = every row its whole budget)
+SQUARE_DISCARD = 2.0
 
 
 def rank_targets(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str, k: int) -> torch.Tensor:
@@ -168,9 +171,11 @@ def _square(model, x, y, eps, norm, seed, flags: set, square_queries, batch_size
     t = time.perf_counter()
     masked = bool(flags & set(MASKING_FLAGS) - {"randomized"})
     queries, starts = (5000, MASKED_STARTS) if masked else (square_queries, 1)
+    engine = get_engine(impl)
+    discard = SQUARE_DISCARD if engine.square_discard else 0.0
     res = square_starts(model, x, y, eps, norm, starts=starts, queries=queries, seed=seed, batch_size=batch_size,
-                        log=log, n_total=n_total, impl=impl)
-    extra = {"queries": queries, "starts": starts, "masking_restarts": {}}
+                        log=log, n_total=n_total, impl=engine, discard=discard)
+    extra = {"queries": queries, "starts": starts, "discard": discard, "masking_restarts": {}}
     # AutoAttack's own Square check; a randomized model's noisy Square is no sign of masking
     escalate = not masked and "randomized" not in flags
     if int((~res.robust).sum()) > 0.002 * n_total and escalate:

@@ -38,7 +38,7 @@ class Attempt:
     norm: str
     seed: int
     n_target_classes: int      # targets of APGD-T and FAB-T (at most C - 1)
-    n_queries: int             # Square's budget
+    square: SquareConfig       # Square's budget (and its discarding)
     square_view: object        # (net, xi, back) for vector data, None for images
     warnings: list
 
@@ -72,7 +72,7 @@ def _fab_t(a: Attempt, found: Found) -> None:
 
 def _square(a: Attempt, found: Found) -> None:
     """Square on image data as is; vector data through its image view, the found examples mapped back."""
-    cfg = SquareConfig(n_queries=a.n_queries)
+    cfg = a.square
     if a.square_view is None:
         square(a.model, a.x, a.y, a.eps, a.norm, cfg, seed=a.seed, found=found)
         return
@@ -108,7 +108,7 @@ class NativeRun:
 
 
 def run_native(model, counter, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, attacks, *, seed: int = 0,
-               n_target_classes: int = 9, n_queries: int = 5000, square_view=None,
+               n_target_classes: int = 9, square: SquareConfig = SquareConfig(), square_view=None,
                log=None) -> NativeRun:
     """The attacks in order on (x, y) at eps. ``model``: what the attacks call (eval mode, frozen; a Randomized
     wrapper for the rand protocol); ``counter``: its attacks.cost.Counted. ``square_view``: (net, xi, back) showing
@@ -120,7 +120,7 @@ def run_native(model, counter, x: torch.Tensor, y: torch.Tensor, eps: float, nor
     C = z.shape[1]
     found = Found.start(x, z.argmax(1) != y)   # clean-misclassified points need no attack: x itself
     run = NativeRun(found.x_adv, found.broken, list(attacks), warnings=warnings)
-    attempt = Attempt(model, x, y, eps, norm, seed, max(1, min(n_target_classes, C - 1)), n_queries, square_view,
+    attempt = Attempt(model, x, y, eps, norm, seed, max(1, min(n_target_classes, C - 1)), square, square_view,
                       warnings)
     for name in attacks:
         if bool(found.broken.all()):

@@ -12,6 +12,7 @@ import lawbench.attacks.apgd as apgd_mod
 from conftest import digits_split, train_digits_mlp
 from lawbench.attacks.apgd import APGDConfig, _loss, apgd
 from lawbench.attacks.autoattack import run_autoattack
+from lawbench.attacks.errors import AttackError
 from lawbench.attacks.cost import Counted
 from lawbench.attacks.fab import FABConfig, fab_targeted
 from lawbench.attacks.rows import Found
@@ -239,3 +240,38 @@ def test_the_equivalence_check_reads_the_originals_own_seed_spread(setting):
                for e in ("original", "native") for k in ("forward", "backward"))
     assert v["native_more_passes"] == any(pp["native"][k] > pp["original"][k] for k in ("forward", "backward"))
     assert v["equivalent"] == (abs(v["gap"]) <= v["original_spread"] and not v["native_more_passes"])
+
+
+def test_square_discards_rows_by_their_own_pace(setting):
+    """Square's statistics-based discarding (the fast suite's, native engine only): at Linf 1e-4 no row can break
+    and every margin stalls, so every row leaves at the first checkpoint, a fifth of the budget (closed form: the
+    start plus q/5 queries per point); where Square breaks some points (Linf 0.1 on the digits MLP, 2000 queries) as
+    many fall as without it, for at most 0.6 of the forwards (a dropped row shifts the random draws of the others, so
+    the count, not the set, is what can be compared). The rule keeps a row on
+    pace (its margin falls as much per doubling of queries as is left) and drops a stalled one. The original engine
+    refuses it. Catches: a mark taken after the rule (every row dropped), rows never dropped, discarding in
+    AutoAttack's own Square."""
+    from lawbench.attacks.square import SquareConfig, checkpoints, discard, square
+    model, x, y = setting
+    xi = x.reshape(-1, 1, 8, 8)
+    net = torch.nn.Sequential(torch.nn.Flatten(), model)
+    q = 500
+    assert checkpoints(q) == {100: 50, 200: 100, 400: 200}
+    counted = Counted(net)
+    found = square(counted, xi, y, 1e-4, "Linf", SquareConfig(n_queries=q, discard=2.0), seed=0)
+    assert not bool(found.broken.any())
+    assert counted.passes.forward == x.shape[0] * (1 + q // 5)
+    broken, passes = {}, {}
+    for k in (0.0, 2.0):
+        counted = Counted(net)
+        broken[k] = int(square(counted, xi, y, 0.1, "Linf", SquareConfig(n_queries=2000, discard=k), seed=0).broken.sum())
+        passes[k] = counted.passes.forward
+    assert 0 < broken[0.0] < x.shape[0]
+    assert broken[2.0] == broken[0.0] and passes[2.0] <= 0.6 * passes[0.0], (broken, passes)
+    on_pace, stalled = torch.tensor([4.0, 4.0]), torch.tensor([2.0, 3.9])
+    assert discard(on_pace, stalled, 100, q, 2.0).tolist() == [False, True]
+    assert run_autoattack(model, x, y, 1e-4, norm="Linf", version=["square"], impl="native", n_queries=q,
+                          square_discard=2.0).info["passes_attack"]["forward"] < x.shape[0] * q
+    with pytest.raises(AttackError, match="native engine only"):
+        run_autoattack(model, x, y, 0.1, norm="Linf", version=["square"], impl="original", n_queries=q,
+                       square_discard=2.0)
