@@ -23,7 +23,9 @@ original's, whole sweep), ``native_gap_max`` (max over models and eps of native 
 ``native_agreement_min`` (min over models and eps of the share of points with the same verdict),
 ``fast_backward_ratio`` (max over models of the fast suite's backward passes at the headline over AutoAttack's),
 ``passes_per_point`` (per method: forward and backward passes per point at the headline, averaged over models;
-the pipeline's over its whole sweep), and per model the details.
+the pipeline's over its whole sweep), ``fast_gap_max`` (max over models and eps of the fast suite − pyautoattack,
+points), ``equivalence`` (per model and eps, the verdict of the last ``--equivalence`` run kept beside the zoo; None
+where it never ran), and per model the details.
 """
 from __future__ import annotations
 
@@ -248,13 +250,19 @@ def measure(quick: bool, cache: Path, n_points: int, eps: float, log, pattern: s
     res["native_gap_max"] = max(m["native_gap_max"] for m in per.values())
     res["native_agreement_min"] = min(m["native_agreement_min"] for m in per.values())
     res["fast_backward_ratio"] = max(m["fast_backward_ratio"] for m in per.values())
+    res["fast_gap_max"] = max(v["fast_gap"] for m in per.values() for v in m["eps"].values())
     n_all = n_points * len(per)
     res["passes_per_point"] = {
         k: {d: round(sum(m["passes_per_point"][k][d] for m in per.values()) * n_points / n_all, 2)
             for d in ("forward", "backward")} for k in ("autoattack", "native", "pipeline", "fast")}
+    from bench.equivalence import summary
+    res["equivalence"] = summary(cache, list(per), quick)
+    pp = res["passes_per_point"]["fast"]
     res["targets"] = {"native_gap_max<=0.2": res["native_gap_max"] <= 0.2,
                       "native_agreement_min>=0.99": res["native_agreement_min"] >= 0.99,
-                      "native_time_ratio<=0.5": res["native_time_ratio"] <= 0.5,
+                      "native_time_ratio<=0.75": res["native_time_ratio"] <= 0.75,
+                      "passes_per_point.fast<=650+320": pp["forward"] <= 650 and pp["backward"] <= 320,
+                      "fast_gap_max<=0.1": res["fast_gap_max"] <= 0.1,
                       "pipeline_time_ratio<=0.6": res["pipeline_time_ratio"] <= 0.6,
                       "fast_backward_ratio<=0.1": res["fast_backward_ratio"] <= 0.1,
                       "gap_max_all_eps<=0.5": res["gap_max_all_eps"] <= 0.5,
@@ -303,13 +311,17 @@ def _print(res) -> None:
                   f"{m['pipeline_time_ratio']:.2f}", f"{m['fast_time_ratio']:.2f}", passes,
                   ", ".join(m["flags_pipeline"]))
     Console(width=200).print(t)
-    for key in ("native_time_ratio", "native_gap_max", "native_agreement_min", "fast_backward_ratio",
+    for key in ("native_time_ratio", "native_gap_max", "native_agreement_min", "fast_backward_ratio", "fast_gap_max",
                 "passes_per_point", "gap_max_all_eps", "fast_acc_gap_max", "pipeline_acc_gap_max",
                 "masked_pipeline_time_ratio",
                 "masked_fast_time_ratio", "pipeline_time_ratio", "fast_time_ratio", "fast_sweep_time_ratio"):
         print(f"{key} = {res[key]}")
     for k, ok in res["targets"].items():
         print(f"target {k}: {'met' if ok else 'NOT met'}")
+    eq = res.get("equivalence") or {"models": {}}
+    for name, per in eq["models"].items():
+        print(f"equivalence {name}: " + ("not measured (python -m bench perf --attacks --equivalence)" if per is None
+              else ", ".join(f"@{e} {'equivalent' if ok else 'NOT equivalent'}" for e, ok in per.items())))
     if "gpu" in res:
         g = Table(title=f"GPU ({res['gpu']['device']}): AutoAttack standard at {res['eps']}, both engines")
         for col in ("model", "robust % AA / native", "AA s", "native s", "native/AA"):

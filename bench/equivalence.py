@@ -53,9 +53,39 @@ def measure(quick: bool, cache, n_points: int, seeds: int, pattern: str, log, sa
         for e in SWEEP:
             v = per[str(e)] = compare(model, x, y, e, seeds, name in MASKED)
             log(f"  @{e}: original {v['original']} native {v['native']} gap {v['gap']:+.2f} (spread "
-                f"{v['original_spread']:.2f}) {'equivalent' if v['equivalent'] else 'NOT equivalent'}")
+                f"{v['original_spread']:.2f}) passes {v['passes_per_point']} "
+                f"{'equivalent' if v['equivalent'] else 'NOT equivalent'}")
+        res["equivalent_all"] = all(v["equivalent"] for m in res["models"].values() for v in m.values())
+        if save:
+            save(res)
     res["equivalent_all"] = all(v["equivalent"] for m in res["models"].values() for v in m.values())
     return res
+
+
+def _read(path) -> dict:
+    import json
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def summary(cache, names, quick: bool = False) -> dict:
+    """The saved verdicts of the zoo models ``names`` ({model: {eps: equivalent}}, None where never measured) and
+    the run's settings: what bench perf --attacks reports beside its own measurements."""
+    res = _read(saved(cache, quick))
+    models = res.get("models", {})
+    return {"points": res.get("n"), "seeds": res.get("seeds"),
+            "models": {m: ({e: v["equivalent"] for e, v in models[m].items()} if m in models else None)
+                       for m in names},
+            "command": "python -m bench perf --attacks --equivalence"}
+
+
+def saved(cache, quick: bool = False) -> "Path":
+    """Where the last --equivalence run keeps its results beside the zoo (bench perf --attacks reports them); the
+    tiny --quick zoo's apart."""
+    from pathlib import Path
+    return Path(cache) / f"equivalence{'-quick' if quick else ''}.json"
 
 
 def main(argv) -> int:
@@ -72,9 +102,15 @@ def main(argv) -> int:
         print("bench perf --attacks --equivalence: --seeds must be at least 2 (a spread needs two)", file=sys.stderr)
         return 2
     n = args.points or (8 if args.quick else 250)
-    save = (lambda r: write_json(args.json, r)) if args.json else None
-    res = measure(args.quick, cache_dir(args.cache), n, args.seeds, args.models,
-                  lambda m: print(m, file=sys.stderr, flush=True), save)
+    cache = cache_dir(args.cache)
+    keep = saved(cache, args.quick)
+
+    def save(r):  # as each model ends: beside the zoo (merged with earlier runs' models), and --json
+        write_json(keep, {**r, "models": {**_read(keep).get("models", {}), **r["models"]}})
+        if args.json:
+            write_json(args.json, r)
+    res = measure(args.quick, cache, n, args.seeds, args.models, lambda m: print(m, file=sys.stderr, flush=True),
+                  save)
     if not res["models"]:
         print(f"bench perf --attacks --equivalence: no zoo model matches --models {args.models!r}", file=sys.stderr)
         return 2

@@ -275,3 +275,21 @@ def test_square_discards_rows_by_their_own_pace(setting):
     with pytest.raises(AttackError, match="native engine only"):
         run_autoattack(model, x, y, 0.1, norm="Linf", version=["square"], impl="original", n_queries=q,
                        square_discard=2.0)
+
+
+def test_the_equivalence_run_is_kept_beside_the_zoo_for_bench_perf(tmp_path, capsys):
+    """`bench perf --attacks --equivalence` keeps each model's verdicts beside the zoo as it ends; `bench perf
+    --attacks` reports them per model and eps, and says which models were never measured."""
+    import json
+    from bench.equivalence import main, saved, summary
+    cache = tmp_path / "cache"
+    assert main(["--quick", "--models", "mlp-erm", "--seeds", "2", "--points", "4", "--cache", str(cache),
+                 "--json", str(tmp_path / "eq.json")]) == 0
+    kept = json.loads(saved(cache, quick=True).read_text())
+    assert kept["models"] == json.loads((tmp_path / "eq.json").read_text())["models"]
+    got = summary(cache, ["mlp-erm", "cnn-erm"], quick=True)
+    assert got["models"]["cnn-erm"] is None and got["points"] == 4 and got["seeds"] == 2
+    assert got["models"]["mlp-erm"] == {e: v["equivalent"] for e, v in kept["models"]["mlp-erm"].items()}
+    assert set(got["models"]["mlp-erm"]) == {"0.05", "0.1", "0.2", "0.3"}
+    assert summary(cache, ["mlp-erm"])["models"] == {"mlp-erm": None}  # the full zoo's are apart
+    assert "equivalent on every model and eps" in capsys.readouterr().out

@@ -255,6 +255,11 @@ def test_perf_attacks_quick_writes_json(tmp_path, capsys):
     assert "randomized" in res["models"]["mlp-noisy"]["flags_pipeline"]
     assert "softmax_saturated" in res["models"]["mlp-scaled"]["flags_pipeline"]
     assert "zero_gradients" in res["models"]["mlp-quant16"]["flags_pipeline"]
+    assert res["fast_gap_max"] == max(g["fast_gap"] for m in per for g in m["eps"].values())
+    pp = res["passes_per_point"]["fast"]
+    assert res["targets"]["passes_per_point.fast<=650+320"] == (pp["forward"] <= 650 and pp["backward"] <= 320)
+    # the engines' equivalence is its own command's (kept beside the zoo): not measured in this cache
+    assert res["equivalence"]["models"] == {"mlp-scaled": None, "mlp-quant16": None, "mlp-noisy": None}
     assert "fast_time_ratio" in capsys.readouterr().out
 
 
