@@ -194,7 +194,7 @@ for _a in AA_ATTACKS:
 @register_attack("fast", kind="suite", description="AutoAttack-grade suite at a fraction of its cost: PGD with "
                  "early exit, APGD-T on each point's nearest ranked targets, Square with an adaptive budget",
                  verifies=True, sweeps=True)
-def _fast(model, x, y, eps, *, norm, seed, log=None, steps=100, targets=3, square_queries=1000, batch_size=1000,
+def _fast(model, x, y, eps, *, norm, seed, log=None, steps=100, targets=4, square_queries=1000, batch_size=1000,
           impl="original"):
     from .fast import run_fast
     robust, x_adv, info = run_fast(model, x, y, eps, norm=norm, seed=seed, log=log, steps=steps, targets=targets,
