@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .randomized import Randomized, majority_misclassified
-from .rows import Found, sync_every
+from .rows import Found, compaction, sync_every
 from .threat import box_bounds, project_l2
 
 APGD_LOSSES = ("ce", "dlr", "dlr-targeted")
@@ -138,8 +138,9 @@ def apgd(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, cfg: AP
     period, decr, minimum = cfg.checkpoints()
     since = 0
     every = sync_every(x.device)
-    live = found.settle(r.pid, r.hit, r.x_hit)
-    r.restrict(live, names)
+    keep = compaction(found.settle(r.pid, r.hit, r.x_hit))
+    if keep is not None:
+        r.restrict(keep, names)
     for i in range(cfg.n_iter):
         if r.x.shape[0] == 0:
             break
@@ -164,9 +165,9 @@ def apgd(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, cfg: AP
                 period = max(period - decr, minimum)
                 since = 0
         if (i + 1) % every == 0 or i == cfg.n_iter - 1:
-            live = found.settle(r.pid, r.hit, r.x_hit)
-            if not bool(live.all()):
-                r.restrict(live, names)
+            keep = compaction(found.settle(r.pid, r.hit, r.x_hit))
+            if keep is not None:
+                r.restrict(keep, names)
     return found
 
 

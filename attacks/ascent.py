@@ -1,10 +1,10 @@
 """Our PGD's ascent loop (the sign or normalised gradient step with a fixed schedule): adversarial training, the eps
 sweep (sequential and joint schedules) and the stacked multi-model path all move their rows with :func:`ascend`.
-AutoAttack's attacks on our engine (APGD's momentum and checkpoints, FAB's projections, Square's random search) run
-loops of their own over rows of one batch (attacks.rows); the two mechanisms compact their batches differently
-(lazily here, at every settlement there).
+AutoAttack's attacks on our engine (APGD's momentum and checkpoints, FAB's projections, Square's random search) have
+update rules of their own; every one of them runs its rows on the one batch-of-rows mechanism (attacks.rows: the
+first hit row of each point records it, the rows of a broken point leave, one compaction rule).
 
-What differs between them is said by data, not by another copy of the loop:
+What differs between the callers of :func:`ascend` is said by data, not by another copy of the loop:
 
 * :class:`Rows` -- the flat iterates (A, d) and what each row needs (clean point, label, box, radius, step sizes,
   target) plus ``pos``, the row's name in the caller's record (a point; an (eps, point) pair; a (model, point) pair);
@@ -13,9 +13,9 @@ What differs between them is said by data, not by another copy of the loop:
 * ``on_break`` -- evaluation only: called with the rows whose iterate is misclassified, it records them and says which
   rows are still alive. Without it (training) every row runs every step.
 
-Retired rows leave the batch lazily: the batch is compacted once 1/32 of it is retired (rows are independent, so a
-retired row still in the batch only costs its share of the pass). Rows laid out in ``groups`` (one block per stacked
-model) are compacted as a rectangle, when its width drops to 3/4.
+Retired rows leave at attacks.rows.compaction's rule with a slack of 1/COMPACT_EVERY (rows are independent, so a
+retired row still in the batch only costs its share of the pass); rows laid out in ``groups`` (one block per stacked
+model) as a rectangle.
 """
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ from typing import Callable
 import torch
 
 from .randomized import Randomized
+from .rows import compaction
 from .threat import alpha_at, ascent_step, attack_loss, ce_saturated, input_grad
 
 FAST_MLP = True  # module switch (tests compare both paths)
 COMPACT_EVERY = 32  # compact once 1/COMPACT_EVERY of the rows are retired
-GROUP_COMPACT = 0.75  # grouped rows: compact when the widest group shrinks to this fraction of the rectangle
 
 
 @dataclass
@@ -104,27 +104,12 @@ def ascend(rows: Rows, plan: Ascent, grad, on_break: OnBreak | None = None,
         rows.x = ascent_step(rows.x, g, rows.x0, rows.lo, rows.hi, plan.step_size(rows, t), rows.eps, plan.norm)
         del g, z
         if alive is not None:
-            idx = _compaction(alive, rows.groups)
+            idx = compaction(alive, rows.groups, 1 / COMPACT_EVERY)
             if idx is not None:
                 rows, alive = rows.take(idx), alive.index_select(0, idx)
                 if rows.groups == 1:
                     alive = None
     return rows, alive
-
-
-def _compaction(alive: torch.Tensor, groups: int) -> torch.Tensor | None:
-    """Index of the rows to keep, or None while compacting is not worth a pass."""
-    A = alive.numel()
-    if groups == 1:
-        n = int(alive.sum())
-        return alive.nonzero().flatten() if (A - n) * COMPACT_EVERY >= A else None
-    B = A // groups
-    live = alive.view(groups, B)
-    width = int(live.sum(1).max())
-    if width > GROUP_COMPACT * B:
-        return None
-    order = torch.argsort((~live).to(torch.int8), dim=1, stable=True)[:, :width]
-    return (order + torch.arange(groups, device=alive.device)[:, None] * B).reshape(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rows import Found, keep, sync_every
+from .rows import Found, compaction, keep, sync_every
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def fab_targeted(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str,
             hit = hit | inside
             x1 = torch.where(adv[:, None], x0 + (x1 - x0) * cfg.beta, x1)
         if (i + 1) % every == 0 or i == cfg.n_iter - 1:
-            live = found.settle(pid, hit, x_hit)
-            if not bool(live.all()):
-                pid, tgt, x0, yy, x1, best, hit, x_hit = keep(live, pid, tgt, x0, yy, x1, best, hit, x_hit)
+            idx = compaction(found.settle(pid, hit, x_hit))
+            if idx is not None:
+                pid, tgt, x0, yy, x1, best, hit, x_hit = keep(idx, pid, tgt, x0, yy, x1, best, hit, x_hit)
     return found

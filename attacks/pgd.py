@@ -23,6 +23,7 @@ import torch
 from lawbench.base.memory import Backoff
 
 from .ascent import Ascent, ModelGradient, Rows, ascend
+from .rows import Found, first_of_each
 from .errors import AttackError
 from .randomized import Randomized, majority_misclassified
 from .threat import (alpha_at, attack_loss, box_bounds, check_loss, check_norm, default_step_size, describe_step,  # noqa: F401
@@ -140,8 +141,7 @@ def _run(grad: ModelGradient, plan: Ascent, x0, y, target, lo, hi, eps, start):
     On a randomized model a hit (the mean logits of the EOT draws misclassify) counts, and its row exits, only when
     the majority verdict of fresh draws confirms it; otherwise the row keeps ascending."""
     A = x0.shape[0]
-    broken = torch.zeros(A, dtype=torch.bool, device=x0.device)
-    x_out = torch.empty_like(x0)
+    found = Found(torch.zeros(A, dtype=torch.bool, device=x0.device), torch.empty_like(x0))
     brk_step = torch.full((A,), -1, dtype=torch.long, device=x0.device)
     noisy = isinstance(grad.model, Randomized)
 
@@ -150,19 +150,18 @@ def _run(grad: ModelGradient, plan: Ascent, x0, y, target, lo, hi, eps, start):
             idx = hit.nonzero().flatten()
             sure = majority_misclassified(grad.model, rows.x[idx].view(-1, *grad.shape), rows.y[idx])
             hit = torch.zeros_like(hit).index_fill_(0, idx[sure], True)
-        hp = rows.pos[hit]
-        broken[hp] = True
-        x_out[hp] = rows.x[hit]
-        brk_step[hp] = t
+        was = found.broken.clone()
+        found.settle(rows.pos, hit, rows.x)  # one row per point: each hit row breaks its point
+        brk_step[found.broken & ~was] = t
         return hit
 
     rows = Rows(x=start, y=y, lo=lo, hi=hi, eps=eps, pos=torch.arange(A, device=x0.device),
                 x0=x0 if plan.norm == "L2" else None, target=target)
     rows, alive = ascend(rows, plan, grad, on_break)
     pos, x_last = rows.final(alive)
-    last = ~broken[pos]  # rows without a hit end at their last iterate
-    x_out[pos[last]] = x_last[last]
-    return broken, x_out, brk_step
+    last = ~found.broken[pos]  # rows without a hit end at their last iterate
+    found.x_adv[pos[last]] = x_last[last]
+    return found.broken, found.x_adv, brk_step
 
 
 def _targets_for_restart(z_clean: torch.Tensor, y: torch.Tensor, r: int) -> torch.Tensor:
@@ -215,17 +214,6 @@ def _sweep_chunk(grad: ModelGradient, x0, y, target, sw: Sweep, gen, counters):
     return robust, x_adv, brk
 
 
-def _first_of_each(key: torch.Tensor) -> torch.Tensor:
-    """Indices of the first occurrence of each distinct value of ``key``."""
-    if key.numel() == 0:
-        return key
-    order = torch.argsort(key, stable=True)
-    ks = key[order]
-    new = torch.ones_like(ks, dtype=torch.bool)
-    new[1:] = ks[1:] != ks[:-1]
-    return order[new]
-
-
 def _joint_rows(grad, x0, y, target, sw: Sweep, gen, counters) -> Rows:
     """Every (eps k, restart r, point i) of a chunk as one row, named pos = k * A + i."""
     A, dev, dt = x0.shape[0], x0.device, x0.dtype
@@ -269,7 +257,7 @@ def _sweep_joint(grad: ModelGradient, x0, y, target, sw: Sweep, gen, counters):
 
     def on_break(rows, hit, t):
         key, hx = rows.pos[hit], rows.x[hit]
-        first = _first_of_each(key)  # one row per (eps, point): duplicate row writes would mix rows
+        first = first_of_each(key)  # one row per (eps, point): duplicate row writes would mix rows
         hk, hp, hx = key[first] // A, key[first] % A, hx[first]
         for k in torch.unique(hk).tolist():  # ascending: the smallest breaking eps wins
             sel = hk == k
@@ -286,7 +274,7 @@ def _sweep_joint(grad: ModelGradient, x0, y, target, sw: Sweep, gen, counters):
     # survivors: the last iterate of their first row at each eps they survived
     kr, pt = rows.pos // A, rows.pos % A
     alive = (kr < broken_at[pt]).nonzero().flatten()
-    alive = alive[_first_of_each(rows.pos[alive])]
+    alive = alive[first_of_each(rows.pos[alive])]
     x_adv[kr[alive], pt[alive]] = rows.x[alive]
     robust = torch.arange(E, device=x0.device)[:, None] < broken_at[None, :]
     for k in range(E):  # broken at k: the same example at every larger eps

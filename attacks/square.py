@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rows import Found, keep, sync_every
+from .rows import Found, compaction, keep, sync_every
 from .threat import box_bounds
 
 P_SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128), (8000, 256))
@@ -115,21 +115,19 @@ def square(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, cfg: 
         marks = checkpoints(cfg.n_queries) if cfg.discard > 0 else {}
         m_mark = m_best.clone()
         for i in range(cfg.n_queries):
+            live = None
             if i in marks:  # rows the statistics give up on leave unbroken (settled first: a hit row is kept)
-                found.settle(pid, hit, xb)
-                live = ~found.broken[pid] & ~discard(m_mark, m_best, i, cfg.n_queries, cfg.discard)
-                pid, x0, yy, lo, hi, xb, m_best, hit, m_mark = keep(live, pid, x0, yy, lo, hi, xb, m_best, hit,
+                live = found.settle(pid, hit, xb) & ~discard(m_mark, m_best, i, cfg.n_queries, cfg.discard)
+            elif i % every == 0 and bool(hit.any()):  # the one host sync: rows of broken points leave
+                live = found.settle(pid, hit, xb)
+            idx = None if live is None else compaction(live)
+            if idx is not None:
+                pid, x0, yy, lo, hi, xb, m_best, hit, m_mark = keep(idx, pid, x0, yy, lo, hi, xb, m_best, hit,
                                                                       m_mark)
                 if pid.numel() == 0:
                     break
             if i in marks.values():  # after the rule: a checkpoint is the next one's mark
                 m_mark = m_best.clone()
-            if i % every == 0 and bool(hit.any()):  # the one host sync: rows of broken points leave
-                live = found.settle(pid, hit, xb)
-                pid, x0, yy, lo, hi, xb, m_best, hit, m_mark = keep(live, pid, x0, yy, lo, hi, xb, m_best, hit,
-                                                                      m_mark)
-                if pid.numel() == 0:
-                    break
             p = p_at(i, cfg.n_queries, cfg.p_init)
             if norm == "Linf":
                 x_new = _propose_linf(x0, xb, lo, hi, eps, p, gen)
