@@ -256,6 +256,8 @@ def test_perf_attacks_quick_writes_json(tmp_path, capsys):
     assert "softmax_saturated" in res["models"]["mlp-scaled"]["flags_pipeline"]
     assert "zero_gradients" in res["models"]["mlp-quant16"]["flags_pipeline"]
     assert res["fast_gap_max"] == max(g["fast_gap"] for m in per for g in m["eps"].values())
+    assert res["fast_gap_max_deterministic"] == max(g["fast_gap"] for k in ("mlp-scaled", "mlp-quant16")
+                                                    for g in res["models"][k]["eps"].values())
     pp = res["passes_per_point"]["fast"]
     assert res["targets"]["passes_per_point.fast<=650+320"] == (pp["forward"] <= 650 and pp["backward"] <= 320)
     # the engines' equivalence is its own command's (kept beside the zoo): not measured in this cache
