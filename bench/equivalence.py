@@ -2,9 +2,11 @@
 randomness? The evidence a default engine needs, per zoo model and eps of the sweep.
 
 Both engines run AutoAttack standard (rand on a randomized model) alone on the same points at several seeds. The test
-per model and eps: native's forward and backward passes, averaged over the seeds, are no more than the original's (a
-seed's passes follow which points break when, and the two engines draw different random starts at one seed: a
-per-seed comparison is a coin flip where the engines tie); on an unmasked model native's mean
+per model and eps: native's forward and backward passes per point, averaged over the seeds, exceed the original's
+mean by no more than the original's own spread over its seeds (a seed's passes follow which attack broke which point:
+on the 8-level quantized MLP at 0.1, native's APGD-T broke one point fewer than the original's at seed 0, so FAB-T
+spent 900 more backward passes on it, 0.2% of the run, while native kept 5 points robust against the original's
+11); on an unmasked model native's mean
 robust accuracy over the seeds differs from the original's mean by no more than the original differs from itself (the
 largest gap between two of its seeds, at least one point); on a masked model native's mean is at or below the
 original's (stronger is no fault there). Numbers, not a
@@ -34,11 +36,14 @@ def compare(model, x, y, eps: float, seeds: int, masked: bool) -> dict:
     mean = lambda ps, k: sum(p[k] for p in ps) / seeds  # noqa: E731
     passes = {e: {k: round(mean(ps, k), 2) for k in ("forward", "backward")}
               for e, ps in (("original", p_orig), ("native", p_nat))}
-    more_passes = any(passes["native"][k] > passes["original"][k] for k in ("forward", "backward"))
+    # a seed's passes follow which attack broke which point: the original's own spread over seeds is the yardstick
+    spread_passes = {k: round(max(p[k] for p in p_orig) - min(p[k] for p in p_orig), 2) for k in ("forward", "backward")}
+    more_passes = any(passes["native"][k] > passes["original"][k] + spread_passes[k] for k in ("forward", "backward"))
     ok = (gap <= 0 if masked else abs(gap) <= spread) and not more_passes  # masked: stronger is no fault
     return {"original": [round(v, 2) for v in orig], "native": [round(v, 2) for v in nat],
             "gap": round(gap, 2), "original_spread": round(spread, 2), "native_more_passes": more_passes,
             "passes_per_point": passes, "passes_per_seed": {"original": p_orig, "native": p_nat},
+            "original_passes_spread": spread_passes,
             "point_evaluations": n * seeds, "equivalent": ok}
 
 
