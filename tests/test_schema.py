@@ -14,7 +14,8 @@ from lawbench.reports import schema
 from lawbench.reports.schema import FIELD, REQUIRED_KEYS, check_row, eps_key, parse_eps_key, undeclared
 
 # the benchmarks' own result dicts are not rows
-NOT_ROWS = {"bench/perf.py", "bench/scale_perf.py", "bench/attacks_perf.py", "bench/certify_cost.py"}
+NOT_ROWS = {"bench/perf.py", "bench/scale_perf.py", "bench/attacks_perf.py", "bench/certify_cost.py",
+            "bench/equivalence.py"}
 ROW_NAMES = {"row", "r", "failed", "base"}
 KEY_READERS = {"acc_at", "acc_map", "num", "text", "verified_at"}
 
