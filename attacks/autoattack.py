@@ -33,6 +33,7 @@ from .rows import Found
 from .square import SquareConfig
 from .threat import check_attack, misclassified
 
+DEFAULT_IMPL = "native"  # the engine wherever none is named: the spec's autoattack_impl and every function here
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 
 # pyautoattack warning text -> our flag name
@@ -177,9 +178,10 @@ def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
                    log: Callable[[str], None] | None = None, n_total: int | None = None,
                    num_classes: int | None = None, n_target_classes: int | None = None,
                    n_queries: int | None = None, square_discard: float = 0.0,
-                   impl: "str | Engine" = "original") -> AAResult:
+                   impl: "str | Engine | None" = None) -> AAResult:
     """Run AutoAttack on (x, y) at ``eps``: the original (pyautoattack, ``impl="original"``) or our engine
-    (``impl="native"``, attacks.standard: the standard and rand versions and lists of its attacks). Either way the
+    (``impl="native"``, attacks.standard: the standard and rand versions and lists of its attacks). No ``impl``:
+    DEFAULT_IMPL where it runs the version, else the original (plus, untargeted fab). Either way the
     forward and backward passes are counted (info["passes"], per attack for native) and every example goes through
     the one validation path.
 
@@ -192,7 +194,7 @@ def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
     Square breaking more than 0.2% of the full set beyond the white-box attacks raises ``square_beats_whitebox``).
     """
     check_norm(norm)
-    engine = get_engine(impl)
+    engine = get_engine(impl if impl is not None else default_engine(version))
     if isinstance(version, str):
         if version not in ("standard", "plus"):
             raise AttackError(f"autoattack version must be 'standard', 'plus' or a list of {AA_ATTACKS}, "
@@ -248,6 +250,15 @@ def run_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
                 log_lines=cap.lines, n_total=n_total, check=checked.info, passes=counter.passes.as_dict(),
                 passes_by_attack=getattr(cap, "passes", None))
     return AAResult(robust=robust, x_adv=checked.x_adv, flags=flags, info=info)
+
+
+def default_engine(version) -> str:
+    """DEFAULT_IMPL where it runs ``version``, else the original."""
+    try:
+        get_engine(DEFAULT_IMPL).check(version)
+        return DEFAULT_IMPL
+    except AttackError:
+        return "original"
 
 
 def inner_eps(eps: float, norm: str) -> float:
@@ -346,7 +357,7 @@ class _Native:
             view = aa_view(model, x) if image_shape_for(tuple(x.shape[1:])) is not None else None
             with _frozen(model):
                 res = run_native(model, self.counter, x, y, eps, self.norm, self.attacks_run, seed=seed,
-                                 n_target_classes=self.targets or 9, square=self.square,
+                                 n_target_classes=self.n_target_classes, square=self.square,
                                  square_view=view, log=self.log)
         for w in res.warnings:
             if self.log:
@@ -523,7 +534,7 @@ def captured(log: Callable[[str], None] | None):
 
 
 def square_starts(model, x, y, eps, norm, *, starts, queries, seed, batch_size, log, n_total=None,
-                  impl: "str | Engine" = "original", discard: float = 0.0) -> AAResult:
+                  impl: "str | Engine" = DEFAULT_IMPL, discard: float = 0.0) -> AAResult:
     """Square (on the engine ``impl``) with `starts` random starts per point run as rows of one batch: a point is
     robust when every start fails. Restarts cost one loop instead of `starts` loops: on the few points left at the
     end of a run, Square's time is its per-iteration overhead, not its rows. pyautoattack draws one square per iteration for the
@@ -549,7 +560,8 @@ MASKING_FLAGS = ("zero_gradients", "square_beats_whitebox", "randomized")
 MASKING_SQUARE_RESTARTS = 2
 
 
-def masking_restarts(model, x, y, eps, norm, res, seed, batch_size, log, impl: "str | Engine" = "original") -> dict:
+def masking_restarts(model, x, y, eps, norm, res, seed, batch_size, log,
+                     impl: "str | Engine" = DEFAULT_IMPL) -> dict:
     """Where AutoAttack saw signs of gradient masking, gradient-based attacks cannot be trusted on the survivors:
     Square (black box) runs again from MASKING_SQUARE_RESTARTS fresh random starts per survivor (another seed, the
     starts as rows of one batch, see square_starts), so the pipeline does strictly more than AutoAttack alone on every

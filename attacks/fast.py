@@ -41,7 +41,7 @@ import torch
 
 from lawbench.base.modes import eval_mode
 
-from .autoattack import MASKING_FLAGS, get_engine, masking_restarts, run_autoattack, square_starts
+from .autoattack import DEFAULT_IMPL, MASKING_FLAGS, get_engine, masking_restarts, run_autoattack, square_starts
 from .pgd import pgd_sweep
 from .standard import NATIVE
 from .randomized import Randomized, is_randomized, randomized
@@ -94,7 +94,7 @@ def zero_jacobian(model: torch.nn.Module, x: torch.Tensor, seed: int = 0) -> tor
 
 
 def run_fast(model, x, y, eps, *, norm, seed=0, log=None, steps=100, targets=4, square_queries=1000,
-             batch_size=1000, n_total=None, impl: str = "original"):
+             batch_size=1000, n_total=None, impl: str = DEFAULT_IMPL):
     """The fast suite on (x, y) at eps: (robust mask, validated examples, info). impl: the AutoAttack engine its
     APGD and Square stages run on ("native": attacks.standard's, targets and starts as rows; "original")."""
     t0 = time.perf_counter()

@@ -20,7 +20,7 @@ import torch
 from lawbench.base.modes import eval_mode
 from lawbench.base.names import did_you_mean
 
-from .autoattack import AA_ATTACKS, _ImageView, image_shape_for, masking_restarts, run_autoattack
+from .autoattack import AA_ATTACKS, DEFAULT_IMPL, _ImageView, image_shape_for, masking_restarts, run_autoattack
 from .pgd import AttackError, check_norm, pgd_sweep
 from .threat import check_attack
 
@@ -165,7 +165,7 @@ register_attack("pgd-t", kind="pgd", description="our batched targeted PGD (marg
 # AutoAttack (pyautoattack)
 
 def _aa_factory(version):
-    def run(model, x, y, eps, *, norm, seed, log=None, batch_size=1000, version=version, impl="original",
+    def run(model, x, y, eps, *, norm, seed, log=None, batch_size=1000, version=version, impl=DEFAULT_IMPL,
             n_total=None):
         """AutoAttack (its examples validated by attacks.threat.check_attack inside run_autoattack), then, where it
         flags gradient masking, Square again from fresh starts on its survivors (masking_restarts)."""
@@ -195,7 +195,7 @@ for _a in AA_ATTACKS:
                  "early exit, APGD-T on each point's nearest ranked targets, Square with an adaptive budget",
                  verifies=True, sweeps=True)
 def _fast(model, x, y, eps, *, norm, seed, log=None, steps=100, targets=4, square_queries=1000, batch_size=1000,
-          impl="original"):
+          impl=DEFAULT_IMPL):
     from .fast import run_fast
     robust, x_adv, info = run_fast(model, x, y, eps, norm=norm, seed=seed, log=log, steps=steps, targets=targets,
                                    square_queries=square_queries, batch_size=batch_size, impl=impl)

@@ -22,7 +22,7 @@ from bench.device import resolve_device
 from bench import smooth
 from bench import threads
 from bench.store import json_safe
-from bench.spec import KEY_OPTIONS, LEGACY_ATTACKS, SCHEMA, SMOOTH_KEYS, cell_id, train_key
+from bench.spec import ABSENT_MEANS, KEY_OPTIONS, LEGACY_ATTACKS, SCHEMA, SMOOTH_KEYS, cell_id, train_key
 from bench.train import TrainConfig, train
 from lawbench.base.files import atomic_write_text
 from lawbench.base.timing import Timer
@@ -196,7 +196,7 @@ def _evaluate(model, data, cell, device, timer, chooser, phase, log) -> dict:
         "lip_gap": float(upper.value) / float(lower.value) if upper is not None and lower.value > 0 else None,
         "uncertified": refusal,
         "aa_flags": list(ev.aa_flags), "aa_eps": list(cell["aa_eps"]),
-        "autoattack_impl": cell.get("autoattack_impl", "original"),
+        "autoattack_impl": cell.get("autoattack_impl", ABSENT_MEANS["autoattack_impl"]),
         "attack_passes": {name: {(k if k == "all" else eps_key(k)): v for k, v in per_eps.items()}
                           for name, per_eps in ev.info["passes"].items()},
         "verified": {eps_key(e): bool(v) for e, v in ev.info["verified"].items()},
@@ -229,7 +229,7 @@ def attack_suite(cell: dict) -> list:
     for name in names:
         options = dict(cell.get("attack", {}).get(name, {}))
         for option, key in KEY_OPTIONS.get(name, {}).items():
-            options[option] = cell.get(key, SCHEMA[key].default)
+            options[option] = cell.get(key, ABSENT_MEANS.get(key, SCHEMA[key].default))
         if attacks.attack_entry(name).sweeps and "eps" not in options:
             sweeping.append(len(steps))
         if name == "fast" and "pgd" in cell_attacks(cell):  # the sweep's PGD already ran at every eps

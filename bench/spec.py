@@ -16,7 +16,7 @@ from typing import Callable
 from importlib import resources
 from pathlib import Path
 
-from lawbench.attacks.autoattack import AA_ATTACKS, IMPLS, check_native
+from lawbench.attacks.autoattack import AA_ATTACKS, DEFAULT_IMPL, IMPLS, check_native, default_engine
 from lawbench.base.names import did_you_mean
 from lawbench.attacks.registry import attack_options, list_attacks, option_choices
 from lawbench.attacks.threat import NORMS
@@ -35,7 +35,9 @@ class SpecError(ValueError):
 THREATS = NORMS                                   # the attack engine's norms: the threat models a cell can use
 AUTOATTACK_VERSIONS = ("standard", "plus", "off")  # pyautoattack's versions, or none
 AUTOATTACK_NAMES = AA_ATTACKS                      # the attacks a custom AutoAttack run may list (in its order)
-AUTOATTACK_IMPL = "native"                         # the default engine (README: the evidence)
+AUTOATTACK_IMPL = DEFAULT_IMPL                     # the default engine (README: the evidence)
+# what a cell without the key means: cells made before the key existed ran on the original, and keep their ids
+ABSENT_MEANS = {"autoattack_impl": "original"}
 
 
 def attack_names() -> tuple:
@@ -304,12 +306,11 @@ def _engine_for_version(spec: dict, explicit: set, loaded: dict) -> None:
     """The default engine runs what it can: a version or attack list only the original runs (`autoattack=plus`,
     untargeted `fab`) takes the original when neither the command line nor the preset chose an engine; a native
     engine asked for by name stays an error for them (validate says why)."""
-    if "autoattack_impl" in explicit or "autoattack_impl" in loaded or spec["autoattack"] == "off":
-        return
-    try:
-        check_native(spec["autoattack"])
-    except Exception:
-        spec["autoattack_impl"] = "original"
+    version = spec["autoattack"]
+    if "autoattack_impl" in explicit or "autoattack_impl" in loaded or not isinstance(version, (str, list)) \
+            or version == "off":
+        return  # a value of the wrong type is validate's to refuse
+    spec["autoattack_impl"] = default_engine(version)
 
 
 def _drop_preset_options_of_dropped_attacks(spec: dict, explicit: set, attack_tables: set) -> None:
@@ -607,7 +608,7 @@ def expand(spec: dict, entries: list = ()) -> list[dict]:
             cell["data_options"] = {**cell["data_options"], "d": d}
         if not cell["target_params"]:  # a cell sized by its width alone: no key, so its id is as before
             cell.pop("target_params")
-        if cell["autoattack_impl"] == "original":  # the engine of cells with no key: ids as before
+        if cell["autoattack_impl"] == ABSENT_MEANS["autoattack_impl"]:  # cells with no key: ids as before
             cell.pop("autoattack_impl")
         if cell["attacks"] == LEGACY_ATTACKS and not cell["attack"]:  # the suite of cells with no key: ids as before
             cell.pop("attacks"), cell.pop("attack")

@@ -135,6 +135,12 @@ def test_native_through_the_cli_counts_passes_and_refuses_plus(tmp_path, capsys)
     assert row["attack_passes"]["pgd"]["all"]["backward"] > 0
     aa = row["attack_passes"]["autoattack"]["0.1"]
     assert aa["forward"] > 0 and aa["forward"] >= aa["backward"]
+    # the original, one key away: its cell carries no key (ids as before), and the key's absence means the original
+    code, out, err = run_in_process(["run", *base, "autoattack_impl=original", "--out", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    (row,) = read_rows(tmp_path / "o" / "results.jsonl")
+    assert "autoattack_impl" not in row["cell"] and row["autoattack_impl"] == "original"
+    assert row["attack_settings"]["autoattack"]["impl"] == "original"
     code, _, err = run_in_process(["run", *base, "autoattack_impl=native", "autoattack=plus", "--out",
                                    str(tmp_path / "p")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "autoattack_impl" in err
