@@ -356,7 +356,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="*", help="only the zoo models matching these comma-separated patterns "
                    "(e.g. 'mlp-*' or 'mlp-scaled,mlp-quant16,mlp-noisy')")
     p.add_argument("--cache", default=None, help="folder for the trained zoo")
-    p.add_argument("--impl", choices=("native", "original"), default=None,
+    from lawbench.attacks.autoattack import IMPLS
+    p.add_argument("--impl", choices=IMPLS, default=None,
                    help="the engine our pipeline and fast suite run on (default: the spec's autoattack_impl)")
     args = p.parse_args(argv)
     n = args.points or (12 if args.quick else 200)
