@@ -110,7 +110,8 @@ def test_masked_models_ours_at_most_pyautoattack(kind, eps, quant, step, data):
     # the flag triggers pyautoattack's advice: Square twice more, other seeds, on AutoAttack's survivors
     from lawbench.attacks.evaluate import MASKING_SQUARE_RESTARTS
     done = ev.info["autoattack"][eps]["masking_restarts"]
-    assert done["restarts"] >= 1, done  # a restart stops early only when no survivor is left
+    # (the restarts stop early only when no survivor is left: native's Square, which reaches the image's last row
+    # and column, can leave AutoAttack no survivor at all on the quantized model)
     assert done["restarts"] == MASKING_SQUARE_RESTARTS == 2 or int(ours.sum()) == 0, (done, int(ours.sum()))
 
 
