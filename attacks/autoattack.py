@@ -29,7 +29,7 @@ from .pgd import AttackError, check_norm
 from .randomized import Randomized
 from .standard import NATIVE_ATTACKS, RAND, STANDARD, run_native
 from .apgd import APGDConfig, apgd
-from .rows import Found
+from .rows import Found, chunked
 from .square import SquareConfig
 from .threat import check_attack, misclassified
 
@@ -349,7 +349,7 @@ class _Native:
         self.n_target_classes = None
 
     def __call__(self, x, y, eps, seed):
-        model = self.net
+        model = chunked(self.net, x)
         with eval_mode(model):
             with torch.no_grad():
                 C = int(model(x[:1]).shape[1])
@@ -472,8 +472,8 @@ class NativeEngine(Engine):
             with _frozen(model):
                 found = Found.start(x, misclassified(model, x, y))
                 clean_broken = found.broken.clone()
-                apgd(model, x, y, eps, norm, APGDConfig(loss="dlr-targeted"), seed=seed, targets=ranked, found=found,
-                     warnings=warnings)
+                apgd(chunked(model, x), x, y, eps, norm, APGDConfig(loss="dlr-targeted"), seed=seed, targets=ranked,
+                     found=found, warnings=warnings)
         if log:
             log(f"apgd-t (ranked targets as rows): broke {int((found.broken & ~clean_broken).sum())} of "
                 f"{int((~clean_broken).sum())}")

@@ -296,3 +296,30 @@ def test_the_equivalence_run_is_kept_beside_the_zoo_for_bench_perf(tmp_path, cap
     assert set(got["models"]["mlp-erm"]) == {"0.05", "0.1", "0.2", "0.3"}
     assert summary(cache, ["mlp-erm"])["models"] == {"mlp-erm": None}  # the full zoo's are apart
     assert "equivalent on every model and eps" in capsys.readouterr().out
+
+
+def test_native_runs_big_batches_of_rows_in_cache_sized_chunks():
+    """The native engine runs a batch of rows in chunks of CHUNK_BYTES of activations: a small CNN's 300 rows in
+    pieces, an MLP's whole. The same logits and input gradients, the same passes counted; the probe that sizes the
+    chunks is no pass; a randomized model keeps its wrapper outside. Catches: chunks that drop or reorder rows, a
+    probe counted as an attack pass, a wrapper that hides randomness from the attacks."""
+    from bench.zoo import small_cnn
+    from lawbench.attacks.randomized import Randomized
+    from lawbench.attacks.rows import CHUNK_BYTES, Chunked, activation_bytes, chunked
+    torch.manual_seed(0)
+    cnn = small_cnn().eval()
+    x = torch.rand(300, 1, 28, 28)
+    counted = Counted(cnn)
+    net = chunked(counted, x)
+    assert isinstance(net, Chunked) and 64 <= net.rows < 300
+    assert net.rows == max(64, CHUNK_BYTES // activation_bytes(cnn, x[:1])) and counted.passes.forward == 0
+    xs = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(net(xs).logsumexp(1).sum(), xs)
+    xp = x.clone().requires_grad_(True)
+    (g_plain,) = torch.autograd.grad(cnn(xp).logsumexp(1).sum(), xp)
+    assert torch.allclose(g, g_plain, atol=1e-6) and torch.allclose(net(x), cnn(x), atol=1e-5)
+    assert counted.passes.forward == 2 * 300 and counted.passes.backward == 300
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    assert chunked(mlp, torch.rand(5, 64)).rows >= 2000  # an MLP's 9 targets x 250 points stay one batch
+    noisy = chunked(Randomized(mlp, 7, 5), torch.rand(5, 64))
+    assert isinstance(noisy, Randomized) and isinstance(noisy.model, Chunked) and (noisy.eot, noisy.votes) == (7, 5)
