@@ -92,9 +92,9 @@ def keep(keep_rows: torch.Tensor, *tensors):
 
 
 # Activations a chunk of rows may hold in one forward: the small CNN's per-row cost rose by a quarter from 250 rows
-# to 2,250 on this CPU (its activations, about 100 kB a row, leave the cache), so native APGD-T's 9 targets as one
-# batch of rows ran 17% slower than the same rows in chunks of 128 or 256 (same verdicts). A rule read from the model,
-# never a clock: an MLP's rows (a few kB each) stay whole batches.
+# to 2,250 on this CPU (its activations, about 100 kB a row, leave the cache): native APGD-T's 9 targets on 120 points
+# as one batch took 54-55 s, in chunks of 128 or 256 rows 43-46 s (same verdicts). A rule read from the model, never
+# a clock: an MLP's rows (a few kB each) stay whole batches.
 CHUNK_BYTES = 16 << 20
 MIN_CHUNK = 64
 
