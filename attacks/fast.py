@@ -15,11 +15,11 @@ one noisy draw, which is why the rand version runs none).
 1. our batched PGD (cross-entropy, the margin where the softmax is saturated, 100 steps, early exit per point: a
    broken point leaves the batch); `steps = 0` skips it (the default suite does, after its own PGD sweep);
 2. APGD-T (on the cell's engine, native by default) on the `targets` (4) most promising wrong classes of each
-   point instead of 9. The ranking follows MALT's argument (Melamed et al. 2023): near a point the model is almost linear, so the class whose
-   decision boundary is nearest, margin over the dual norm of the margin's gradient, is the one a targeted attack
-   reaches first; AutoAttack's own order (by logit) ignores the gradient. Four, not three: on the PGD-trained MLP at
-   0.2 a point AutoAttack breaks falls to the 4th ranked target only. On a randomized model: APGD-DLR with EOT
-   instead (the rand version's second stage);
+   point instead of 9. The ranking follows MALT's argument (Melamed et al. 2023): near a point the model is almost
+   linear, so the class whose decision boundary is nearest, margin over the dual norm of the margin's gradient, is
+   the one a targeted attack reaches first; AutoAttack's own order (by logit) ignores the gradient. Four, not
+   three: on the PGD-trained MLP at 0.2 a point AutoAttack breaks falls to the 4th ranked target only. On a
+   randomized model: APGD-DLR with EOT instead (the rand version's second stage);
 3. Square with an adaptive budget: `square_queries` (1000) from one start where the white-box stages
    look trustworthy; where the gradients are masked (zero gradients), its 5000 queries from MASKED_STARTS random
    starts per point, run as rows of one batch (on the few points left late in a run, Square's time is its

@@ -37,8 +37,9 @@ def compare(model, x, y, eps: float, seeds: int, masked: bool) -> dict:
     passes = {e: {k: round(mean(ps, k), 2) for k in ("forward", "backward")}
               for e, ps in (("original", p_orig), ("native", p_nat))}
     # a seed's passes follow which attack broke which point: the original's own spread over seeds is the yardstick
-    spread_passes = {k: round(max(p[k] for p in p_orig) - min(p[k] for p in p_orig), 2) for k in ("forward", "backward")}
-    more_passes = any(passes["native"][k] > passes["original"][k] + spread_passes[k] for k in ("forward", "backward"))
+    kinds = ("forward", "backward")
+    spread_passes = {k: round(max(p[k] for p in p_orig) - min(p[k] for p in p_orig), 2) for k in kinds}
+    more_passes = any(passes["native"][k] > passes["original"][k] + spread_passes[k] for k in kinds)
     ok = (gap <= 0 if masked else abs(gap) <= spread) and not more_passes  # masked: stronger is no fault
     return {"original": [round(v, 2) for v in orig], "native": [round(v, 2) for v in nat],
             "gap": round(gap, 2), "original_spread": round(spread, 2), "native_more_passes": more_passes,
@@ -51,7 +52,7 @@ def measure(quick: bool, cache, n_points: int, seeds: int, pattern: str, log, sa
     """Every matching zoo model at every eps of the sweep; `save(res)` after each model (a long run keeps what ended)."""
     models, x_test, y_test = zoo(quick, cache, log, pattern)
     x, y = x_test[:n_points], y_test[:n_points]
-    res = {"n": n_points, "seeds": seeds, "sweep": list(SWEEP), "models": {}}
+    res = {"n": n_points, "seeds": seeds, "sweep": list(SWEEP), "models": {}, "equivalent_all": True}
     for name, model in models.items():
         log(f"{name}:")
         per = res["models"][name] = {}
@@ -60,10 +61,9 @@ def measure(quick: bool, cache, n_points: int, seeds: int, pattern: str, log, sa
             log(f"  @{e}: original {v['original']} native {v['native']} gap {v['gap']:+.2f} (spread "
                 f"{v['original_spread']:.2f}) passes {v['passes_per_point']} "
                 f"{'equivalent' if v['equivalent'] else 'NOT equivalent'}")
-        res["equivalent_all"] = all(v["equivalent"] for m in res["models"].values() for v in m.values())
+        res["equivalent_all"] &= all(v["equivalent"] for v in per.values())
         if save:
             save(res)
-    res["equivalent_all"] = all(v["equivalent"] for m in res["models"].values() for v in m.values())
     return res
 
 
