@@ -29,7 +29,7 @@ from .pgd import AttackError, check_norm
 from .randomized import Randomized
 from .standard import NATIVE_ATTACKS, RAND, STANDARD, run_native
 from .apgd import APGDConfig, apgd
-from .rows import Found, chunked
+from .rows import Found, channels_last, chunked
 from .square import SquareConfig
 from .threat import check_attack, misclassified
 
@@ -350,7 +350,7 @@ class _Native:
 
     def __call__(self, x, y, eps, seed):
         model = chunked(self.net, x)
-        with eval_mode(model):
+        with eval_mode(model), channels_last(model, x):
             with torch.no_grad():
                 C = int(model(x[:1]).shape[1])
             self.n_target_classes = max(1, min(self.targets or 9, C - 1))
@@ -469,7 +469,7 @@ class NativeEngine(Engine):
         by one target drops the rest."""
         with eval_mode(model):
             warnings: list = []
-            with _frozen(model):
+            with _frozen(model), channels_last(model, x):
                 found = Found.start(x, misclassified(model, x, y))
                 clean_broken = found.broken.clone()
                 apgd(chunked(model, x), x, y, eps, norm, APGDConfig(loss="dlr-targeted"), seed=seed, targets=ranked,

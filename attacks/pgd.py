@@ -23,7 +23,7 @@ import torch
 from lawbench.base.memory import Backoff
 
 from .ascent import Ascent, ModelGradient, Rows, ascend
-from .rows import Found, first_of_each
+from .rows import Found, channels_last, first_of_each
 from .errors import AttackError
 from .randomized import Randomized, majority_misclassified
 from .threat import (alpha_at, attack_loss, box_bounds, check_loss, check_norm, default_step_size, describe_step,  # noqa: F401
@@ -356,12 +356,13 @@ def pgd_sweep(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
         return rows, fn(grad, x_flat[rows], y[rows], None if target is None else target.to(dev)[rows], sweep, gen,
                         counters)
 
-    while s < idx.numel():
-        rows, (r_, xa_, b_) = mb.run(lambda b: chunk(b, s))
-        robust_s[:, rows] = r_
-        x_adv_s[:, rows] = xa_
-        brk_s[:, rows] = b_
-        s += rows.numel()
+    with channels_last(model, x):  # the ascent only: clean predictions on the model as given
+        while s < idx.numel():
+            rows, (r_, xa_, b_) = mb.run(lambda b: chunk(b, s))
+            robust_s[:, rows] = r_
+            x_adv_s[:, rows] = xa_
+            brk_s[:, rows] = b_
+            s += rows.numel()
     inv = [0] * E
     for j, i in enumerate(order):
         inv[i] = j

@@ -325,3 +325,45 @@ def test_native_runs_big_batches_of_rows_in_cache_sized_chunks():
     assert chunked(mlp, torch.rand(5, 64)).rows >= 2000  # an MLP's 9 targets x 250 points stay one batch
     noisy = chunked(Randomized(mlp, 7, 5), torch.rand(5, 64))
     assert isinstance(noisy, Randomized) and isinstance(noisy.model, Chunked) and (noisy.eot, noisy.votes) == (7, 5)
+
+
+class _Viewed(torch.nn.Module):
+    """A CNN written the old way: ``.view`` of a convolution's output, which fails in channels-last memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(1, 4, 3), torch.nn.Linear(4 * 26 * 26, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.fc(h.view(h.shape[0], -1))
+
+
+def test_attacks_run_a_cnn_in_channels_last_memory_and_give_it_back():
+    """Inside attacks.rows.channels_last a CNN's weights are channels-last (even a one-channel conv, whose default
+    strides pass the flag), the logits equal to float rounding, the probe no attack pass; afterwards every weight
+    has its own strides and values back. A model that fails in that layout (a ``.view``) keeps its own and the
+    attack runs. Catches: weights left channels-last after an attack, a probe counted as a pass, a view model broken
+    by the layout, a CNN silently left in the slow layout."""
+    from bench.zoo import small_cnn
+    from lawbench.attacks.autoattack import run_autoattack
+    from lawbench.attacks.rows import channels_last, chunked
+    torch.manual_seed(0)
+    cnn, x = small_cnn().eval(), torch.rand(40, 1, 28, 28)
+    before = {n: (p.stride(), p.detach().clone()) for n, p in cnn.named_parameters()}
+    counted = Counted(cnn)
+    with channels_last(chunked(counted, x), x):
+        inside = {n: p.stride() for n, p in cnn.named_parameters() if p.dim() == 4}
+        logits = cnn(x)
+    assert all(s == torch.empty_like(dict(cnn.named_parameters())[n], memory_format=torch.channels_last).stride()
+               for n, s in inside.items()) and inside["0.weight"] != before["0.weight"][0]
+    assert counted.passes.forward == 0 and torch.allclose(logits, cnn(x), atol=1e-5)
+    assert all(p.stride() == before[n][0] and torch.equal(p, before[n][1]) for n, p in cnn.named_parameters())
+    viewed = _Viewed().eval()
+    with channels_last(viewed, x):
+        assert viewed.conv.weight.stride() == (9, 9, 3, 1)
+    y = cnn(x).argmax(1)
+    res = run_autoattack(viewed, x[:8], viewed(x[:8]).argmax(1), 0.1, norm="Linf", version=["apgd-ce"])
+    assert res.info["impl"] == "native" and res.info["passes"]["forward"] > 0
+    res = run_autoattack(cnn, x[:8], y[:8], 0.1, norm="Linf", version=["apgd-ce"])
+    assert all(p.stride() == before[n][0] for n, p in cnn.named_parameters())
