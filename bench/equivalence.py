@@ -15,18 +15,24 @@ p-value: the original's seed spread is the only yardstick of "the same attack" t
 from __future__ import annotations
 
 import argparse
+import fcntl
 import sys
+import time
 
 from bench.attacks_perf import MASKED, SWEEP, native, reference, zoo
 
 
 def compare(model, x, y, eps: float, seeds: int, masked: bool) -> dict:
     """Robust % per seed on both engines, their passes, and the verdict at one eps."""
-    orig, nat, p_orig, p_nat = [], [], [], []
+    orig, nat, p_orig, p_nat, secs = [], [], [], [], {"original": [], "native": []}
     n = x.shape[0]
     for s in range(seeds):
+        t0 = time.perf_counter()
         r_o, p_o = reference(model, x, y, eps, s)
+        t1 = time.perf_counter()
         r_n, p_n = native(model, x, y, eps, s)
+        secs["original"].append(round(t1 - t0, 2))
+        secs["native"].append(round(time.perf_counter() - t1, 2))
         orig.append(100.0 * float(r_o.float().mean()))
         nat.append(100.0 * float(r_n.float().mean()))
         p_orig.append(p_o.per_point(n))
@@ -45,7 +51,7 @@ def compare(model, x, y, eps: float, seeds: int, masked: bool) -> dict:
             "gap": round(gap, 2), "original_spread": round(spread, 2), "native_more_passes": more_passes,
             "passes_per_point": passes, "passes_per_seed": {"original": p_orig, "native": p_nat},
             "original_passes_spread": spread_passes,
-            "point_evaluations": n * seeds, "equivalent": ok}
+            "point_evaluations": n * seeds, "seconds_per_seed": secs, "equivalent": ok}
 
 
 def measure(quick: bool, cache, n_points: int, seeds: int, pattern: str, log, save=None) -> dict:
@@ -61,9 +67,9 @@ def measure(quick: bool, cache, n_points: int, seeds: int, pattern: str, log, sa
             log(f"  @{e}: original {v['original']} native {v['native']} gap {v['gap']:+.2f} (spread "
                 f"{v['original_spread']:.2f}) passes {v['passes_per_point']} "
                 f"{'equivalent' if v['equivalent'] else 'NOT equivalent'}")
-        res["equivalent_all"] &= all(v["equivalent"] for v in per.values())
-        if save:
-            save(res)
+            res["equivalent_all"] &= v["equivalent"]
+            if save:  # after each eps: a CNN's four take hours
+                save(res)
     return res
 
 
@@ -110,8 +116,14 @@ def main(argv) -> int:
     cache = cache_dir(args.cache)
     keep = saved(cache, args.quick)
 
-    def save(r):  # as each model ends: beside the zoo (merged with earlier runs' models), and --json
-        write_json(keep, {**r, "models": {**_read(keep).get("models", {}), **r["models"]}})
+    def save(r):  # beside the zoo, merged eps by eps with earlier (or concurrent) runs' results; and --json
+        with open(keep.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            models = _read(keep).get("models", {})
+            for name, per in r["models"].items():
+                models[name] = {**models.get(name, {}), **per}
+            write_json(keep, {**r, "models": models, "equivalent_all": all(
+                v["equivalent"] for per in models.values() for v in per.values())})
         if args.json:
             write_json(args.json, r)
     res = measure(args.quick, cache, n, args.seeds, args.models, lambda m: print(m, file=sys.stderr, flush=True),
