@@ -15,7 +15,7 @@ from .cost import Passes, counted
 from .autoattack import MASKING_FLAGS, MASKING_SQUARE_RESTARTS  # noqa: F401  (re-exported)
 from .pgd import AttackError, check_norm, pgd_sweep
 from .randomized import Randomized, is_randomized, randomized
-from .threat import ce_saturated, check_attack
+from .threat import ce_saturated, check_attack, check_record
 
 
 @dataclass
@@ -253,9 +253,9 @@ class _SuiteState:
                 self.breaks[f].setdefault(name, 0)
 
     def _attack(self, step, entry, idx, e):
-        """(still robust, examples, the attack's info) on the points idx at e. Examples an attack validated itself
-        (its info carries the record of attacks.threat.check_attack) are taken as they are; any other attack's go
-        through that one check here, re-attacked at a smaller eps where projection undoes them."""
+        """(still robust, examples, the attack's info) on the points idx at e. Every attack's examples go through
+        the one check here (re-attacked at a smaller eps where projection undoes them), whatever the attack says of
+        itself: its verdict and its own check record are never read as evidence."""
         from .registry import Attack
         options = {k: v for k, v in step.options.items() if k != "eps"}
         accepted = inspect.signature(entry.factory).parameters
@@ -272,13 +272,10 @@ class _SuiteState:
             self.details.setdefault(step.name, {})[e] = out.info["stages"]
         if isinstance(out.info.get("indicators"), dict):
             self.indicators[e] = out.info["indicators"]
-        if isinstance(out.info.get("check"), dict):
-            self.checks[e][step.name] = out.info["check"]
-            return out.robust, out.x_adv, out.info
         rerun = lambda j, ek, k: attack.run(self.model, x[j], y[j], ek, norm=self.norm,  # noqa: E731
                                              seed=self.seed + k).x_adv
         ck = check_attack(self.model, x, y, out.x_adv, e, self.norm, rerun=rerun, log=self.log)
-        self.checks[e][step.name] = ck.info
+        self.checks[e][step.name] = check_record(out.info.get("check"), ck.info)
         return ~ck.broken, ck.x_adv, out.info
 
 

@@ -98,6 +98,7 @@ def project(x0: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.T
     shape = x0.shape
     a = x0.detach().reshape(N, -1)
     b = x.detach().reshape(N, -1).to(a.dtype)
+    b = torch.where(torch.isfinite(b), b, a)  # a NaN or infinite coordinate is no perturbation: the clean one
     ok = inside(a, b, eps, norm)
     if bool(ok.all()):
         return b.reshape(shape).clone()
@@ -165,9 +166,12 @@ class Checked:
 
 
 def validate(model, x, y, x_raw, eps: float, norm: str, batch: int | None = None):
-    """(x_adv projected into the exact ball, broken mask, claimed mask) for one attack's raw output."""
+    """(x_adv projected into the exact ball, broken mask, claimed mask) for one attack's raw output. A row with a
+    non-finite value claims nothing (a model's argmax of NaN logits is class 0, not an error); its projection, the
+    clean value in every non-finite coordinate, is judged like any other."""
     x_raw = x_raw.detach().reshape(x.shape).to(x.dtype)
-    claimed = misclassified(model, x_raw, y, batch)
+    finite = torch.isfinite(x_raw.reshape(x.shape[0], -1)).all(1)
+    claimed = misclassified(model, torch.where(finite.view(-1, *[1] * (x.dim() - 1)), x_raw, x), y, batch) & finite
     out = ~inside(x.reshape(x.shape[0], -1), x_raw, eps, norm)
     x_adv = project(x, x_raw, eps, norm)
     broken = claimed.clone()
@@ -210,6 +214,17 @@ def check_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, x_raw
         todo = todo[~br_k]  # no valid example yet: a smaller eps and another seed
     info["unresolved"] = int(lost.sum()) - info["recovered"]
     return Checked(x_adv=x_adv, broken=broken, info=info)
+
+def check_record(own, fresh: dict) -> dict:
+    """The record of one attack's check at one eps: ``fresh`` (this check's), with the re-attack counts of the
+    attack's ``own`` check (a built-in attack validates its examples as it runs: its re-attacks happened there) where
+    ``own`` is a well-formed record. A record only; no verdict is read from it."""
+    if not isinstance(own, dict):
+        return fresh
+    counts = {k: own[k] for k in ("reattacked", "recovered", "unresolved")
+              if type(own.get(k)) is int and own[k] >= 0}
+    return {**fresh, **{k: fresh[k] + v for k, v in counts.items()}}
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # the ascent's pieces: the loss it maximises, its start and its step rule (every PGD-style loop uses these)
