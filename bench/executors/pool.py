@@ -15,9 +15,38 @@ from collections import deque
 from bench.executors.base import Done, Event, Executor, execute, lost_row
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """A worker never outlives its driver (a driver killed with -9 leaves no orphans holding its pipes): on Linux
+    the kernel kills it when the driver dies (a parent-death signal); anywhere, a watchdog thread waiting on the
+    driver's sentinel ends it."""
+    import ctypes
+    import os
+    import threading
+    from multiprocessing.connection import wait
+    parent = mp.parent_process()
+    if parent is None:
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the watchdog alone
+        pass
+    if os.getppid() != parent.pid:  # the driver died before the signal was armed
+        os._exit(1)
+
+    def watch():
+        wait([parent.sentinel])
+        os._exit(1)
+    threading.Thread(target=watch, name="driver-watchdog", daemon=True).start()
+
+
 def _worker(wid: int, tasks, results) -> None:
-    """A worker's loop: a task in, its events and its row out; None stops it. Ctrl-C is the driver's to handle."""
+    """A worker's loop: a task in, its events and its row out; None stops it. Ctrl-C is the driver's to handle; the
+    driver's death is the worker's."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     while True:
         task = tasks.get()
         if task is None:
