@@ -20,8 +20,16 @@ def _console() -> Console:
     return probe if probe.is_terminal else Console(width=180)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block) and exit 2, like every other bad input."""
+
+    def error(self, message):
+        print(f"error: {self.prog}: {_one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p = _OneLineParser(prog="python -m bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a sweep (default preset: MNIST-5k mlp width family)")
     run.add_argument("args", nargs="*", metavar="[PRESET] [key=value ...]",
@@ -70,7 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["perf"]:
         from bench.perf import main as perf_main
         return perf_main(argv[1:])
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "run" and not any(e.startswith("-") for e in extra):
+        args.args += extra  # presets and key=value overrides may follow the options too
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "run":
             from bench.run import run_command
@@ -95,25 +108,44 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+ERROR_CHARS = 400  # an error line quotes the culprit, not all of a 100 kB value
+
+
 def _one_line(text) -> str:
-    return " ".join(str(text).split())
+    line = " ".join(str(text).split())
+    if len(line) <= ERROR_CHARS:
+        return line
+    half = ERROR_CHARS // 2
+    return f"{line[:half]} ...[{len(line) - 2 * half:,} characters]... {line[-half:]}"
+
+
+def _lines(found: list) -> str:
+    """'line 3', 'lines 3, 7' or 'lines 3, 7, 9, 12, 15 and 995 more': a warning stays one short line."""
+    shown = ", ".join(str(i) for i, _ in found[:SHOWN_LINES])
+    more = f" and {len(found) - SHOWN_LINES} more" if len(found) > SHOWN_LINES else ""
+    return f"line{'s' if len(found) > 1 else ''} {shown}{more}"
+
+
+SHOWN_LINES = 5
 
 
 def skipped_rows_warning(path, parsed) -> str | None:
-    """'warning: results.jsonl: skipped 1 torn last line and 2 malformed rows (lines 3, 7)' (and rows that break the
-    row schema, with the first problem of the first), or None."""
+    """'warning: results.jsonl: skipped 1 torn last line and 2 malformed rows (lines 3, 7; line 3: not a JSON
+    object)' (and rows that break the row schema, with the first problem of the first; and rows another row of their
+    cell replaces), or None."""
     parts = []
     if parsed.torn_tail:
         parts.append("1 torn last line")
-    if parsed.malformed:
-        n = len(parsed.malformed)
-        parts.append(f"{n} malformed row{'s' if n > 1 else ''} (line{'s' if n > 1 else ''} "
-                     f"{', '.join(map(str, parsed.malformed))})")
-    if parsed.invalid:
-        n = len(parsed.invalid)
-        line, why = parsed.invalid[0]
-        parts.append(f"{n} row{'s' if n > 1 else ''} that break{'' if n > 1 else 's'} the row schema (line"
-                     f"{'s' if n > 1 else ''} {', '.join(str(i) for i, _ in parsed.invalid)}; line {line}: {why})")
+    for found, what in ((parsed.malformed, "malformed row"), (parsed.invalid, "row that breaks the row schema")):
+        if found:
+            n = len(found)
+            line, why = found[0]
+            noun = what.replace("row", "rows", 1).replace("breaks", "break") if n > 1 else what
+            parts.append(f"{n} {noun} ({_lines(found)}; line {line}: {_one_line(why)[:200]})")
+    if parsed.superseded:
+        n = parsed.superseded
+        parts.append(f"{n} row{'s' if n > 1 else ''} of a cell another row replaces (a retried cell or a row written "
+                     f"twice counts once)")
     return f"warning: {path}: skipped {' and '.join(parts)}" if parts else None
 
 
@@ -131,11 +163,11 @@ def report_command(args, console: Console) -> int:
     if report_dir.exists() and not report_dir.is_dir():
         print(f"error: {report_dir}: not a directory (the report is written there)", file=sys.stderr)
         return EXIT_BAD_INPUT
-    parsed = read_rows_file(results, strict=False)
+    parsed = read_rows_file(results, strict=False, compact_rows=True)
     warning = skipped_rows_warning(results, parsed)
     if warning:
         print(warning, file=sys.stderr)
     console.print(reports.console_table(parsed.rows))
-    for path in reports.render(results, Path(args.out)):
+    for path in reports.render(results, Path(args.out), rows=parsed.rows):
         console.print(f"wrote {path}")
     return 0

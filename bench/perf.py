@@ -312,6 +312,10 @@ def main(argv=None) -> int:
         from bench.scale_perf import main as scale
         argv.remove("--scale")
         return scale(argv)
+    if "--report" in argv:  # bench report on a cluster sweep's store (20,000 rows)
+        from bench.report_perf import main as report_perf
+        argv.remove("--report")
+        return report_perf(argv)
     if "--certify" in argv:  # the certified-bound cost table instead of the attack benchmark
         from bench.certify_cost import main as certify_cost
         argv.remove("--certify")

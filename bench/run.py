@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bench.spec import SpecError, build_spec, cell_id, expand
 from lawbench.reports.schema import eps_key
+from lawbench.reports.rows import one_per_cell
 
 
 def _split_args(items: list[str]) -> tuple[str, list[str]]:
@@ -143,9 +144,10 @@ def cell_summary(row: dict) -> str:
     k = eps_key(e) if e is not None else None
     pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"
     sig = lambda v: "uncertified" if v is None else f"{v:.3g}"
+    low = lambda v: "–" if v is None else f"{v:.3g}"  # a lower-bound phase that could not run
     return (f"{row['model']} w={row['width']} {row['recipe']} seed={row['seed']} {row['threat']}: p={row['params']:,} "
             f"p/(n·d)={row['ratio']:.3g} clean {pct(row['clean_acc'])} robust@{e:g} {pct(row['robust_acc'].get(k))} "
-            f"cert {pct(row['cert_acc'].get(k))} lip [{row['lip_lower']:.3g}, {sig(row['lip_upper'])}] "
+            f"cert {pct(row['cert_acc'].get(k))} lip [{low(row['lip_lower'])}, {sig(row['lip_upper'])}] "
             f"({row['timings'].get('total', 0):.1f} s)")
 
 
@@ -334,12 +336,9 @@ def run_cells(cells: list[dict], out_dir: Path, console: Console, *, device="aut
                 finally:
                     ex.close()
         wanted = {cell_id(c) for c in cells}
-        latest = {}
-        for row in store.rows():
-            if row.get("cell_id") in wanted:
-                latest[row["cell_id"]] = row
-        console.print(reports.console_table(list(latest.values()), title=f"results ({store.path})"))
-        ok_rows = [r for r in latest.values() if r.get("status") == "ok"]
+        latest, _ = one_per_cell([row for row in store.rows() if row["cell_id"] in wanted])
+        console.print(reports.console_table(latest, title=f"results ({store.path})"))
+        ok_rows = [r for r in latest if r.get("status") == "ok"]
         if len({r["width"] for r in ok_rows}) >= 3:
             for line in reports.slope_summary(ok_rows):
                 console.print(line)

@@ -25,6 +25,7 @@ from bench.store import json_safe
 from bench.spec import ABSENT_MEANS, KEY_OPTIONS, LEGACY_ATTACKS, SCHEMA, SMOOTH_KEYS, cell_id, train_key
 from bench.train import TrainConfig, train
 from lawbench.base.files import atomic_write_text
+from lawbench.base.modes import eval_mode
 from lawbench.base.timing import Timer
 from lawbench.reports.schema import (ACC_CHAIN, FIELDS, REQUIRED_KEYS, TRUST_FLAGS, check_row, eps_key,
                                      indicator_flags, undeclared)
@@ -66,19 +67,66 @@ def _write_meta(meta_path: Path, meta: dict) -> None:
     atomic_write_text(meta_path, json.dumps(meta))
 
 
-def _train_or_load(model, data, cell, ckpt_dir: Path, device, phase, chooser: threads.ThreadChooser) -> dict:
-    """Train, or reuse the checkpoint of an identical training configuration."""
+def _cached_meta(meta_path: Path, key: str) -> dict:
+    """A checkpoint's sidecar: what the row reads of it, or ValueError saying what is wrong."""
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if not isinstance(meta, dict):
+        raise ValueError("not a JSON object")
+    if meta.get("train_key") != key:
+        raise ValueError(f"its train_key is {str(meta.get('train_key'))[:40]!r}, not {key!r}")
+    if type(meta.get("epochs_run")) is not int or meta["epochs_run"] < 0:
+        raise ValueError("no epochs_run count")
+    acc = meta.get("train_acc")
+    if not isinstance(acc, (int, float)) or isinstance(acc, bool) or not 0 <= acc <= 1:
+        raise ValueError("no train_acc in [0, 1]")
+    return meta
+
+
+def _load_cached(model, ckpt: Path, meta_path: Path, key: str, say) -> dict | None:
+    """The cached training of ``key``, or None when its checkpoint or sidecar does not load: both are moved aside
+    (renamed ``*.damaged-N``, never deleted), a line names them, and the model, as it was built, is trained again."""
+    built = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        meta = _cached_meta(meta_path, key)
+        models.load_checkpoint(model, ckpt)
+        return meta
+    except (OSError, ValueError, models.ModelError) as exc:  # JSON, UTF-8 and checkpoint errors alike
+        model.load_state_dict(built)
+        moved = [move_aside(p) for p in (ckpt, meta_path)]
+        say(f"warning: cached checkpoint {ckpt} does not load ({' '.join(str(exc).split())[:200]}); moved aside "
+            f"to {', '.join(str(m) for m in moved if m)}; training again")
+        return None
+
+
+def move_aside(path: Path) -> Path | None:
+    """``path`` renamed to the first free ``path.damaged-N`` (kept for inspection); None if it cannot be."""
+    for n in range(1, 1000):
+        dest = path.with_name(f"{path.name}.damaged-{n}")
+        if not dest.exists():
+            try:
+                path.rename(dest)
+                return dest
+            except OSError:
+                return None
+    return None
+
+
+def _train_or_load(model, data, cell, ckpt_dir: Path, device, phase, chooser: threads.ThreadChooser,
+                   say=None) -> dict:
+    """Train, or reuse the checkpoint of an identical training configuration (a damaged one is moved aside and the
+    model trained again)."""
+    say = say or phase
     key = train_key(cell)
     ckpt, meta_path = ckpt_dir / f"{key}.pt", ckpt_dir / f"{key}.json"
     if ckpt.exists() and meta_path.exists():
-        models.load_checkpoint(model, ckpt)
-        model.to(device).eval()
-        meta = json.loads(meta_path.read_text())
-        meta["cached"] = True
-        return meta
+        meta = _load_cached(model, ckpt, meta_path, key, say)
+        if meta is not None:
+            model.to(device).eval()
+            meta["cached"] = True
+            return meta
     cfg = train_config(cell)
     if cell["recipe"] == "smooth":  # ERM's interpolator first (its own checkpoint, shared with the ERM cell)
-        base = _train_or_load(model, data, erm_cell(cell), ckpt_dir, device, phase, chooser)
+        base = _train_or_load(model, data, erm_cell(cell), ckpt_dir, device, phase, chooser, say)
         with chooser.phase("train", cfg.batch_size):
             found = smooth.search(model, data.x_train, data.y_train, cfg, device,
                                   progress=lambda a, k, lam, ok, lip: phase(
@@ -101,6 +149,36 @@ def _train_or_load(model, data, cell, ckpt_dir: Path, device, phase, chooser: th
     _write_meta(meta_path, meta)
     meta["cached"] = False
     return meta
+
+
+FINITE_PROBE = 256  # test points whose logits and input gradients must be finite before any phase runs
+
+
+def finite_model(model: torch.nn.Module, x: torch.Tensor, device) -> None:
+    """A model with non-finite weights, or whose logits or input gradients overflow, has no accuracy, robustness or
+    Lipschitz constant to measure: the cell fails with that reason (a ModelError naming the parameter or the
+    points), before a later phase fails on it with an internal error."""
+    for name, p in model.named_parameters():
+        bad = int((~torch.isfinite(p)).sum())
+        if bad:
+            raise models.ModelError(f"parameter {name} has {bad} non-finite value(s) (NaN or inf): the model cannot "
+                                    f"be evaluated")
+    xs = x[:FINITE_PROBE].to(device).clone().requires_grad_(True)
+    devices = [xs.device] if xs.device.type == "cuda" else []
+    with eval_mode(model), torch.random.fork_rng(devices=devices):  # a noisy model's later draws are unchanged
+        out = model(xs)
+        rows = ~torch.isfinite(out.detach()).all(1)
+        if bool(rows.any()):
+            big = max((float(p.detach().abs().max()) for p in model.parameters() if p.numel()), default=0.0)
+            raise models.ModelError(f"the model's logits are not finite at {int(rows.sum())} of {len(xs)} test "
+                                    f"points (its largest weight is {big:.3g}): the model cannot be evaluated")
+        g = None  # a forward that cuts the graph (a thermometer code) has no gradient to judge
+        if out.requires_grad:
+            (g,) = torch.autograd.grad(out.logsumexp(1).sum(), xs, allow_unused=True)
+    if g is not None and not bool(torch.isfinite(g).all()):
+        bad = int((~torch.isfinite(g.reshape(len(xs), -1))).any(1).sum())
+        raise models.ModelError(f"the model's input gradients are not finite at {bad} of {len(xs)} test points: "
+                                f"gradient attacks and the Lipschitz bounds cannot run on it")
 
 
 def training_fit(model: torch.nn.Module, data: datasets.Split, device) -> dict:
@@ -170,6 +248,7 @@ def _evaluate(model, data, cell, device, timer, chooser, phase, log) -> dict:
     pgd_acc = {eps_key(e): acc(ev.pgd_robust[e]) for e in eps}
     aa_acc = {eps_key(e): (acc(ev.aa_robust[e]) if e in ev.aa_robust else None) for e in eps}
     robust_acc = {eps_key(e): acc(ev.robust[e]) for e in eps}
+    errors: dict = {}
     with timer("lipschitz"):
         phase("Lipschitz bounds")
         upper, refusal = _certified_upper(model, tuple(data.meta.in_shape))
@@ -180,21 +259,25 @@ def _evaluate(model, data, cell, device, timer, chooser, phase, log) -> dict:
             adv = ev.x_adv[e]
             points.append(_subset(adv, k))
             pairs.append((_subset(x_test, k), _subset(adv, k)))
-        lower = certify.lipschitz_lower(model, points, pairs)
+        lower = _phase(errors, "lip_lower", lambda: certify.lipschitz_lower(model, points, pairs))
     cert_acc = {eps_key(e): None for e in eps}
     if upper is not None:
         with timer("certify"):
             phase("certified accuracy")
-            cert = certify.certified_accuracy(model, x_test, y_test, upper, eps, threat)
-        cert_acc = {eps_key(e): float(cert[e]) for e in eps}
+            cert = _phase(errors, "cert_acc", lambda: certify.certified_accuracy(model, x_test, y_test, upper, eps,
+                                                                               threat))
+        if cert is not None:
+            cert_acc = {eps_key(e): float(cert[e]) for e in eps}
     return {
         "clean_acc": clean_acc, "pgd_acc": pgd_acc, "autoattack_acc": aa_acc, "robust_acc": robust_acc,
         "cert_acc": cert_acc, "lip_upper": None if upper is None else float(upper.value),
-        "lip_lower": float(lower.value),
-        "lip_upper_method": None if upper is None else upper.method, "lip_lower_method": lower.method,
+        "lip_lower": None if lower is None else float(lower.value),
+        "lip_upper_method": None if upper is None else upper.method,
+        "lip_lower_method": None if lower is None else lower.method,
         "lip_upper_linf": getattr(upper, "linf", None),
-        "lip_gap": float(upper.value) / float(lower.value) if upper is not None and lower.value > 0 else None,
-        "uncertified": refusal,
+        "lip_gap": (float(upper.value) / float(lower.value)
+                    if upper is not None and lower is not None and lower.value > 0 else None),
+        "uncertified": refusal, "phase_errors": errors or None,
         "aa_flags": list(ev.aa_flags), "aa_eps": list(cell["aa_eps"]),
         "autoattack_impl": cell.get("autoattack_impl", ABSENT_MEANS["autoattack_impl"]),
         "attack_passes": {name: {(k if k == "all" else eps_key(k)): v for k, v in per_eps.items()}
@@ -248,6 +331,21 @@ def cell_attacks(cell: dict) -> list:
     return list(cell.get("attacks", LEGACY_ATTACKS))
 
 
+PHASE_NAMES = {"lip_lower": "the Lipschitz lower bound", "cert_acc": "certified accuracy"}
+
+
+def _phase(errors: dict, key: str, fn):
+    """``fn()``, or None with ``errors[key]`` saying why when that phase cannot run on this model: the row keeps
+    every other phase's numbers (the attacks' above all) and a `phase-failed` flag."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - any failure of one phase; the cell's other phases stand
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        errors[key] = (f"{PHASE_NAMES[key]} could not run: {type(exc).__name__}: {' '.join(str(exc).split())[:300]} "
+                       f"(at {Path(where.filename).name}:{where.lineno})")
+        return None
+
+
 def _certified_upper(model, in_shape):
     """(bound, None), or (None, the reason) when certify refuses a layer it cannot verify exactly: the model is
     still attacked and its row is ok, with lip_upper and cert_acc null and an `uncertified` flag."""
@@ -285,7 +383,8 @@ def check_invariants(row: dict) -> None:
         for (lo_name, lo), (hi_name, hi) in zip(chain, chain[1:]):
             if lo > hi + INVARIANT_TOL:
                 raise InvariantError(f"eps {k}: {lo_name}_acc {lo} > {hi_name}_acc {hi}")
-    if row["lip_upper"] is not None and row["lip_lower"] > row["lip_upper"] * (1 + 1e-6):
+    if row["lip_upper"] is not None and row["lip_lower"] is not None and \
+            row["lip_lower"] > row["lip_upper"] * (1 + 1e-6):
         raise InvariantError(f"lip_lower {row['lip_lower']} > lip_upper {row['lip_upper']}")
 
 
@@ -368,10 +467,11 @@ def _fill_row(row: dict, task: CellTask, budget: threads.ThreadBudget, timer: Ti
     else:
         with timer("train"):
             trained = _train_or_load(model, data, cell, Path(task.out_dir) / "checkpoints", device, phase,
-                                     chooser)
+                                     chooser, log)
         row.update(epochs_run=trained["epochs_run"], checkpoint_cached=trained["cached"],
                    train_key=trained["train_key"])
         row.update({k: trained[k] for k in SMOOTH_ROW_KEYS if k in trained})
+    finite_model(model, data.x_test, device)
     row.update(training_fit(model, data, device))
     row.update(evaluate_model(model, data, cell, device, timer, chooser, phase, log))
     row["threads"] = chooser.record()
@@ -387,6 +487,8 @@ def _fill_row(row: dict, task: CellTask, budget: threads.ThreadBudget, timer: Ti
         row["flags"].append("smooth-no-gain")  # no attempt of the search (retry included) beat ERM's interpolator
     if row.get("uncertified"):
         row["flags"].append("uncertified")
+    if row.get("phase_errors"):
+        row["flags"].append("phase-failed")  # a phase that could not run: its numbers are null, the reason is kept
     if any(row.get("reattacked", {}).values()):
         row["flags"].append("reattacked")
     check_invariants(row)

@@ -56,6 +56,14 @@ PGD_OPTIONS = {"steps": "pgd_steps", "restarts": "pgd_restarts", "step_size": "p
 KEY_OPTIONS = {"autoattack": {"version": "autoattack", "impl": "autoattack_impl"},
                "fast": {"impl": "autoattack_impl"}}
 INT64_END = 2 ** 63                                # ints are int64; torch.manual_seed takes a seed below this
+# Sizes a cell can hold, declared so that a typo (width=1000000000000) is refused up front, not in the cell: a
+# width-2^20 MLP on MNIST is 0.8 billion weights (3 GiB); 2^31 points or dimensions are past any tensor index a
+# CPU or GPU batch takes; a million epochs or steps is days per cell.
+MAX_WIDTH = 2 ** 20
+MAX_PARAMS = 10 ** 11
+MAX_POINTS = 2 ** 31
+MAX_DIM = 2 ** 31
+MAX_ITERATIONS = 10 ** 6
 
 
 @dataclass(frozen=True)
@@ -86,10 +94,11 @@ class Key:
         return tuple(self.names()) if callable(self.names) else tuple(self.names)
 
     def range_text(self) -> str:
-        lo = None if self.lo is None else f"{'>' if self.lo_open else '>='} {self.lo:g}"
-        hi = None if self.hi is None else f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        show = (lambda v: f"{v:,}") if self.kind == "int" else (lambda v: f"{v:g}")  # noqa: E731 - 1,048,576
+        lo = None if self.lo is None else f"{'>' if self.lo_open else '>='} {show(self.lo)}"
+        hi = None if self.hi is None else f"{'<' if self.hi_open else '<='} {show(self.hi)}"
         if lo and hi:
-            return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+            return f"in {'(' if self.lo_open else '['}{show(self.lo)}, {show(self.hi)}{')' if self.hi_open else ']'}"
         return lo or hi or ""
 
 
@@ -100,38 +109,38 @@ SCHEMA: dict[str, Key] = {
     # data
     "dataset": Key("str", "mnist5k", sweep=True, doc="a name in the dataset registry (checked against it)"),
     "data_options": Key("table", {}, doc="dataset-specific options, e.g. gauss: d, num_classes"),
-    "n_train": Key("int", 0, lo=0, sweep=True, doc="0: the dataset's whole training pool"),
-    "d": Key("int", 0, lo=0, sweep=True, doc="input dimension of synthetic data (gauss), the data_options.d sweep "
+    "n_train": Key("int", 0, lo=0, hi=MAX_POINTS, sweep=True, doc="0: the dataset's whole training pool"),
+    "d": Key("int", 0, lo=0, hi=MAX_DIM, sweep=True, doc="input dimension of synthetic data (gauss), the data_options.d sweep "
                                              "axis; 0: the dataset's own"),
-    "n_test": Key("int", 0, lo=0, doc="0: the dataset's whole test set"),
+    "n_test": Key("int", 0, lo=0, hi=MAX_POINTS, doc="0: the dataset's whole test set"),
     "label_noise": Key("float", 0.0, lo=0, hi=1, hi_open=True, sweep=True),
     # model
     "model": Key("str", "mlp", sweep=True, doc="a name in the model registry (checked after plugins load)"),
-    "width": Key("int", 64, lo=0, lo_open=True, sweep=True),
-    "target_params": Key("int", 0, lo=0, sweep=True, doc="0: off; else each cell's width is the one whose parameter "
+    "width": Key("int", 64, lo=0, lo_open=True, hi=MAX_WIDTH, sweep=True),
+    "target_params": Key("int", 0, lo=0, hi=MAX_PARAMS, sweep=True, doc="0: off; else each cell's width is the one whose parameter "
                                                          "count is closest to this (fixed p while d varies)"),
     "model_options": Key("table", {}),
     # training
     "recipe": Key("choice", "erm", choices=RECIPES, sweep=True),
-    "epochs": Key("int", 30, lo=1),
+    "epochs": Key("int", 30, lo=1, hi=MAX_ITERATIONS),
     "optimizer": Key("choice", "adam", choices=OPTIMIZERS),
     "lr": Key("float", 1e-3, lo=0, lo_open=True),
     "momentum": Key("float", 0.9, lo=0, hi=1, hi_open=True, doc="sgd only"),
     "weight_decay": Key("float", 0.0, lo=0),
-    "batch_size": Key("int", 128, lo=1),
+    "batch_size": Key("int", 128, lo=1, hi=MAX_POINTS),
     "target_train_acc": Key("float", 1.0, lo=0, hi=1, lo_open=True),
     "train_eps": Key("float", 0.0, lo=0, hi=1, sweep=True, doc="pgd-at only; pixel units"),
     "train_norm": Key("choice", "Linf", choices=NORMS),
-    "train_steps": Key("int", 10, lo=1),
+    "train_steps": Key("int", 10, lo=1, hi=MAX_ITERATIONS),
     "train_step_size": Key("float", 0.0, lo=0, doc="0: 2.5·eps/steps"),
-    "train_eps_warmup": Key("int", 0, lo=0),
-    "at_epochs": Key("int", 0, lo=0, doc="pgd-at only: its epochs (0: epochs, which ERM stops short of once it "
+    "train_eps_warmup": Key("int", 0, lo=0, hi=MAX_ITERATIONS),
+    "at_epochs": Key("int", 0, lo=0, hi=MAX_ITERATIONS, doc="pgd-at only: its epochs (0: epochs, which ERM stops short of once it "
                      "interpolates and PGD-AT runs to the end)"),
     "smooth_margin": Key("float", 1.0, lo=0, lo_open=True, doc="smooth only: logit margin each training point keeps"),
     "smooth_lambda": Key("float", 1e-3, lo=0, lo_open=True, doc="smooth only: the search's first penalty"),
     "smooth_growth": Key("float", 4.0, lo=1, lo_open=True, doc="smooth only: penalty factor between stages"),
     "smooth_stages": Key("int", 6, lo=1, doc="smooth only: most growth stages"),
-    "smooth_epochs": Key("int", 50, lo=1, doc="smooth only: fine-tuning epochs per stage"),
+    "smooth_epochs": Key("int", 50, lo=1, hi=MAX_ITERATIONS, doc="smooth only: fine-tuning epochs per stage"),
     "smooth_refine": Key("int", 1, lo=0,
                          doc="smooth only: bisection steps after the first penalty that breaks the fit"),
     "smooth_lr": Key("float", 0.0, lo=0, doc="smooth only: fine-tuning learning rate; 0: lr / 10"),
@@ -161,11 +170,11 @@ SCHEMA: dict[str, Key] = {
     "attack": Key("table", {}, doc="options per attack, [attack.NAME] option = value (e.g. [attack.ta-square] "
                                    "n_queries = 1000, eps = [0.1, 0.2]); [attack.pgd] steps/restarts/step_size set "
                                    "pgd_steps/pgd_restarts/pgd_step_size"),
-    "pgd_steps": Key("int", 100, lo=1),
-    "pgd_restarts": Key("int", 1, lo=1),
+    "pgd_steps": Key("int", 100, lo=1, hi=MAX_ITERATIONS),
+    "pgd_restarts": Key("int", 1, lo=1, hi=MAX_ITERATIONS),
     "pgd_step_size": Key("float", 0.0, lo=0,
                          doc="0: the default rule, eps/2 decayed in four stages to eps/16; else a fixed step"),
-    "lip_points": Key("int", 512, lo=0, doc="points per source for the empirical Lipschitz lower bound; 0: all"),
+    "lip_points": Key("int", 512, lo=0, hi=MAX_POINTS, doc="points per source for the empirical Lipschitz lower bound; 0: all"),
     # execution
     "executor": Key("table", {}, doc="how the cells run: [executor] name = local|pool|ray|slurm and its options "
                                      "(EXECUTOR_OPTIONS); never part of a cell"),
@@ -243,8 +252,9 @@ def load_preset(name_or_path: str) -> dict:
         text, origin = item.read_text(), f"preset {name_or_path}"
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise SpecError(f"{origin}: invalid TOML ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # TOMLDecodeError; an integer of 100,000 digits; deep nesting
+        why = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise SpecError(f"{origin}: invalid TOML ({why})") from None
     for key in data:
         _check_key(key, origin)
     return data
@@ -269,7 +279,7 @@ def parse_override(text: str) -> tuple[str, object]:
 def parse_value(raw: str):
     try:
         return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (ValueError, RecursionError):  # not TOML (a bare word), or past what TOML reads: the text as it is
         return raw
 
 
@@ -418,7 +428,8 @@ def check_value(key: str, v, k: Key | None = None) -> None:
         if not isinstance(v, int) or isinstance(v, bool):
             raise SpecError(f"{bad} (expected an integer)")
         if not _in_range(k, v) or not -INT64_END <= v < INT64_END:
-            raise SpecError(f"key '{key}': must be an integer {k.range_text()} and below 2**63, got {v}")
+            below = "" if k.hi is not None and k.hi < INT64_END else " and below 2**63"
+            raise SpecError(f"key '{key}': must be an integer {k.range_text()}{below}, got {v}")
     elif k.kind == "float":
         if not _is_number(v):
             raise SpecError(f"{bad} (expected a number)")

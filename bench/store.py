@@ -16,6 +16,9 @@ from lawbench.base.files import atomic_write_text
 from lawbench.reports.rows import read_rows_file
 
 
+TAIL_BLOCK = 1 << 16
+
+
 class StoreError(RuntimeError):
     """The results directory cannot be used (not a directory, not writable, a dangling link); names the path."""
 
@@ -37,6 +40,13 @@ def json_safe(obj):
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     return obj
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Every byte of ``data`` to the file descriptor (a write may take part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 class Store:
@@ -107,24 +117,51 @@ class Store:
         return {r.get("cell_id") for r in self.rows() if r.get("status") == "ok"}
 
     def _cut_torn_tail(self) -> None:
+        """A last line without its newline (a writer killed mid-line) is cut off; only the file's tail is read (a
+        cluster sweep's store is 100 MB, and this runs before every row)."""
         if not self.path.exists():
             return
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(self.path, "r+b") as fh:
-                fh.truncate(data.rfind(b"\n") + 1)
-                fh.flush()
-                os.fsync(fh.fileno())
+        with open(self.path, "r+b") as fh:
+            end = fh.seek(0, os.SEEK_END)
+            if end == 0:
+                return
+            fh.seek(end - 1)
+            if fh.read(1) == b"\n":
+                return
+            pos = end
+            while pos > 0:  # back to the last newline, a block at a time
+                step = min(TAIL_BLOCK, pos)
+                fh.seek(pos - step)
+                block = fh.read(step)
+                k = block.rfind(b"\n")
+                if k >= 0:
+                    pos = pos - step + k + 1
+                    break
+                pos -= step
+            fh.truncate(pos)
+            fh.flush()
+            os.fsync(fh.fileno())
 
     def append(self, row: dict) -> None:
         if self._lock is None:
             raise RuntimeError("Store.append outside `with Store(...)`")
         self._cut_torn_tail()
-        line = json.dumps(json_safe(row), sort_keys=False, allow_nan=False) + "\n"
-        with open(self.path, "ab") as fh:
-            fh.write(line.encode())
-            fh.flush()
-            os.fsync(fh.fileno())
+        data = (json.dumps(json_safe(row), sort_keys=False, allow_nan=False) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.fstat(fd).st_size
+            try:
+                write_all(fd, data)
+                os.fsync(fd)
+            except OSError as exc:  # a full disk, a quota, an I/O error: no partial line is left behind
+                try:
+                    os.ftruncate(fd, start)
+                except OSError:
+                    pass
+                raise StoreError(f"{self.path}: cannot write a row ({_os_reason(exc)}); every row before it is "
+                                 f"kept, and a re-run resumes") from None
+        finally:
+            os.close(fd)
 
 
 # Per-cell result files: executors whose workers cannot hand a row back to the driver directly (SLURM tasks) write

@@ -19,6 +19,7 @@ import pickle
 import re
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,7 +133,9 @@ def load_checkpoint(module: nn.Module, path: str | os.PathLike, sha256: str | No
         if got != want:
             raise ModelError(f"{where}: sha256 mismatch (expected {want}, file has {got})")
     try:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():  # torch's two-line pickle-protocol warning would precede our one line
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # any file can be handed in: whatever torch raises on it is one line
         culprit = _first_unsafe_global(path, e) if isinstance(e, pickle.UnpicklingError) else None
         if culprit:

@@ -28,6 +28,11 @@ MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*", "h", "<", ">")
 PLOT_NAMES = ("robust_vs_ratio", "lipschitz_vs_ratio", "accuracy_by_family", "frontier")
 
 
+def _legend(ax, **kw) -> None:
+    """A legend where the axes have labelled artists (matplotlib warns on an empty one, once per report)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kw)
+
 
 def _title(ax, text: str, fontsize: float = 10, width: int = 62) -> None:
     """An axis title wrapped onto as many lines as it needs: a view's title names its dataset, threat and suite, and
@@ -158,10 +163,10 @@ def plot_robust_vs_ratio(views: list[View]) -> Figure:
         _accuracy_axes(ax, "robust accuracy (%)")
         _title(ax, title, width=62 if len(panels) <= 4 else 48)
         if len(lines) == 1:  # a panel of its own: the legend inside, eps and clean only
-            ax.legend(fontsize=7, loc="best")
+            _legend(ax, fontsize=7, loc="best")
         else:
-            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
-                      ncols=1 + (len(ax.get_legend_handles_labels()[1]) > 14))
+            _legend(ax, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+                    ncols=1 + (len(ax.get_legend_handles_labels()[1]) > 14))
     for ax in axes[len(panels) or 1:]:
         ax.set_visible(False)
     return fig
@@ -255,7 +260,7 @@ def plot_lipschitz(views: list[View]) -> Figure:
         slope = "" if res["slope"] is None else f" (lip_lower slope {res['slope']:.2f})"
         _title(ax, f"{view.title}: Lipschitz bounds{slope}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend(ax, fontsize=7)
     for ax in axes[len(views) or 1:]:
         ax.set_visible(False)
     return fig
@@ -288,7 +293,7 @@ def plot_accuracy_by_family(views: list[View]) -> Figure:
             _no_data(ax)
             continue
         _accuracy_axes(ax, "accuracy (%)")
-        ax.legend(fontsize=7)
+        _legend(ax, fontsize=7)
     for ax in axes[len(panels) or 1:]:
         ax.set_visible(False)
     return fig
@@ -337,7 +342,7 @@ def plot_frontier(views: list[View]) -> Figure:
         ax.set_ylabel("Lipschitz constant at training margin 1")
         _title(ax, f"{law.frontier_title(key)}: ERM (solid) vs smooth (dashed)", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend(ax, fontsize=7)
         eps_list = law.frontier_eps(points)
         cmap = matplotlib.colormaps["viridis"]
         used: set = set()
@@ -358,7 +363,7 @@ def plot_frontier(views: list[View]) -> Figure:
                     _mark(ax_r, unverified, UNVERIFIED, used)
         _accuracy_axes(ax_r, "robust accuracy (%)")
         _title(ax_r, "robust accuracy: ERM (solid) vs smooth (dashed)", fontsize=9)
-        ax_r.legend(fontsize=6, ncols=2)
+        _legend(ax_r, fontsize=6, ncols=2)
     return fig
 
 

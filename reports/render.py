@@ -8,7 +8,7 @@ from lawbench.base.files import atomic_write_bytes, atomic_write_text
 from .csvexport import render_csv
 from .htmlpage import render_html
 from .markdown import render_markdown
-from .rows import read_rows
+from .rows import read_rows_file
 from .table import build_views
 
 FORMATS = ("md", "html", "csv", "png", "svg")
@@ -20,10 +20,11 @@ class ReportError(ValueError):
     """Bad input to the report: one line naming the file or option at fault."""
 
 
-def render(results_path, out_dir, formats=FORMATS) -> list[Path]:
+def render(results_path, out_dir, formats=FORMATS, rows: list[dict] | None = None) -> list[Path]:
     """Read `results_path` (a results.jsonl, or a folder holding one) and write the requested formats into
     `out_dir/report/`: leaderboard.md, leaderboard.html, results.csv and the plots (robust_vs_ratio,
-    lipschitz_vs_ratio, accuracy_by_family) as .png/.svg. Returns the written paths in that order."""
+    lipschitz_vs_ratio, accuracy_by_family) as .png/.svg. Returns the written paths in that order. rows: the
+    store's rows already read (reports.rows.read_rows_file, strict=False), so a large store is parsed once."""
     results_path = Path(results_path)
     if results_path.is_dir():
         results_path = results_path / "results.jsonl"
@@ -34,7 +35,8 @@ def render(results_path, out_dir, formats=FORMATS) -> list[Path]:
     if unknown:
         raise ReportError(f"unknown report format {unknown[0]!r} (choose from {', '.join(FORMATS)})")
     from .plots import PLOT_NAMES, PLOTTERS, figure_bytes  # matplotlib: imported when a report is made, not before
-    rows = read_rows(results_path, strict=False)  # malformed lines are skipped; the CLI says how many and where
+    if rows is None:  # malformed lines are skipped; the CLI says how many and where
+        rows = read_rows_file(results_path, strict=False, compact_rows=True).rows
     views = build_views(rows)
     report_dir = Path(out_dir) / "report"
     report_dir.mkdir(parents=True, exist_ok=True)

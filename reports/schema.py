@@ -61,6 +61,7 @@ class Field:
     nullable: bool = True  # may be null in an ok row
     lo: float | None = None  # inclusive bounds of a number (or of every accuracy in a map)
     hi: float | None = None
+    detail: bool = False  # the store keeps it for the record; no report reads it, so their reader leaves it out
 
 
 ACC = dict(unit="fraction", lo=0.0, hi=1.0)
@@ -100,7 +101,8 @@ FIELDS: tuple[Field, ...] = (
           "input lies at least gamma from the teacher's boundary", lo=0.0),
     # model
     Field("family", "str", "model", "model family (mlp, cnn, ...)", required=True),
-    Field("params", "int", "model", "trainable parameters p", required=True, nullable=False, lo=0),
+    Field("params", "int", "model", "trainable parameters p (a model has at least one)", required=True,
+          nullable=False, lo=1),
     Field("architecture", "str", "model", "registry model of a checkpoint entry"),
     Field("checkpoint_sha256", "str", "model", "sha256 of a checkpoint entry's file"),
     # training
@@ -109,7 +111,7 @@ FIELDS: tuple[Field, ...] = (
     Field("train_key", "str", "train", "hash of the training config (checkpoint name)"),
     Field("smooth_penalty", "float", "train", "smooth: the penalty of the chosen model"),
     Field("smooth_searched", "bool", "train", "smooth: a search ran (false: ERM's start did not interpolate)"),
-    Field("smooth_trace", "list", "train", "smooth: every stage of every attempt"),
+    Field("smooth_trace", "list", "train", "smooth: every stage of every attempt", detail=True),
     Field("smooth_base", "str", "train", "smooth: the ERM interpolator's train_key"),
     Field("smooth_output_scale", "float", "train", "smooth: logit scale applied to reach margin 1"),
     Field("smooth_attempts", "list", "train", "smooth: each attempt's outcome"),
@@ -136,29 +138,33 @@ FIELDS: tuple[Field, ...] = (
     Field("aa_flags", "names", "attack", "AutoAttack's and the suite's warnings", required=True, nullable=False),
     Field("aa_eps", "eps_list", "attack", "the eps AutoAttack ran at", "pixels", lo=0.0),
     Field("autoattack_impl", "str", "attack", "AutoAttack's engine: native or original"),
-    Field("attack_passes", "object", "attack", "forward/backward passes per attack and eps", "rows"),
+    Field("attack_passes", "object", "attack", "forward/backward passes per attack and eps", "rows", detail=True),
     Field("verified", "bool_map", "attack", "an AutoAttack-grade attack verified the robust accuracy at eps"),
-    Field("randomized", "object", "attack", "randomized model: EOT and vote draws (null otherwise)"),
-    Field("aa_attacks", "object", "attack", "AutoAttack's attacks per eps"),
-    Field("reattacked", "object", "attack", "examples re-attacked after the ball check, per eps", "points"),
+    Field("randomized", "object", "attack", "randomized model: EOT and vote draws (null otherwise)", detail=True),
+    Field("aa_attacks", "object", "attack", "AutoAttack's attacks per eps", detail=True),
+    Field("reattacked", "object", "attack", "examples re-attacked after the ball check, per eps", "points",
+          detail=True),
     Field("suite", "names", "attack", "the attacks run, in order"),
     Field("attack_breaks", "object", "attack", "points each attack broke first, per eps", "points"),
-    Field("attack_seconds", "object", "attack", "seconds per attack", "seconds"),
-    Field("attack_details", "object", "attack", "per attack and eps, what it reports of itself"),
-    Field("attack_settings", "object", "attack", "options each attack ran with"),
-    Field("attack_check", "object", "attack", "the ball and misclassification check per eps"),
+    Field("attack_seconds", "object", "attack", "seconds per attack", "seconds", detail=True),
+    Field("attack_details", "object", "attack", "per attack and eps, what it reports of itself", detail=True),
+    Field("attack_settings", "object", "attack", "options each attack ran with", detail=True),
+    Field("attack_check", "object", "attack", "the ball and misclassification check per eps", detail=True),
     Field("attack_indicators", "object", "attack", "indicators of attack failure per eps and name: value, threshold, "
           "fired (the adaptive stage; null where it did not run)"),
     # Lipschitz
     Field("lip_upper", "float", "lipschitz", "certified global L2 upper bound (null: uncertified)", required=True,
           lo=0.0),
-    Field("lip_lower", "float", "lipschitz", "empirical L2 lower bound", required=True, nullable=False, lo=0.0),
+    Field("lip_lower", "float", "lipschitz", "empirical L2 lower bound (null: the phase could not run, "
+          "phase_errors says why)", required=True, lo=0.0),
     Field("lip_upper_method", "str", "lipschitz", "how lip_upper was certified"),
     Field("lip_lower_method", "str", "lipschitz", "where lip_lower was found (gradient or secant)"),
     Field("lip_upper_linf", "float", "lipschitz", "certified Linf bound: |f_i(x) - f_i(x')| <= it · ||x - x'||_inf",
           lo=0.0),
     Field("lip_gap", "float", "lipschitz", "lip_upper / lip_lower", lo=0.0),
     Field("uncertified", "str", "lipschitz", "why certify refused the model (null: certified)"),
+    Field("phase_errors", "object", "lipschitz", "phases that could not run on this model, each with its reason "
+          "(the row keeps every other phase's numbers)"),
     Field("lip_upper_unit_margin", "float", "lipschitz", "lip_upper / train_margin (interpolating rows)", lo=0.0),
     Field("lip_lower_unit_margin", "float", "lipschitz", "lip_lower / train_margin (interpolating rows)", lo=0.0),
     Field("lip_upper_q01_margin", "float", "lipschitz", "lip_upper / train_margin_q01 (interpolating rows)", lo=0.0),
@@ -175,15 +181,16 @@ FIELDS: tuple[Field, ...] = (
     Field("law_bound_eff", "float", "law", "Theorem 3's bound with d_eff"),
     Field("law_applicable", "bool", "law", "n is large enough for Theorem 3 to say something"),
     Field("law_flag", "str", "law", "why Theorem 3 is vacuous here ('' when it applies)"),
-    Field("law_params", "object", "law", "Theorem 3's eps, delta, c, W, J, k"),
+    Field("law_params", "object", "law", "Theorem 3's eps, delta, c, W, J, k", detail=True),
     # how it ran
     Field("device", "str", "run", "torch device", required=True),
     Field("timings", "object", "run", "seconds per phase", "seconds", True, False),
-    Field("threads", "object", "run", "torch threads per phase and the rule that chose them"),
+    Field("threads", "object", "run", "torch threads per phase and the rule that chose them", detail=True),
     Field("flags", "names", "run", "what a reader must know (law-vacuous, unverified, randomized, ...)"),
 )
 
 FIELD: dict[str, Field] = {f.name: f for f in FIELDS}
+DETAIL_KEYS = frozenset(f.name for f in FIELDS if f.detail)
 REQUIRED_KEYS: tuple[str, ...] = tuple(f.name for f in FIELDS if f.required)
 ACC_KEYS: tuple[str, ...] = tuple(f.name for f in FIELDS if f.kind == "acc_map")
 # the invariant chain per eps, lowest first: cert_acc <= robust_acc <= pgd_acc <= clean_acc

@@ -328,20 +328,20 @@ def test_bad_input_is_one_line_exit_2_store_untouched(ctx, capsys, name, build, 
 
 def test_report_says_which_lines_it_skipped(tmp_path, capsys):
     from bench.cli import main
-    good = json.dumps(valid_row())
-    (tmp_path / "results.jsonl").write_text(f"{good}\n[1, 2]\n{good}\nnot json\n{good}\n" + good[:40])
+    good = [json.dumps({**valid_row(), "cell_id": f"{i:016x}", "seed": i}) for i in range(3)]
+    (tmp_path / "results.jsonl").write_text(f"{good[0]}\n[1, 2]\n{good[1]}\nnot json\n{good[2]}\n" + good[0][:40])
     code = main(["report", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 0
     assert err.strip() == (f"warning: {tmp_path / 'results.jsonl'}: skipped 1 torn last line and 2 malformed rows "
-                           f"(lines 2, 4)")
+                           f"(lines 2, 4; line 2: not a JSON object)")
     assert (tmp_path / "report" / "leaderboard.md").is_file()
 
 
 @pytest.mark.parametrize("key, value, why", [
     ("clean_acc", {}, "clean_acc is {}, expected a finite number in [0, 1]"),
     ("lip_lower", float("inf"), "lip_lower is inf, expected a finite number >= 0"),
-    ("params", "6370", "params is '6370', expected an integer >= 0"),
+    ("params", "6370", "params is '6370', expected an integer >= 1"),
     ("robust_acc", {"0.1": 1.5}, "robust_acc is {'0.1': 1.5}, expected a map eps"),
     ("eps", "0.1", "eps is '0.1', expected a list of finite numbers"),
     ("status", "done", "status is 'done', expected one of ok, failed"),

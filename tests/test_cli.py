@@ -240,48 +240,30 @@ def test_invariant_violation_fails_the_cell_loudly_and_a_rerun_retries_it(tmp_pa
 
 # ------------------------------------------------------------------------------------------- resume after kills
 
-# The CLI with bench.store's appends slowed down: each write to results.jsonl goes to disk in two parts, with a
-# marker line (in $MIDWRITE_MARKER) and a pause between them, before the store's flush and fsync. With
+# The CLI with bench.store's appends slowed down: each row written to results.jsonl goes to disk in two parts, with a
+# marker line (in $MIDWRITE_MARKER) and a pause between them, before the store's fsync. With
 # $MIDWRITE_HOLD=k the k-th write of the process stops after its first half until the process is killed.
 WRAPPER = textwrap.dedent('''
-    import builtins, os, sys, time
+    import os, sys, time
     import bench.store
 
     marker, pause = os.environ["MIDWRITE_MARKER"], float(os.environ["MIDWRITE_PAUSE"])
     hold = int(os.environ.get("MIDWRITE_HOLD", "0"))
-    real_open, writes = builtins.open, [0]
+    real_write_all, writes = bench.store.write_all, [0]
 
-    class SplitWrites:
-        def __init__(self, fh):
-            self.fh = fh
+    def split_write_all(fd, data):
+        writes[0] += 1
+        half = len(data) // 2
+        real_write_all(fd, data[:half])
+        with open(marker, "a") as m:
+            m.write(f"{writes[0]} {len(data)}\\n")
+        if writes[0] == hold:
+            time.sleep(120)
+            os._exit(3)  # never reached when the test kills the process
+        time.sleep(pause)
+        real_write_all(fd, data[half:])
 
-        def write(self, data):
-            writes[0] += 1
-            half = len(data) // 2
-            self.fh.write(data[:half])
-            self.fh.flush()
-            with real_open(marker, "a") as m:
-                m.write(f"{writes[0]} {len(data)}\\n")
-            if writes[0] == hold:
-                time.sleep(120)
-                os._exit(3)  # never reached when the test kills the process
-            time.sleep(pause)
-            return half + self.fh.write(data[half:])
-
-        def __getattr__(self, name):
-            return getattr(self.fh, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self.fh.__exit__(*exc)
-
-    def split_open(file, mode="r", *args, **kwargs):
-        fh = real_open(file, mode, *args, **kwargs)
-        return SplitWrites(fh) if mode == "ab" and os.path.basename(str(file)) == "results.jsonl" else fh
-
-    bench.store.open = split_open  # the store's module only; everything else opens files as usual
+    bench.store.write_all = split_write_all  # the store's row writes only
     from bench.cli import main
     sys.exit(main(sys.argv[1:]))
 ''')

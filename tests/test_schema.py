@@ -128,8 +128,8 @@ def test_a_valid_row_and_the_report_fixtures_match_the_schema():
     ("clean_acc", 1.5, "clean_acc is 1.5, expected a finite number in [0, 1]"),
     ("lip_lower", math.inf, "lip_lower is inf, expected a finite number >= 0"),
     ("lip_upper", math.nan, "lip_upper is nan, expected a finite number >= 0"),
-    ("params", 6370.5, "params is 6370.5, expected an integer >= 0"),
-    ("params", True, "params is True, expected an integer >= 0"),
+    ("params", 6370.5, "params is 6370.5, expected an integer >= 1"),
+    ("params", True, "params is True, expected an integer >= 1"),
     ("pgd_acc", {"0.1": "high"}, "pgd_acc is {'0.1': 'high'}, expected a map eps → accuracy in [0,1] or null"),
     ("pgd_acc", {"wide": 0.1}, "pgd_acc is {'wide': 0.1}, expected a map eps"),
     ("aa_flags", "zero_gradients", "aa_flags is 'zero_gradients', expected a list of strings"),
@@ -206,13 +206,13 @@ def test_the_reports_key_lists_come_from_the_schema():
 
 def test_the_runner_judges_the_row_as_it_will_be_stored():
     """The store writes NaN and infinity as null: where the schema allows null (d_eff of data it cannot estimate) the
-    row is fine, where it does not (an ok row's lip_lower) the cell fails naming it."""
+    row is fine, where it does not (an ok row's law_scale) the cell fails naming it."""
     from bench.runner import InvariantError, check_invariants
     row = valid_row()
     row.update(verified={"0.1": True}, d_eff=math.nan, lip_gap=math.inf)
     check_invariants(row)
-    with pytest.raises(InvariantError, match="lip_lower is null"):
-        check_invariants({**row, "lip_lower": math.nan})
+    with pytest.raises(InvariantError, match="law_scale is null"):
+        check_invariants({**row, "law_scale": math.nan})
 
 
 def test_n_total_is_the_suites_not_a_spec_option():

@@ -1,0 +1,89 @@
+"""`python -m bench perf --report [--rows N] [--json FILE] [--quick]`: `bench report` on a cluster sweep's store.
+
+One real cell runs first (the CLI, tiny); its row is the template of a store of N rows (default 20,000, about 100 MB:
+the size a cluster sweep writes), each a distinct cell (its own width, seed and cell_id, params following the width).
+Then `python -m bench report` runs on it in a fresh process, as a user runs it: ``report_seconds`` (wall time,
+start-up included) and ``report_peak_mb`` (the process's peak resident memory), against the targets 15 s and 400 MB.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CELL = ["n_train=200", "n_test=40", "width=16", "epochs=5", "pgd_steps=5", "eps_Linf=[0.05,0.1,0.2,0.3]",
+        "aa_eps_Linf=[0.1]", "autoattack=[apgd-ce]", "lip_points=32", "recipe=erm", "label_noise=0.2"]
+WIDTHS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+TARGETS = {"report_seconds": 15.0, "report_peak_mb": 400.0}
+
+
+def template_row(folder: Path) -> dict:
+    """The row of one real tiny cell, run through the CLI."""
+    res = subprocess.run([sys.executable, "-m", "bench", "run", *CELL, "--executor", "local", "--out", str(folder)],
+                         capture_output=True, text=True, cwd=folder.parent)
+    if res.returncode != 0:
+        raise RuntimeError(f"the template cell failed: {res.stderr.strip().splitlines()[-1:]}")
+    (line,) = (folder / "results.jsonl").read_text().splitlines()
+    return json.loads(line)
+
+
+def write_store(path: Path, row: dict, n: int) -> int:
+    """n distinct cells from ``row`` at the widths WIDTHS and seeds 0, 1, ...; returns the bytes written."""
+    w0, p0 = row["width"], row["params"]
+    with open(path, "w") as fh:
+        for i in range(n):
+            width, seed = WIDTHS[i % len(WIDTHS)], i // len(WIDTHS)
+            params = max(1, round(p0 * width / w0))
+            cid = hashlib.sha256(f"{width}-{seed}".encode()).hexdigest()[:16]
+            fh.write(json.dumps({**row, "cell_id": cid, "width": width, "seed": seed, "params": params,
+                                 "ratio": row["ratio"] * params / p0 if row.get("ratio") else row.get("ratio")}) + "\n")
+    return path.stat().st_size
+
+
+def measure(n_rows: int, log) -> dict:
+    with tempfile.TemporaryDirectory(prefix="lawbench-report-perf-") as tmp:
+        tmp = Path(tmp)
+        log("one real cell for the template row ...")
+        row = template_row(tmp / "cell")
+        out = tmp / "store"
+        out.mkdir()
+        size = write_store(out / "results.jsonl", row, n_rows)
+        log(f"bench report on {n_rows} rows ({size / 2 ** 20:.0f} MB) ...")
+        t0 = time.perf_counter()
+        res = subprocess.run([sys.executable, "-m", "bench", "report", "--out", str(out)], capture_output=True,
+                             text=True, cwd=tmp)
+        seconds = time.perf_counter() - t0
+        if res.returncode != 0:
+            raise RuntimeError(f"bench report failed: {res.stderr.strip().splitlines()[-1:]}")
+        peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child: the report
+    out = {"rows": n_rows, "store_mb": round(size / 2 ** 20, 1), "report_seconds": round(seconds, 2),
+           "report_peak_mb": round(peak_kb / 1024, 1)}
+    out["targets"] = {f"{k}<={v:g}": out[k] <= v for k, v in TARGETS.items()}
+    return out
+
+
+def main(argv=None) -> int:
+    from bench.zoo import write_json
+    p = argparse.ArgumentParser(prog="python -m bench perf --report", description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=None, help="rows in the store (default 20,000)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument("--quick", action="store_true", help="2,000 rows (a smoke test)")
+    args = p.parse_args(argv)
+    n = args.rows or (2000 if args.quick else 20000)
+    if n < 1:
+        print("bench perf --report: --rows must be at least 1", file=sys.stderr)
+        return 2
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    res = measure(n, lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"bench report on {res['rows']} rows ({res['store_mb']} MB): {res['report_seconds']} s, "
+          f"peak {res['report_peak_mb']} MB; targets {res['targets']}")
+    if args.json:
+        write_json(args.json, res)
+    return 0
