@@ -127,6 +127,7 @@ def _lines(found: list) -> str:
 
 
 SHOWN_LINES = 5
+CONSOLE_ROWS = 60  # rows `bench report` prints to the terminal (the files hold every row)
 
 
 def skipped_rows_warning(path, parsed) -> str | None:
@@ -151,7 +152,7 @@ def skipped_rows_warning(path, parsed) -> str | None:
 
 def report_command(args, console: Console) -> int:
     from lawbench import reports
-    from bench.run import check_out_dir
+    from bench.store import check_out_dir  # not bench.run: a report never imports torch (200 MB)
     from lawbench.reports.rows import read_rows_file
     check_out_dir(args.out)
     results = Path(args.out) / "results.jsonl"
@@ -167,7 +168,10 @@ def report_command(args, console: Console) -> int:
     warning = skipped_rows_warning(results, parsed)
     if warning:
         print(warning, file=sys.stderr)
-    console.print(reports.console_table(parsed.rows))
+    shown = parsed.rows[:CONSOLE_ROWS]
+    console.print(reports.console_table(shown))
+    if len(parsed.rows) > len(shown):  # a cluster sweep's 20,000 rows are for the files, not the terminal
+        console.print(f"the first {len(shown)} of {len(parsed.rows):,} rows; every row is in the report below")
     for path in reports.render(results, Path(args.out), rows=parsed.rows):
         console.print(f"wrote {path}")
     return 0

@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bench.spec import SpecError, build_spec, cell_id, expand
+from bench.store import check_out_dir
 from lawbench.reports.schema import eps_key
 from lawbench.reports.rows import one_per_cell
 
@@ -95,12 +96,6 @@ def read_entries(paths: list[str]) -> list:
         seen_names[entry.name] = path
         entries.append(entry)
     return entries
-
-
-def check_out_dir(out: str) -> None:
-    """--out names a directory; '' would silently mean the current one."""
-    if not out:
-        raise SpecError("--out: empty path (name a results directory, e.g. --out results)")
 
 
 def run_command(args, console: Console) -> int:

@@ -31,6 +31,12 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
+def check_out_dir(out: str) -> None:
+    """--out names a directory; '' would silently mean the current one."""
+    if not out:
+        raise StoreError("--out: empty path (name a results directory, e.g. --out results)")
+
+
 def json_safe(obj):
     """The value as the store writes it: JSON has no NaN or infinity, they become null."""
     if isinstance(obj, float) and not math.isfinite(obj):

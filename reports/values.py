@@ -62,7 +62,14 @@ def acc_at(row: dict, key: str, eps: float | None) -> float | None:
     """Accuracy of map `key` at eps (its key read back by reports.schema.parse_eps_key), or None."""
     if eps is None:
         return None
-    return acc_map(row, key).get(float(eps))
+    raw = row.get(key)
+    if not isinstance(raw, dict):
+        return None
+    e = float(eps)
+    for k in reversed(list(raw)):  # as acc_map reads it (a later key of the same eps wins), without building it
+        if parse_eps_key(k) == e:
+            return num(raw[k])
+    return None
 
 
 def verified_at(row: dict, eps: float | None) -> bool:
