@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from .schema import ACC_KEYS, is_trust_flag, parse_eps_key
+from .schema import ACC_KEYS, eps_key, is_trust_flag, parse_eps_key
 
 
 def num(value) -> float | None:
@@ -66,7 +66,10 @@ def acc_at(row: dict, key: str, eps: float | None) -> float | None:
     if not isinstance(raw, dict):
         return None
     e = float(eps)
-    for k in reversed(list(raw)):  # as acc_map reads it (a later key of the same eps wins), without building it
+    key_text = eps_key(e)  # the key every writer of this package writes
+    if key_text in raw:
+        return num(raw[key_text])
+    for k in reversed(list(raw)):  # another spelling ("0.10"), read back as acc_map reads it (a later key wins)
         if parse_eps_key(k) == e:
             return num(raw[k])
     return None
