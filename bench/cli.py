@@ -137,11 +137,12 @@ def skipped_rows_warning(path, parsed) -> str | None:
     parts = []
     if parsed.torn_tail:
         parts.append("1 torn last line")
-    for found, what in ((parsed.malformed, "malformed row"), (parsed.invalid, "row that breaks the row schema")):
+    for found, one, many in ((parsed.malformed, "malformed row", "malformed rows"),
+                             (parsed.invalid, "row that breaks the row schema", "rows that break the row schema")):
         if found:
             n = len(found)
             line, why = found[0]
-            noun = what.replace("row", "rows", 1).replace("breaks", "break") if n > 1 else what
+            noun = many if n > 1 else one
             parts.append(f"{n} {noun} ({_lines(found)}; line {line}: {_one_line(why)[:200]})")
     if parsed.superseded:
         n = parsed.superseded
