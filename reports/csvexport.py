@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 
-from .values import acc_at, dedupe_eps, num, row_eps, row_law_scale, row_ratio, text, verified_at
+from .values import acc_map, dedupe_eps, num, row_eps, row_law_scale, row_ratio, text, verified_at
 from .schema import ACC_KEYS, FIELDS, eps_key
 from .table import headline_eps, row_flags
 
@@ -52,8 +52,9 @@ def render_csv(rows) -> str:
                 v = r.get(k)
             line.append(_cell(v))
         line.append(_cell(headline_eps(r)))
-        line += [_cell(acc_at(r, k, e) if k != "verified" else verified_at(r, e)) for e in all_eps
-                 for k in (*ACC_KEYS, "verified")]
+        maps = [acc_map(r, k) for k in ACC_KEYS]
+        for e in all_eps:
+            line += [_cell(m.get(e)) for m in maps] + [_cell(verified_at(r, e))]
         aa = r.get("aa_flags")
         line.append(";".join(row_flags(r)))
         line.append(";".join(text(f) for f in aa) if isinstance(aa, (list, tuple)) else text(aa))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .values import acc_at, interpolates, is_ok, num, row_eps, row_ratio, text, verified_at
-from .stats import mean_ci, t_quantile
+from .stats import mean_ci, ols, t_quantile
 
 LAW_EXPONENTS = {"p": -0.5, "n": 0.5, "d": 0.5}
 RECIPES = ("erm", "smooth")
@@ -319,7 +319,7 @@ def robust_trend(points: dict, recipe: str, eps: float) -> Trend:
         xs = np.array([p[0] for p in pts])
         if len(np.unique(np.round(xs, 9))) < 2:
             continue
-        slopes.append(float(np.polyfit(xs, np.array([p[1] for p in pts]), 1)[0]))
+        slopes.append(ols(xs, np.array([p[1] for p in pts]))[0])
     slope, half = mean_ci(slopes)
     return Trend(recipe, eps, slope, half, len(slopes))
 

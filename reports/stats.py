@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from functools import lru_cache
 
 import numpy as np
 
@@ -61,8 +62,10 @@ def t_cdf(t: float, df: float) -> float:
     return 1.0 - tail if t >= 0 else tail
 
 
+@lru_cache(maxsize=1024)
 def t_quantile(q: float, df: float) -> float:
-    """The q-quantile of Student's t (e.g. q=0.975 for a two-sided 95% interval), by bisection on t_cdf."""
+    """The q-quantile of Student's t (e.g. q=0.975 for a two-sided 95% interval), by bisection on t_cdf (remembered:
+    a report asks the same few levels and degrees of freedom thousands of times)."""
     if not 0.0 < q < 1.0:
         raise ValueError(f"quantile level must be in (0, 1), got {q}")
     if q == 0.5:
@@ -101,7 +104,7 @@ def mean_ci(values, confidence: float = 0.95) -> tuple[float | None, float | Non
 
 # -------------------------------------------------------------------------------------------------- log-log slope
 
-def _fit(xs: np.ndarray, ys: np.ndarray) -> tuple[float, float, float | None]:
+def ols(xs: np.ndarray, ys: np.ndarray) -> tuple[float, float, float | None]:
     """OLS of ys on xs: (slope, intercept, standard error of the slope or None with fewer than 3 points)."""
     xm, ym = xs.mean(), ys.mean()
     sxx = float(((xs - xm) ** 2).sum())
@@ -162,7 +165,7 @@ def loglog_slope(rows, y: str = "lip_lower", confidence: float = 0.95, interpola
         ys = np.log(np.array([p[1] for p in pts]))
         if len(np.unique(xs)) < 2:
             continue
-        slope, intercept, se = _fit(xs, ys)
+        slope, intercept, se = ols(xs, ys)
         per_seed.append((seed, slope, intercept, se, len(pts)))
     out = dict(slope=None, ci_low=None, ci_high=None, n_seeds=len(per_seed),
                n_points=sum(p[4] for p in per_seed), method="none", confidence=confidence, intercept=None, y=y,

@@ -9,14 +9,15 @@ import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from .values import (acc_at, acc_map, dedupe_eps, flagged, is_ok, num, row_eps, row_law_scale, row_ratio, row_suite,
-                     suite_label, text, verified_at)
+from .values import (acc_at, acc_map, dedupe_eps, flagged, is_ok, num, per_row, row_eps, row_law_scale, row_ratio,
+                     row_suite, suite_label, text, verified_at)
 from .stats import mean_ci
 
 TOL = 1e-9
 MISSING_SUITE = "–"
 
 
+@per_row
 def headline_eps(row: dict) -> float | None:
     """The eps a row is summarised at: its largest AutoAttack eps (a key of `autoattack_acc` with a value), else its
     largest eps (from `eps` and the accuracy maps); None when the row names no eps."""
@@ -27,6 +28,7 @@ def headline_eps(row: dict) -> float | None:
     return eps[-1] if eps else None
 
 
+@per_row
 def row_flags(row: dict) -> list[str]:
     """The row's own flags (AutoAttack's `aa_flags`, a `flags` list if present), `not-interpolating` for a row that
     does not fit its training labels (the law's slopes leave it out), and the report's consistency checks:
@@ -41,8 +43,9 @@ def row_flags(row: dict) -> list[str]:
     if row.get("interpolates") is False:  # outside the law's premise: it does not fit its training labels
         flags.append("not-interpolating")
     clean = num(row.get("clean_acc"))
+    maps = [acc_map(row, k) for k in ("cert_acc", "robust_acc", "pgd_acc")]
     for e in row_eps(row):
-        cert, rob, pgd = (acc_at(row, k, e) for k in ("cert_acc", "robust_acc", "pgd_acc"))
+        cert, rob, pgd = (m.get(e) for m in maps)
         if cert is not None and rob is not None and cert > rob + TOL:
             flags.append("cert>robust")
         if rob is not None and pgd is not None and rob > pgd + TOL:
@@ -203,8 +206,9 @@ def make_entry(rows: list[dict], confidence: float = 0.95) -> Entry:
     all_eps = dedupe_eps(e for r in rows for e in row_eps(r))
     for metric, key in (("pgd", "pgd_acc"), ("aa", "autoattack_acc"), ("robust", "robust_acc"), ("cert", "cert_acc")):
         by_eps[metric] = {}
+        maps = [acc_map(r, key) for r in rows]
         for e in all_eps:
-            st = Stat.of([acc_at(r, key, e) for r in rows], confidence)
+            st = Stat.of([m.get(e) for m in maps], confidence)
             if st.n:
                 by_eps[metric][e] = st
     flags: list[str] = []

@@ -7,6 +7,8 @@ Nothing here raises on bad row content.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from functools import wraps
 
 from .schema import ACC_KEYS, eps_key, is_trust_flag, parse_eps_key
 
@@ -44,24 +46,65 @@ def interpolates(row: dict) -> bool:
     return row.get("interpolates") is True
 
 
+_memo: dict | None = None  # (function, id(row), args) -> (row, result) while ``remembered`` is active
+
+
+@contextmanager
+def remembered():
+    """Inside, what ``per_row`` functions read from a row is computed once per row and arguments: a report of 20,000
+    rows asks each row the same questions dozens of times (its eps, its maps, its flags). Rows must not change
+    inside; each remembered row is held, so its id stays its own."""
+    global _memo
+    outer = _memo
+    if outer is None:
+        _memo = {}
+    try:
+        yield
+    finally:
+        _memo = outer
+
+
+def per_row(fn):
+    """``fn(row, *args)`` remembered inside ``remembered()`` (its result must not be changed by callers)."""
+    @wraps(fn)
+    def read(row, *args):
+        memo = _memo
+        if memo is None:
+            return fn(row, *args)
+        k = (fn, id(row), args)
+        hit = memo.get(k)
+        if hit is None:
+            hit = memo[k] = (row, fn(row, *args))
+        return hit[1]
+    return read
+
+
+@per_row
 def acc_map(row: dict, key: str) -> dict[float, float | None]:
-    """The accuracy map `row[key]` as {eps (float): accuracy or None}; {} when absent, null or malformed."""
+    """The accuracy map `row[key]` as {eps (float): accuracy or None}; {} when absent, null or malformed. Two keys
+    of one eps ("0.1" and "0.10"): the one its writer writes (schema.eps_key) wins, else the later."""
     raw = row.get(key)
     out: dict[float, float | None] = {}
     if not isinstance(raw, dict):
         return out
     for k, v in raw.items():
         e = parse_eps_key(k)
-        if e is None:
-            continue
-        out[e] = num(v)
+        if e is not None:
+            out[e] = num(v)
+    if len(out) < len(raw):  # a bad key, or two of one eps: its writer's spelling (eps_key) over the others
+        for k, v in raw.items():
+            e = parse_eps_key(k)
+            if e is not None and k == eps_key(e):
+                out[e] = num(v)
     return out
 
 
 def acc_at(row: dict, key: str, eps: float | None) -> float | None:
-    """Accuracy of map `key` at eps (its key read back by reports.schema.parse_eps_key), or None."""
+    """Accuracy of map `key` at eps (its key read back by reports.schema.parse_eps_key), or None: acc_map's value."""
     if eps is None:
         return None
+    if _memo is not None:
+        return acc_map(row, key).get(float(eps))
     raw = row.get(key)
     if not isinstance(raw, dict):
         return None
@@ -80,10 +123,24 @@ def verified_at(row: dict, eps: float | None) -> bool:
     the map (an older lawbench) only where AutoAttack ran (autoattack_acc set) or nothing was left robust."""
     if eps is None:
         return True
-    m = row.get("verified")
-    if isinstance(m, dict):
-        return any(parse_eps_key(k) == float(eps) and v is True for k, v in m.items())
+    said = _verified(row)
+    if said is not None:
+        return said.get(float(eps), False)
     return acc_at(row, "autoattack_acc", eps) is not None or acc_at(row, "robust_acc", eps) == 0
+
+
+@per_row
+def _verified(row: dict) -> dict[float, bool] | None:
+    """The `verified` map as {eps: true where a spelling of it says true}; None for a row without the map."""
+    m = row.get("verified")
+    if not isinstance(m, dict):
+        return None
+    out: dict[float, bool] = {}
+    for k, v in m.items():
+        e = parse_eps_key(k)
+        if e is not None:
+            out[e] = out.get(e, False) or v is True
+    return out
 
 
 def flagged(row: dict) -> list[str]:
@@ -96,6 +153,7 @@ def flagged(row: dict) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+@per_row
 def row_eps(row: dict) -> list[float]:
     """Every eps a row mentions: its `eps` list plus the keys of its accuracy maps, sorted, deduplicated."""
     found: list[float] = []
@@ -114,6 +172,7 @@ def dedupe_eps(values) -> list[float]:
     return sorted({float(e) for e in values})
 
 
+@per_row
 def row_ratio(row: dict, which: str = "ratio") -> float | None:
     """p/(n·d) (which="ratio") or p/(n·d_eff) (which="ratio_eff"): the stored value, else computed from the row."""
     v = num(row.get(which))
