@@ -90,7 +90,10 @@ def t_quantile(q: float, df: float) -> float:
 
 def mean_ci(values, confidence: float = 0.95) -> tuple[float | None, float | None]:
     """(mean, half-width of the two-sided Student-t interval) over the non-null values; half-width None below 2 values."""
-    xs = [v for v in (num(x) for x in values) if v is not None]
+    given = [v for v in values if v is not None]
+    xs = [v for v in given if type(v) is float and v == v]  # the usual case, read without a call per value
+    if len(xs) < len(given):
+        xs = [v for v in map(num, given) if v is not None]
     if not xs:
         return None, None
     if not all(math.isfinite(v) for v in xs):  # an infinite bound in any seed: the mean is that infinity
