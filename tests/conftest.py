@@ -59,6 +59,36 @@ def cli():
     return bench_cli
 
 
+def under_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def missing_service(why: str) -> None:
+    """A service the tests start is not installed: a developer's run skips saying why and how to fix it; CI must
+    exercise it, so there it is a failure."""
+    if under_ci():
+        pytest.fail("CI=true: " + why)
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real one-node SLURM cluster on 127.0.0.1 for the session (tests/clusters.py), stopped by its pids at the
+    end."""
+    from clusters import SlurmCluster, missing
+    lacking = missing()
+    if lacking:
+        missing_service(f"SLURM is not installed ({', '.join(lacking)} not found), so the slurm executor cannot run "
+                        "through sbatch here; `make slurm` installs Debian's slurm-wlm and munge (needs apt-get and "
+                        "root or passwordless sudo), and `make test` runs it first")
+    if os.geteuid() != 0:
+        missing_service("a SLURM node daemon (slurmd) runs jobs as their user and must run as root; run the suite as "
+                        "root to exercise the slurm executor through sbatch")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _torch_threads():
     """torch on THREADS threads for the whole session (see SUBPROCESS_ENV)."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import missing_service
 from lawbench import reports
 from test_reports import ERROR, expected_entries, write_results
 
@@ -29,18 +30,12 @@ MISSING = ("Chromium not found (looked for `chromium` and `chromium-browser` on 
            "(needs apt-get and root or passwordless sudo), and `make test` runs it first")
 
 
-def under_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
 @pytest.fixture
 def chromium():
     """The browser's path. Without one a developer's run skips, saying why and how to fix it; CI must exercise the
     page, so there a missing browser is a failure."""
     if CHROMIUM is None:
-        if under_ci():
-            pytest.fail("CI=true: " + MISSING)
-        pytest.skip(MISSING)
+        missing_service(MISSING)
     return CHROMIUM
 
 

@@ -9,12 +9,35 @@ executor (subprocesses on this machine): how the tests exercise it.
 """
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
 from bench.executors.base import Done, Event, Executor, execute, lost_row
 from bench.store import CELLS_DIR, read_cell_file, write_cell_file
 from bench.threads import ThreadBudget
+
+
+# the states of a job that ended (COMPLETED without submitit's result file: killed after the cell, or the file lost)
+ENDED = ("BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT")
+GONE = "GONE"  # the controller no longer knows the job (it ended more than MinJobAge ago)
+
+
+def queue_states(job_ids: list[str]) -> dict[str, str] | None:
+    """{job id: state} of the jobs (array tasks "123_4") from the controller's queue (`squeue`), GONE for a job it
+    no longer lists; None when squeue cannot answer. submitit reads states from `sacct` only, which a cluster without
+    an accounting database refuses ("accounting storage is disabled"): there a cancelled job would never end, and
+    every poll would print sacct's refusal."""
+    arrays = sorted({j.split("_")[0] for j in job_ids})
+    try:
+        res = subprocess.run(["squeue", "-r", "--states=all", "-h", "-o", "%i %T", "-j", ",".join(arrays)],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if res.returncode != 0:
+        return {j: GONE for j in job_ids} if "Invalid job id" in res.stderr else None
+    states = dict(line.split()[:2] for line in res.stdout.splitlines() if len(line.split()) >= 2)
+    return {j: states.get(j, GONE) for j in job_ids}
 
 
 def _require_submitit():
@@ -104,19 +127,33 @@ class SlurmExecutor(Executor):
                 return done
             time.sleep(min(self.options.get("poll_seconds", 2.0), max(0.0, deadline - time.monotonic())))
 
+    def _ended(self) -> dict:
+        """{job: SLURM's state, or None where submitit's result file says how it ended} for the jobs that ended."""
+        if self.local:
+            return {job: None for job in self.jobs if job.done()}
+        states = queue_states([str(job.job_id) for job in self.jobs]) if self.jobs else {}
+        out = {}
+        for job in self.jobs:
+            state = None if states is None else states[str(job.job_id)]
+            if job.paths.result_pickle.exists():
+                out[job] = None
+            elif state in ENDED or state == GONE:
+                out[job] = state
+            elif states is None and job.done():  # squeue cannot answer: submitit's own watcher (sacct)
+                out[job] = None
+        return out
+
     def _collect(self) -> list:
         done = []
-        for job, task in list(self.jobs.items()):
-            if not job.done():
-                continue
-            del self.jobs[job]
+        for job, state in self._ended().items():
+            task = self.jobs.pop(job)
             path = Path(self.out_dir) / CELLS_DIR / f"{task.cell_id}.json"
             payload = read_cell_file(path) if path.exists() else None
             if payload is not None:
                 done.append(Done(task, payload["row"], payload.get("log", []), source=path))
                 continue
-            error = job.exception()
-            how = f"SLURM job {job.job_id} ended in state {job.state} without a row" + (
+            error = job.exception() if state is None else None  # submitit's verdict, from its result file
+            how = f"SLURM job {job.job_id} ended" + (f" in state {state}" if state else "") + " without a row" + (
                 f" ({type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''})"
                 if error else "")
             if self.tries[task.cell_id] <= self.options.get("max_retries", 1):

@@ -1,0 +1,158 @@
+"""Real clusters for the executor tests, started by the tests themselves on 127.0.0.1 and stopped by their pids.
+
+SlurmCluster: Debian's slurm-wlm and munge (`make slurm` installs them): munged with a key of its own, slurmctld and
+one slurmd from a generated slurm.conf in a temp folder, on free ports, so a cluster of the machine (or of another
+test run) is never touched. No accounting daemon: `sacct` answers "accounting storage is disabled", as on many small
+clusters, and the executor must cope.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+DAEMONS = ("munged", "slurmctld", "slurmd")
+SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")
+
+
+def find(program: str) -> str | None:
+    """A daemon on PATH or in an sbin folder (a user's PATH often lacks /usr/sbin)."""
+    return shutil.which(program) or next((str(Path(d) / program) for d in SBIN if (Path(d) / program).exists()), None)
+
+
+def missing() -> list[str]:
+    return [p for p in (*DAEMONS, "sbatch", "squeue", "scontrol", "scancel") if not find(p)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CONF = """\
+ClusterName=lawbench-test
+SlurmctldHost=localhost(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={root}/run/munge.socket
+SlurmUser={user}
+SlurmdUser=root
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/run/slurmctld.pid
+SlurmdPidFile={root}/run/slurmd.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/backfill
+MpiDefault=none
+ReturnToService=2
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SchedulerParameters=sched_interval=1
+SlurmctldTimeout=30
+SlurmdTimeout=30
+InactiveLimit=0
+MinJobAge=600
+KillWait=2
+Waittime=0
+NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=NO MaxTime=INFINITE State=UP
+PartitionName=other Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+class SlurmCluster:
+    """A one-node SLURM cluster (partitions `debug` and the default `other`) rooted in ``root``; ``env`` points the
+    SLURM commands at it."""
+
+    def __init__(self, root: Path, cpus: int = 2):
+        self.root, self.cpus = Path(root), cpus
+        self.conf = self.root / "slurm.conf"
+        self.env = {"SLURM_CONF": str(self.conf)}
+
+    def start(self, timeout: float = 60) -> "SlurmCluster":
+        for d in ("state", "spool", "log", "run"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        key = self.root / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o600)
+        self.conf.write_text(CONF.format(root=self.root, ctld_port=_free_port(), slurmd_port=_free_port(),
+                                         cpus=self.cpus, user=os.environ.get("USER") or "root"))
+        run = self.root / "run"
+        self._daemon("munged", "--force", f"--socket={run}/munge.socket", f"--key-file={key}",
+                     f"--pid-file={run}/munged.pid", f"--log-file={self.root}/log/munged.log",
+                     f"--seed-file={run}/munge.seed")
+        self._daemon("slurmctld", "-f", str(self.conf))
+        self._daemon("slurmd", "-f", str(self.conf), "-N", "localhost")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.run("sinfo", "-h", "-o", "%t", "-p", "debug").stdout.strip() == "idle":
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"the SLURM node never became idle: {self.logs()}")
+
+    def _daemon(self, name: str, *args: str) -> None:
+        res = subprocess.run([find(name), *args], capture_output=True, text=True, env={**os.environ, **self.env})
+        if res.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"{name} did not start: {(res.stderr or res.stdout).strip()[-500:]} {self.logs()}")
+
+    def run(self, *cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run([find(cmd[0]) or cmd[0], *cmd[1:]], capture_output=True, text=True,
+                              env={**os.environ, **self.env}, timeout=60)
+
+    def job(self, job_id: str) -> dict:
+        """`scontrol show job` as {key: value} (an array's first task for an array id)."""
+        out = self.run("scontrol", "-o", "show", "job", str(job_id)).stdout.splitlines()
+        return dict(kv.split("=", 1) for kv in out[0].split() if "=" in kv) if out else {}
+
+    def logs(self) -> str:
+        tails = []
+        for log in sorted((self.root / "log").glob("*.log")):
+            tails.append(f"{log.name}: " + " | ".join(log.read_text(errors="replace").splitlines()[-5:]))
+        return "; ".join(tails)
+
+    def stop(self) -> None:
+        """The daemons stopped by their pids (slurmd, slurmctld, then munged), SIGKILL after 10 s."""
+        pids = []
+        for name in ("slurmd", "slurmctld", "munged"):
+            pid_file = self.root / "run" / f"{name}.pid"
+            try:
+                pid = int(pid_file.read_text().split()[0])
+                os.kill(pid, signal.SIGTERM)
+                pids.append(pid)
+            except (OSError, ValueError, IndexError):
+                continue
+        deadline = time.monotonic() + 10
+        for pid in pids:
+            while time.monotonic() < deadline and _alive(pid):
+                time.sleep(0.1)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (a child never reaped) is no daemon: read its state
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
