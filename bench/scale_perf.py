@@ -3,6 +3,8 @@
 * ``scale_speedup``: a grid of cells of one size (width 640 x 8 seeds, AutoAttack on) run by `local` with its
   thread policy, then by `pool` and by `ray` with 2 workers x 1 thread: local's wall time over the best executor's
   (bigger is better). In a grid, one huge cell would cap any executor; cells of one size do not.
+  Where a SLURM cluster answers (`squeue`), the same grid also runs as a job array (2 tasks at once x 1 thread);
+  every executor's line gives cells per minute.
 * ``contention_slowdown``: the default sweep run locally on a quiet machine, then beside one competing busy process
   pinned to one CPU: loaded wall time over quiet.
 
@@ -32,6 +34,21 @@ DEFAULT_QUICK = ["n_train=200", "n_test=40", "width=[16,32]", "recipe=erm", "epo
 LOCAL = ["--executor", "local", "--threads", "0"]  # the default preset names a pool of 1-thread workers
 EXECUTORS = {"pool": ["--executor", "pool", "--workers", "2", "--threads", "1"],
              "ray": ["--executor", "ray", "--threads", "1"]}
+# the SLURM cluster this machine's commands reach (SLURM_CONF, or a login node's own): the grid as a job array of
+# 2 tasks at once x 1 thread, beside the pool; skipped, saying why, where squeue cannot answer
+SLURM = ["--executor", "slurm", "executor.array_parallelism=2", "executor.poll_seconds=1", "--threads", "1"]
+
+
+def slurm_answers() -> str | None:
+    """None when a SLURM cluster answers `squeue` here, else why not."""
+    import shutil
+    if not shutil.which("sbatch"):
+        return "no sbatch on PATH"
+    try:
+        res = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"squeue failed ({type(exc).__name__})"
+    return None if res.returncode == 0 else f"squeue: {res.stderr.strip().splitlines()[-1:] or res.returncode}"
 
 
 def _env() -> dict:
@@ -85,6 +102,14 @@ def measure(quick: bool, log) -> dict:
     for name, flags in EXECUTORS.items():
         log(f"grid: {name}, 2 workers x 1 thread ...")
         res["executors"][name] = run_sweep(["default", *grid, *flags], log)
+    why = slurm_answers()
+    if why is None:
+        log("grid: slurm, a job array of 2 tasks at once x 1 thread ...")
+        res["executors"]["slurm"] = run_sweep(["default", *grid, *SLURM], log)
+    else:
+        res["slurm_skipped"] = why
+    for r in res["executors"].values():
+        r["cells_per_minute"] = round(60.0 * r["cells"] / r["seconds"], 2)
     best = min(("pool", "ray"), key=lambda k: res["executors"][k]["seconds"])
     res["scale_best"] = best
     res["scale_speedup"] = round(res["executors"]["local"]["seconds"] / res["executors"][best]["seconds"], 3)
@@ -105,7 +130,10 @@ def _print(res) -> None:
     for col in ("measure", "value", "detail"):
         t.add_column(col, justify="right" if col == "value" else "left")
     for name, r in res["executors"].items():
-        t.add_row(f"grid, {name}", f"{r['seconds']:.1f} s", f"{r['cells']} cells; threads {r['threads_chosen']}")
+        t.add_row(f"grid, {name}", f"{r['seconds']:.1f} s", f"{r['cells']} cells, {r['cells_per_minute']:.2f} per "
+                  f"minute; threads {r['threads_chosen']}")
+    if "slurm_skipped" in res:
+        t.add_row("grid, slurm", "skipped", res["slurm_skipped"])
     t.add_row("scale_speedup", f"{res['scale_speedup']:.2f}x", f"local / {res['scale_best']}")
     for key in ("default_quiet", "default_loaded"):
         r = res[key]

@@ -133,4 +133,6 @@ def test_a_killed_driver_resumes_from_the_cells_folder(slurm_cluster, tmp_path):
     ids = [r["cell_id"] for r in after]
     assert len(ids) == len(set(ids)) == 4 and after[:len(before)] == before
     assert all(r["status"] == "ok" for r in after)
-    assert f"{len(before)} already in" in res.stdout
+    # the jobs of the killed driver ran on: their rows were merged from OUT/cells/ before the plan was made
+    already = int(res.stdout.split(" already in")[0].split()[-1])
+    assert len(before) <= already <= 4
