@@ -36,7 +36,7 @@ EXECUTORS = {"pool": ["--executor", "pool", "--workers", "2", "--threads", "1"],
              "ray": ["--executor", "ray", "--threads", "1"]}
 # the SLURM cluster this machine's commands reach (SLURM_CONF, or a login node's own): the grid as a job array of
 # 2 tasks at once x 1 thread, beside the pool; skipped, saying why, where squeue cannot answer
-SLURM = ["--executor", "slurm", "executor.array_parallelism=2", "executor.poll_seconds=1", "--threads", "1"]
+SLURM = ["executor.name=slurm", "executor.array_parallelism=2", "executor.poll_seconds=1", "--threads", "1"]
 
 
 def slurm_answers() -> str | None:
