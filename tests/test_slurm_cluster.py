@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import NEUTRAL_CWD, SUBPROCESS_ENV, TINY, bench_cli
-from test_executors import QUICK, numbers, rows
+from test_executors import QUICK, local_numbers, numbers, rows  # noqa: F401 - local_numbers: a fixture
 
 SLURM = ["executor.name=slurm", "executor.poll_seconds=0.5"]
 
@@ -34,14 +34,6 @@ def sleeps(in_shape, num_classes, width=8):
     return Sleeps(torch.nn.Flatten(), torch.nn.Linear(in_shape[0] * in_shape[1] * in_shape[2], width),
                   torch.nn.ReLU(), torch.nn.Linear(width, num_classes))
 """
-
-
-@pytest.fixture(scope="module")
-def local_numbers(tmp_path_factory):
-    out = tmp_path_factory.mktemp("local") / "out"
-    res = bench_cli("run", *TINY, "--threads", "1", "--out", str(out))
-    assert res.returncode == 0, res.stderr
-    return numbers(out)
 
 
 def _jobs(out) -> list[str]:
