@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-
 from conftest import NEUTRAL_CWD, SUBPROCESS_ENV, TINY, bench_cli
 from test_executors import QUICK, local_numbers, numbers, rows  # noqa: F401 - local_numbers: a fixture
 
