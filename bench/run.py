@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bench.spec import SpecError, build_spec, cell_id, expand
+from bench.spec import SpecError, build_spec, cell_id, executor_options, expand
 from bench.store import check_out_dir
 from lawbench.reports.schema import eps_key
 from lawbench.reports.rows import one_per_cell
@@ -103,9 +103,9 @@ def run_command(args, console: Console) -> int:
     from bench.device import resolve_device
     preset, overrides = _split_args(args.args)
     load_models(args.plugin)  # first: the spec may name the models and attacks its plugins register
-    spec = build_spec(preset, overrides)
+    spec = build_spec(preset, overrides, executor_flags(args))
     check_out_dir(args.out)
-    executor = executor_table(spec, args)  # a bad executor option is bad input, found before anything loads
+    executor = executor_options(spec["executor"])  # a bad executor option is bad input, found before anything loads
     resolve_device(args.device)  # an unknown or absent device is bad input, found before the store opens
     entries = read_entries(args.entry)
     cells = expand(spec, entries)
@@ -121,15 +121,12 @@ def run_command(args, console: Console) -> int:
                      executor=executor, plugins=plugins)
 
 
-def executor_table(spec: dict, args) -> dict:
-    """The spec's [executor] table with --executor, --threads, --workers and --address laid over it, validated."""
-    from bench.spec import parse_value, executor_options
-    table = dict(spec["executor"])
-    for option, value in (("name", args.executor), ("threads", args.threads), ("workers", args.workers),
-                          ("address", args.address)):
-        if value is not None:
-            table[option] = value if option in ("name", "address") else parse_value(value)
-    return executor_options(table)
+def executor_flags(args) -> dict:
+    """--executor, --threads, --workers and --address as [executor] options (build_spec lays them over the table)."""
+    from bench.spec import parse_value
+    return {option: value if option in ("name", "address") else parse_value(value)
+            for option, value in (("name", args.executor), ("threads", args.threads), ("workers", args.workers),
+                                  ("address", args.address)) if value is not None}
 
 
 def cell_summary(row: dict) -> str:

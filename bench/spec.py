@@ -283,13 +283,15 @@ def parse_value(raw: str):
         return raw
 
 
-def build_spec(preset: str = "default", overrides: list[str] = ()) -> dict:
-    """Defaults, then the preset, then the overrides (dotted keys reach into option tables: data_options.d=32)."""
+def build_spec(preset: str = "default", overrides: list[str] = (), executor: dict | None = None) -> dict:
+    """Defaults, then the preset, then the overrides (dotted keys reach into option tables: data_options.d=32), then
+    ``executor``: the run command's --executor, --threads, --workers and --address, laid over the [executor] table."""
     spec = json.loads(json.dumps(DEFAULTS))
     loaded = load_preset(preset)
     spec.update(loaded)
     explicit = set()  # keys the overrides set
     attack_tables = set()  # [attack.NAME] tables the overrides reach into
+    executor_given = set(executor or {})  # [executor] options the command line gives
     for text in overrides:
         key, value = parse_override(text)
         top, _, sub = key.partition(".")
@@ -297,6 +299,8 @@ def build_spec(preset: str = "default", overrides: list[str] = ()) -> dict:
         explicit.add(top)
         if top == "attack":
             attack_tables |= {sub.split(".")[0]} if sub else set(value) if isinstance(value, dict) else set()
+        if top == "executor":
+            executor_given |= {sub} if sub else set(value) if isinstance(value, dict) else {"name"}
         if sub:
             if not isinstance(spec[top], dict):
                 raise SpecError(f"override '{key}': '{top}' is not an option table")
@@ -305,6 +309,8 @@ def build_spec(preset: str = "default", overrides: list[str] = ()) -> dict:
             spec[key] = value
     if isinstance(spec["executor"], str):  # executor = "ray" is short for [executor] name = "ray"
         spec["executor"] = {"name": spec["executor"]}
+    if isinstance(spec["executor"], dict):
+        spec["executor"] = _executor_of_command_line(spec["executor"], executor or {}, executor_given)
     _fold_pgd_options(spec, explicit, loaded)
     _engine_for_version(spec, explicit, loaded)
     _drop_preset_options_of_dropped_attacks(spec, explicit, attack_tables)
@@ -321,6 +327,16 @@ def _engine_for_version(spec: dict, explicit: set, loaded: dict) -> None:
             or version == "off":
         return  # a value of the wrong type is validate's to refuse
     spec["autoattack_impl"] = default_engine(version)
+
+
+def _executor_of_command_line(table: dict, flags: dict, given: set) -> dict:
+    """The [executor] table with the command line's flags laid over; where the command line names another executor
+    than the preset's, the preset's options that executor does not read are left behind (`default --executor slurm`
+    drops the default pool's `workers`); options the command line itself gives stay checked."""
+    table = {**table, **flags}
+    name = table.get("name", "local")
+    return {k: v for k, v in table.items()
+            if k in given or k == "name" or k not in EXECUTOR_OPTIONS or name in EXECUTOR_OPTIONS[k][1]}
 
 
 def _drop_preset_options_of_dropped_attacks(spec: dict, explicit: set, attack_tables: set) -> None:

@@ -93,3 +93,18 @@ def test_a_preset_s_attack_options_leave_with_its_attacks():
         build_spec("law", ["attacks=[pgd]", "attack.fast.square_queries=10"])
     with pytest.raises(SpecError, match="attack.fast"):
         build_spec("default", ["attacks=[pgd]", "attack={fast={square_queries=10}}"])
+
+
+def test_the_command_lines_executor_reads_the_command_lines_options(cli):
+    """`default --executor slurm executor.partition=debug` was refused (the option checked against the preset's pool
+    before the flag applied): the flag now names the executor its options are checked against, and the preset's
+    options of another executor are left behind; an option the command line gives the wrong executor stays an error."""
+    table = build_spec("default", ["executor.partition=debug", "executor.time_min=7"], {"name": "slurm"})["executor"]
+    assert table["name"] == "slurm" and table["partition"] == "debug" and table["time_min"] == 7
+    assert build_spec("default", [], {"name": "ray", "address": "auto"})["executor"]["address"] == "auto"
+    with pytest.raises(SpecError, match="'executor.workers': an option of pool, not of executor 'slurm'"):
+        build_spec("default", ["executor.workers=2"], {"name": "slurm"})
+    with pytest.raises(SpecError, match="'executor.partition': an option of slurm, not of executor 'pool'"):
+        build_spec("default", ["executor.partition=debug"])
+    res = cli("run", "default", "n_train=200", "--executor", "slurm", "executor.partition=debug", "--dry-run")
+    assert res.returncode == 0 and res.stderr == "", res.stderr
