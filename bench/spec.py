@@ -193,6 +193,8 @@ EXECUTOR_OPTIONS: dict[str, tuple[Key, tuple]] = {
                     ("pool", "ray", "slurm")),
     "address": (Key("str", "", doc="a Ray cluster to join (ray://host:10001 or auto); '': start a local instance"),
                 ("ray",)),
+    "node_ip_address": (Key("str", "", doc="the address this driver's node has in the Ray cluster (as `ray start "
+                                           "--node-ip-address`); '': Ray's guess"), ("ray",)),
     "num_cpus_per_cell": (Key("int", 0, lo=0, doc="CPUs each cell declares (ray) or gets (slurm --cpus-per-task); "
                                                   "0: the threads option, else 1"), ("ray", "slurm")),
     "num_gpus_per_cell": (Key("float", 0.0, lo=0, doc="GPUs each cell declares; slurm takes whole GPUs"),

@@ -156,3 +156,47 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def loopback_name() -> str | None:
+    """A host name of this machine that resolves to a loopback address but is not spelt "localhost" or 127.0.0.1
+    (Ray rewrites those two to the machine's network address: nodes, driver and traffic would leave 127.0.0.1)."""
+    name = socket.gethostname()
+    try:
+        return name if socket.gethostbyname(name).startswith("127.") and name != "localhost" else None
+    except OSError:
+        return None
+
+
+class RayCluster:
+    """A Ray cluster of two nodes on this machine (a head and one worker, one CPU each), every node and the driver on
+    a loopback host name (``loopback_name``), started with Ray's own multi-node helper (ray.cluster_utils); the
+    driver joins with ``flags``."""
+
+    def __init__(self, host: str):
+        self.host = host
+
+    def start(self) -> "RayCluster":
+        from ray.cluster_utils import Cluster
+        self.cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+            "num_cpus": 1, "node_ip_address": self.host, "include_dashboard": False})
+        self.worker = self.cluster.add_node(num_cpus=1, node_ip_address=self.host)
+        self.cluster.wait_for_nodes()
+        self.flags = ["executor.name=ray", f"executor.address={self.cluster.address}",
+                      f"executor.node_ip_address={self.host}"]
+        return self
+
+    def node_ids(self) -> tuple[str, str]:
+        """(the head's node id, the worker's)."""
+        return self.cluster.head_node.node_id, self.worker.node_id
+
+    def stop_worker(self) -> None:
+        """The worker node's processes killed (SIGKILL), as a machine that fails."""
+        self.cluster.remove_node(self.worker, allow_graceful=False)
+
+    def add_worker(self) -> None:
+        self.worker = self.cluster.add_node(num_cpus=1, node_ip_address=self.host)
+        self.cluster.wait_for_nodes()
+
+    def stop(self) -> None:
+        self.cluster.shutdown()

@@ -89,6 +89,20 @@ def slurm_cluster(tmp_path_factory):
     cluster.stop()
 
 
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real two-node Ray cluster on a loopback host name for the session (tests/clusters.py), shut down at the
+    end."""
+    from clusters import RayCluster, loopback_name
+    host = loopback_name()
+    if host is None:
+        missing_service("this machine's host name does not resolve to a loopback address, so a multi-node Ray cluster "
+                        "cannot be kept on 127.0.0.1 (Ray rewrites 'localhost' and 127.0.0.1 to the network address)")
+    cluster = RayCluster(host).start()
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _torch_threads():
     """torch on THREADS threads for the whole session (see SUBPROCESS_ENV)."""

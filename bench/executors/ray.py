@@ -9,7 +9,7 @@ through a Ray queue, batched. A task whose worker dies is retried by Ray `max_re
 """
 from __future__ import annotations
 
-from bench.executors.base import BufferedEmit, Done, Executor, execute, lost_row
+from bench.executors.base import BufferedEmit, Done, Event, Executor, execute, lost_row
 
 
 def _require_ray():
@@ -22,12 +22,32 @@ def _require_ray():
 
 
 def _run_task(task, events):
-    """The Ray task: one cell in a Ray worker, its events batched into the driver's queue."""
-    emit = BufferedEmit(lambda batch: events.put_nowait_batch(batch))
+    """The Ray task: one cell in a Ray worker, its events batched into the driver's queue; its log says which node
+    ran it."""
+    import ray
+    emit = BufferedEmit(lambda batch: _put(events, batch))
     try:
         return execute(task, emit)
     finally:
+        emit(Event(task.cell_id, "log", f"ran on ray node {ray.get_runtime_context().get_node_id()}"))
         emit.flush()
+
+
+def _put(events, batch) -> None:
+    """A batch of events into the driver's queue; dropped where the queue cannot take it (its node lost): a cell's
+    progress lines are not worth the cell."""
+    import ray
+    try:
+        events.put_nowait_batch(batch)
+    except ray.exceptions.RayError:
+        pass
+
+
+def _head_node(ray) -> dict:
+    """Actor options placing an actor on the head node: the node a cluster does not lose without losing itself."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    heads = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})]
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(heads[0], soft=True)} if heads else {}
 
 
 class RayExecutor(Executor):
@@ -39,11 +59,14 @@ class RayExecutor(Executor):
         from ray.util.queue import Queue
         address = options.get("address") or None
         if not ray.is_initialized():
+            # a node address the cluster's nodes were started with (`ray start --node-ip-address`): Ray's guess is
+            # the interface that reaches the internet, and it rewrites 127.0.0.1 to that
+            node = {"_node_ip_address": options["node_ip_address"]} if options.get("node_ip_address") else {}
             ray.init(address=address, num_cpus=None if address else self.cpus, include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
+                     log_to_driver=False, configure_logging=False, **node)
         self.cpus_per_cell = options.get("num_cpus_per_cell") or options.get("threads") or 1
         self.total_cpus = int(ray.cluster_resources().get("CPU", self.cpus))
-        self.events = Queue()
+        self.events = Queue(actor_options=_head_node(ray))  # a worker node that dies does not take it along
         self.remote = ray.remote(_run_task).options(num_cpus=self.cpus_per_cell,
                                                     num_gpus=options.get("num_gpus_per_cell", 0.0),
                                                     max_retries=options.get("max_retries", 1),
@@ -64,10 +87,13 @@ class RayExecutor(Executor):
             self.running[self.remote.remote(task, self.events)] = task
 
     def _drain(self) -> None:
-        n = self.events.qsize()
-        if n:
-            for event in self.events.get_nowait_batch(n):
-                self.on_event(event)
+        try:
+            n = self.events.qsize()
+            batch = self.events.get_nowait_batch(n) if n else []
+        except self.ray.exceptions.RayError:  # the queue's node was lost: progress lines, never rows
+            return
+        for event in batch:
+            self.on_event(event)
 
     def poll(self, timeout):
         if not self.running:
