@@ -42,6 +42,18 @@ def bench_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: di
                           text=True, timeout=timeout, env=full_env)
 
 
+def wait_for_first_row(proc, out: Path, timeout: float = 300) -> None:
+    """Wait until the sweep ``proc`` writes its first row to OUT/results.jsonl; it must still be running then."""
+    import time
+    results = out / "results.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if results.exists() and results.read_text().strip():
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the sweep ended before its first row could be followed by a fault"
+
+
 def run_in_process(argv, capsys) -> tuple[int, str, str]:
     """`python -m bench ...` through bench.cli.main in this process, without an interpreter's start-up: (exit code,
     stdout, stderr)."""

@@ -7,9 +7,8 @@ import os
 import re
 import subprocess
 import sys
-import time
 
-from conftest import NEUTRAL_CWD, SUBPROCESS_ENV, TINY, bench_cli
+from conftest import NEUTRAL_CWD, SUBPROCESS_ENV, TINY, bench_cli, wait_for_first_row
 from test_executors import QUICK, local_numbers, numbers, rows  # noqa: F401 - local_numbers: a fixture
 
 
@@ -36,14 +35,8 @@ def test_a_worker_node_killed_mid_sweep_loses_no_row(ray_cluster, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "bench", "run", *TINY, *QUICK, "width=[8]", "seed=[0,1,2,3,4,5]",
                              *ray_cluster.flags, "--threads", "1", "--out", str(out)], cwd=NEUTRAL_CWD, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    results = out / "results.jsonl"
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            if results.exists() and results.read_text().strip():
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, "the sweep ended before the node could be killed"
+        wait_for_first_row(proc, out)
         worker = ray_cluster.node_ids()[1]
         ray_cluster.stop_worker()
         stdout, stderr = proc.communicate(timeout=600)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from conftest import NEUTRAL_CWD, SUBPROCESS_ENV, TINY, bench_cli
+from conftest import NEUTRAL_CWD, SUBPROCESS_ENV, TINY, bench_cli, wait_for_first_row
 from test_executors import QUICK, local_numbers, numbers, rows  # noqa: F401 - local_numbers: a fixture
 
 SLURM = ["executor.name=slurm", "executor.poll_seconds=0.5"]
@@ -106,13 +106,7 @@ def test_a_killed_driver_resumes_from_the_cells_folder(slurm_cluster, tmp_path):
     env = {**os.environ, **SUBPROCESS_ENV, **slurm_cluster.env}
     proc = subprocess.Popen([sys.executable, "-m", "bench", *sweep], cwd=NEUTRAL_CWD, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    results = out / "results.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if results.exists() and results.read_text().strip():
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the sweep ended before it could be killed"
+    wait_for_first_row(proc, out)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     before = rows(out)
