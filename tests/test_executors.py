@@ -1,6 +1,7 @@
-"""The executor seam through the CLI: pool, ray (a local instance with 2 CPUs) and slurm (submitit's local executor)
-produce the same cell_ids and, on CPU at one thread, the same numbers as local; a worker that dies is retried, then
-failed; a driver killed with SIGKILL under ray loses no row and duplicates none when the sweep is run again."""
+"""The executor seam through the CLI: pool and slurm (submitit's local executor) produce the same cell_ids and, on CPU
+at one thread, the same numbers as local; a pool worker that dies is retried, then failed. The same checks for ray, a
+killed ray driver resuming without loss or duplicates among them, run on a real two-node Ray cluster
+(tests/test_ray_cluster.py); slurm through sbatch on a real SLURM cluster (tests/test_slurm_cluster.py)."""
 from __future__ import annotations
 
 import json
@@ -38,7 +39,7 @@ def local_numbers(tmp_path_factory):
     return numbers(out)
 
 
-@pytest.mark.parametrize("name", list(EXECUTORS))
+@pytest.mark.parametrize("name", ["pool", "slurm"])  # ray: tests/test_ray_cluster.py, on a two-node cluster
 def test_executor_matches_local(name, local_numbers, tmp_path):
     out = tmp_path / "out"
     res = bench_cli("run", *TINY, *EXECUTORS[name], "--threads", "1", "--out", str(out), timeout=600)
@@ -84,13 +85,12 @@ def dies(in_shape, num_classes, width=8):
 QUICK = ["epochs=3", "pgd_steps=3", "autoattack=off", "attacks=[pgd]", "lip_points=16"]
 
 
-@pytest.mark.parametrize("name", ["pool", "ray"])
-def test_dead_worker_is_retried_then_failed(name, tmp_path):
+def dead_worker_is_retried_then_failed(name: str, flags: list[str], tmp_path) -> None:
     """One retry: the cell whose worker dies once ends ok, the one whose worker always dies ends failed."""
     plugin = tmp_path / "dies.py"
     plugin.write_text(DIES.format(mark=str(tmp_path / "died")))
     out = tmp_path / "out"
-    res = bench_cli("run", *TINY, *QUICK, "width=[8,9]", "model=dies", *EXECUTORS[name], "executor.max_retries=1",
+    res = bench_cli("run", *TINY, *QUICK, "width=[8,9]", "model=dies", *flags, "executor.max_retries=1",
                     "--plugin", str(plugin), "--threads", "1", "--out", str(out), timeout=600)
     assert res.returncode == 1, res.stderr[-2000:]
     by_width = {row["width"]: row for row in rows(out)}
@@ -100,13 +100,16 @@ def test_dead_worker_is_retried_then_failed(name, tmp_path):
     assert (tmp_path / "died8").exists()
 
 
-def test_ray_driver_killed_resumes_without_loss_or_duplicates(tmp_path):
+def test_dead_pool_worker_is_retried_then_failed(tmp_path):
+    dead_worker_is_retried_then_failed("pool", EXECUTORS["pool"], tmp_path)  # ray: tests/test_ray_cluster.py
+
+
+def driver_killed_resumes_without_loss_or_duplicates(flags: list[str], tmp_path) -> None:
     """SIGKILL to the driver mid-sweep: the rows already appended stay whole; the re-run runs only what is missing."""
     out = tmp_path / "out"
     # 12 tiny cells: once two rows are in, enough remain that the kill lands mid-sweep (with 6, a fast machine's
     # workers could finish the rest between two polls)
-    sweep = [*TINY, *QUICK, "seed=[0,1,2,3,4,5]", "--executor", "ray", "--threads", "1",
-             "--out", str(out)]  # the flag this time
+    sweep = [*TINY, *QUICK, "seed=[0,1,2,3,4,5]", *flags, "--threads", "1", "--out", str(out)]
     env = {**os.environ, **SUBPROCESS_ENV}
     proc = subprocess.Popen([sys.executable, "-m", "bench", "run", *sweep], cwd=NEUTRAL_CWD, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

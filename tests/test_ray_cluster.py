@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 from conftest import NEUTRAL_CWD, SUBPROCESS_ENV, TINY, bench_cli, wait_for_first_row
-from test_executors import QUICK, local_numbers, numbers, rows  # noqa: F401 - local_numbers: a fixture
+from test_executors import (QUICK, dead_worker_is_retried_then_failed, driver_killed_resumes_without_loss_or_duplicates,
+                            local_numbers, numbers, rows)  # noqa: F401 - local_numbers: a fixture
 
 
 def _nodes(out) -> list[str]:
@@ -48,3 +49,11 @@ def test_a_worker_node_killed_mid_sweep_loses_no_row(ray_cluster, tmp_path):
     assert len({r["cell_id"] for r in got}) == len(got) == 6 and all(r["status"] == "ok" for r in got)
     nodes = _nodes(out)
     assert len(nodes) == 6 and nodes.count(worker) < 6 - 1  # the cells after the kill ran on the head
+
+
+def test_a_dead_ray_worker_is_retried_then_failed(ray_cluster, tmp_path):
+    dead_worker_is_retried_then_failed("ray", ray_cluster.flags, tmp_path)
+
+
+def test_a_killed_ray_driver_resumes_without_loss_or_duplicates(ray_cluster, tmp_path):
+    driver_killed_resumes_without_loss_or_duplicates(ray_cluster.flags, tmp_path)
