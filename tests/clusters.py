@@ -126,7 +126,13 @@ class SlurmCluster:
         return "; ".join(tails)
 
     def stop(self) -> None:
-        """The daemons stopped by their pids (slurmd, slurmctld, then munged), SIGKILL after 10 s."""
+        """Every job cancelled (a job step, slurmstepd and its task, outlives a stopped slurmd), then the daemons
+        stopped by their pids (slurmd, slurmctld, then munged), SIGKILL after 10 s."""
+        if (self.root / "run" / "slurmctld.pid").exists():
+            self.run("scancel", "--full", "-u", os.environ.get("USER") or "root")
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and self.run("squeue", "-h", "-o", "%i").stdout.strip():
+                time.sleep(0.3)
         pids = []
         for name in ("slurmd", "slurmctld", "munged"):
             pid_file = self.root / "run" / f"{name}.pid"
