@@ -175,21 +175,23 @@ def loopback_name() -> str | None:
 
 
 class RayCluster:
-    """A Ray cluster of two nodes on this machine (a head and one worker, one CPU each), every node and the driver on
-    a loopback host name (``loopback_name``), started with Ray's own multi-node helper (ray.cluster_utils); the
-    driver joins with ``flags``."""
+    """A Ray cluster of two nodes on this machine (a head and one worker, one CPU each), started with Ray's own
+    multi-node helper (ray.cluster_utils), every node and the driver on ``host``: a loopback host name
+    (``loopback_name``), or where this machine has none, Ray's own choice (its network address: the traffic still never
+    leaves the machine). The driver joins with ``flags``."""
 
-    def __init__(self, host: str):
+    def __init__(self, host: str | None):
         self.host = host
 
     def start(self) -> "RayCluster":
         from ray.cluster_utils import Cluster
+        on = {"node_ip_address": self.host} if self.host else {}
         self.cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-            "num_cpus": 1, "node_ip_address": self.host, "include_dashboard": False})
-        self.worker = self.cluster.add_node(num_cpus=1, node_ip_address=self.host)
+            "num_cpus": 1, "include_dashboard": False, **on})
+        self.worker = self.cluster.add_node(num_cpus=1, **on)
         self.cluster.wait_for_nodes()
-        self.flags = ["executor.name=ray", f"executor.address={self.cluster.address}",
-                      f"executor.node_ip_address={self.host}"]
+        self.flags = ["executor.name=ray", f"executor.address={self.cluster.address}"]
+        self.flags += [f"executor.node_ip_address={self.host}"] if self.host else []
         return self
 
     def node_ids(self) -> tuple[str, str]:
@@ -201,7 +203,7 @@ class RayCluster:
         self.cluster.remove_node(self.worker, allow_graceful=False)
 
     def add_worker(self) -> None:
-        self.worker = self.cluster.add_node(num_cpus=1, node_ip_address=self.host)
+        self.worker = self.cluster.add_node(num_cpus=1, **({"node_ip_address": self.host} if self.host else {}))
         self.cluster.wait_for_nodes()
 
     def stop(self) -> None:

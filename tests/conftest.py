@@ -103,14 +103,9 @@ def slurm_cluster(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real two-node Ray cluster on a loopback host name for the session (tests/clusters.py), shut down at the
-    end."""
+    """A real two-node Ray cluster on this machine for the session (tests/clusters.py), shut down at the end."""
     from clusters import RayCluster, loopback_name
-    host = loopback_name()
-    if host is None:
-        missing_service("this machine's host name does not resolve to a loopback address, so a multi-node Ray cluster "
-                        "cannot be kept on 127.0.0.1 (Ray rewrites 'localhost' and 127.0.0.1 to the network address)")
-    cluster = RayCluster(host).start()
+    cluster = RayCluster(loopback_name()).start()
     yield cluster
     cluster.stop()
 
