@@ -3,7 +3,8 @@
 The store is append-only JSON lines, read line by line and each line untrusted (its size, depth and types). A process
 killed mid-write can leave a torn last line; it is skipped (and counted), never fatal. A malformed line elsewhere
 means the file was edited or corrupted: the writer refuses such a store (RowsError naming the file and line); a
-report (strict=False) skips the line and records its number and why.
+report (strict=False) skips the line and records its number and why. A cluster sweep's store (16 MB and more) is read
+in parts, each but the first by a forked process (reports.forked), with the result of one process.
 """
 from __future__ import annotations
 
