@@ -101,21 +101,7 @@ def acc_map(row: dict, key: str) -> dict[float, float | None]:
 
 def acc_at(row: dict, key: str, eps: float | None) -> float | None:
     """Accuracy of map `key` at eps (its key read back by reports.schema.parse_eps_key), or None: acc_map's value."""
-    if eps is None:
-        return None
-    if _memo is not None:
-        return acc_map(row, key).get(float(eps))
-    raw = row.get(key)
-    if not isinstance(raw, dict):
-        return None
-    e = float(eps)
-    key_text = eps_key(e)  # the key every writer of this package writes
-    if key_text in raw:
-        return num(raw[key_text])
-    for k in reversed(list(raw)):  # another spelling ("0.10"), read back as acc_map reads it (a later key wins)
-        if parse_eps_key(k) == e:
-            return num(raw[k])
-    return None
+    return None if eps is None else acc_map(row, key).get(float(eps))
 
 
 def verified_at(row: dict, eps: float | None) -> bool:
