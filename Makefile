@@ -23,12 +23,13 @@ TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(2, len(os.sche
 test: $(STAMP) browser slurm
 	$(VENV)/bin/python -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile
 
-# Services the tests start come from Debian packages: `make browser` installs Chromium (the HTML leaderboard tests render
-# the page in headless Chromium; a browser that downloads its own build, like playwright's, cannot be installed
-# without internet) and `make slurm` installs slurm-wlm and munge (the slurm executor's tests start a one-node SLURM
-# cluster on 127.0.0.1 and submit through sbatch). Each installs when absent and possible (apt-get, as root or with
-# passwordless sudo); otherwise it prints one line saying why and what to do, and `make test` goes on: those tests then
-# skip, saying so (under CI=true they fail instead). Installing takes 20-40 s each; when present this costs nothing.
+# Services the tests start come from Debian packages. `make browser` installs Chromium: the HTML leaderboard tests
+# render the page in headless Chromium (a browser that downloads its own build, like playwright's, cannot be installed
+# without internet). `make slurm` installs slurm-wlm and munge: the slurm executor's tests start a one-node SLURM
+# cluster on 127.0.0.1 and submit through sbatch. Each installs when absent and possible (apt-get, as root or with
+# passwordless sudo); otherwise it prints one line saying why and what to do, and `make test` goes on: those tests
+# then skip, saying so (under CI=true they fail instead). Installing takes 20-40 s each; when present this costs
+# nothing.
 # $(call apt_install,TARGET,PACKAGES,TESTS)
 define apt_install
 if ! command -v apt-get >/dev/null 2>&1; then \

@@ -110,15 +110,16 @@ SCHEMA: dict[str, Key] = {
     "dataset": Key("str", "mnist5k", sweep=True, doc="a name in the dataset registry (checked against it)"),
     "data_options": Key("table", {}, doc="dataset-specific options, e.g. gauss: d, num_classes"),
     "n_train": Key("int", 0, lo=0, hi=MAX_POINTS, sweep=True, doc="0: the dataset's whole training pool"),
-    "d": Key("int", 0, lo=0, hi=MAX_DIM, sweep=True, doc="input dimension of synthetic data (gauss), the data_options.d sweep "
-                                             "axis; 0: the dataset's own"),
+    "d": Key("int", 0, lo=0, hi=MAX_DIM, sweep=True,
+             doc="input dimension of synthetic data (gauss), the data_options.d sweep axis; 0: the dataset's own"),
     "n_test": Key("int", 0, lo=0, hi=MAX_POINTS, doc="0: the dataset's whole test set"),
     "label_noise": Key("float", 0.0, lo=0, hi=1, hi_open=True, sweep=True),
     # model
     "model": Key("str", "mlp", sweep=True, doc="a name in the model registry (checked after plugins load)"),
     "width": Key("int", 64, lo=0, lo_open=True, hi=MAX_WIDTH, sweep=True),
-    "target_params": Key("int", 0, lo=0, hi=MAX_PARAMS, sweep=True, doc="0: off; else each cell's width is the one whose parameter "
-                                                         "count is closest to this (fixed p while d varies)"),
+    "target_params": Key("int", 0, lo=0, hi=MAX_PARAMS, sweep=True,
+                         doc="0: off; else each cell's width is the one whose parameter count is closest to this "
+                             "(fixed p while d varies)"),
     "model_options": Key("table", {}),
     # training
     "recipe": Key("choice", "erm", choices=RECIPES, sweep=True),
@@ -134,8 +135,9 @@ SCHEMA: dict[str, Key] = {
     "train_steps": Key("int", 10, lo=1, hi=MAX_ITERATIONS),
     "train_step_size": Key("float", 0.0, lo=0, doc="0: 2.5·eps/steps"),
     "train_eps_warmup": Key("int", 0, lo=0, hi=MAX_ITERATIONS),
-    "at_epochs": Key("int", 0, lo=0, hi=MAX_ITERATIONS, doc="pgd-at only: its epochs (0: epochs, which ERM stops short of once it "
-                     "interpolates and PGD-AT runs to the end)"),
+    "at_epochs": Key("int", 0, lo=0, hi=MAX_ITERATIONS,
+                     doc="pgd-at only: its epochs (0: epochs, which ERM stops short of once it interpolates and PGD-AT "
+                         "runs to the end)"),
     "smooth_margin": Key("float", 1.0, lo=0, lo_open=True, doc="smooth only: logit margin each training point keeps"),
     "smooth_lambda": Key("float", 1e-3, lo=0, lo_open=True, doc="smooth only: the search's first penalty"),
     "smooth_growth": Key("float", 4.0, lo=1, lo_open=True, doc="smooth only: penalty factor between stages"),
@@ -174,7 +176,8 @@ SCHEMA: dict[str, Key] = {
     "pgd_restarts": Key("int", 1, lo=1, hi=MAX_ITERATIONS),
     "pgd_step_size": Key("float", 0.0, lo=0,
                          doc="0: the default rule, eps/2 decayed in four stages to eps/16; else a fixed step"),
-    "lip_points": Key("int", 512, lo=0, hi=MAX_POINTS, doc="points per source for the empirical Lipschitz lower bound; 0: all"),
+    "lip_points": Key("int", 512, lo=0, hi=MAX_POINTS,
+                      doc="points per source for the empirical Lipschitz lower bound; 0: all"),
     # execution
     "executor": Key("table", {}, doc="how the cells run: [executor] name = local|pool|ray|slurm and its options "
                                      "(EXECUTOR_OPTIONS); never part of a cell"),

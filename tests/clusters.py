@@ -4,6 +4,8 @@ SlurmCluster: Debian's slurm-wlm and munge (`make slurm` installs them): munged 
 one slurmd from a generated slurm.conf in a temp folder, on free ports, so a cluster of the machine (or of another
 test run) is never touched. No accounting daemon: `sacct` answers "accounting storage is disabled", as on many small
 clusters, and the executor must cope.
+RayCluster: a head and a worker node through Ray's multi-node helper, on a loopback host name where this machine has
+one (Ray rewrites "localhost" and 127.0.0.1 to the network address); the driver joins by address.
 """
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
-"""A cluster sweep's store: `bench report` reads it in parts on several CPUs and asks each row its questions once. Each of these must give exactly what one process reading line by line gives.
-(The time and memory figures are `python -m bench perf --report`'s, never a test's.)"""
+"""A cluster sweep's store: `bench report` reads it in parts on several CPUs and asks each row its questions once.
+Each of these must give exactly what one process reading line by line gives. (The time and memory figures are
+`python -m bench perf --report`'s, never a test's.)"""
 from __future__ import annotations
 
 import json
 import os
 import signal
+from contextlib import nullcontext
 
 import pytest
 
@@ -79,20 +81,12 @@ def test_an_accuracy_map_and_a_lookup_agree_on_every_spelling_of_an_eps():
             {"robust_acc": {"0.1": 0.3, "0.10": 0.5, "0.200": 0.4, "0.20": 0.6}, "verified": {"0.1": False}}]
     expect = [{0.1: 0.3, 0.2: 0.1}, {0.1: 0.3, 0.2: 0.6}]
     for scope in (False, True):
-        with remembered() if scope else _nothing():
+        with remembered() if scope else nullcontext():
             for row, want in zip(rows, expect):
                 assert acc_map(row, "robust_acc") == want
                 assert {e: acc_at(row, "robust_acc", e) for e in want} == want
                 assert row_eps(row) == [0.1, 0.2]
             assert verified_at(rows[0], 0.1) and not verified_at(rows[1], 0.1) and not verified_at(rows[0], 0.2)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_a_report_on_two_cpus_writes_the_same_files_as_on_one(tmp_path, monkeypatch):
