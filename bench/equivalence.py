@@ -54,8 +54,9 @@ def compare(model, x, y, eps: float, seeds: int, masked: bool) -> dict:
             "point_evaluations": n * seeds, "seconds_per_seed": secs, "equivalent": ok}
 
 
-def measure(quick: bool, cache, n_points: int, seeds: int, pattern: str, log, save=None) -> dict:
-    """Every matching zoo model at every eps of the sweep; `save(res)` after each model (a long run keeps what ended)."""
+def measure(quick: bool, cache, n_points: int, seeds: int, pattern: str, log, save=None, done=None) -> dict:
+    """Every matching zoo model at every eps of the sweep; `save(res)` after each eps (a long run keeps what ended).
+    ``done`` ({model: {eps: result}}, measured on the same points and seeds) is taken as it is, not run again."""
     models, x_test, y_test = zoo(quick, cache, log, pattern)
     x, y = x_test[:n_points], y_test[:n_points]
     res = {"n": n_points, "seeds": seeds, "sweep": list(SWEEP), "models": {}, "equivalent_all": True}
@@ -63,8 +64,9 @@ def measure(quick: bool, cache, n_points: int, seeds: int, pattern: str, log, sa
         log(f"{name}:")
         per = res["models"][name] = {}
         for e in SWEEP:
-            v = per[str(e)] = compare(model, x, y, e, seeds, name in MASKED)
-            log(f"  @{e}: original {v['original']} native {v['native']} gap {v['gap']:+.2f} (spread "
+            kept = (done or {}).get(name, {}).get(str(e))
+            v = per[str(e)] = kept or compare(model, x, y, e, seeds, name in MASKED)
+            log(f"  @{e}{' (saved)' if kept else ''}: original {v['original']} native {v['native']} gap {v['gap']:+.2f} (spread "
                 f"{v['original_spread']:.2f}) passes {v['passes_per_point']} "
                 f"{'equivalent' if v['equivalent'] else 'NOT equivalent'}")
             res["equivalent_all"] &= v["equivalent"]
@@ -108,6 +110,8 @@ def main(argv) -> int:
     p.add_argument("--seeds", type=int, default=4, help="seeds per engine (default 4: 1,000 point-evaluations)")
     p.add_argument("--models", default="*", help="only the zoo models matching these comma-separated patterns")
     p.add_argument("--cache", default=None, help="folder for the trained zoo")
+    p.add_argument("--again", action="store_true",
+                   help="measure again what an earlier run saved on the same points and seeds (default: keep it)")
     args = p.parse_args(argv)
     if args.seeds < 2:
         print("bench perf --attacks --equivalence: --seeds must be at least 2 (a spread needs two)", file=sys.stderr)
@@ -126,8 +130,10 @@ def main(argv) -> int:
                 v["equivalent"] for per in models.values() for v in per.values())})
         if args.json:
             write_json(args.json, r)
+    before = _read(keep)
+    same = before.get("n") == n and before.get("seeds") == args.seeds and not args.again
     res = measure(args.quick, cache, n, args.seeds, args.models, lambda m: print(m, file=sys.stderr, flush=True),
-                  save)
+                  save, before.get("models") if same else None)
     if not res["models"]:
         print(f"bench perf --attacks --equivalence: no zoo model matches --models {args.models!r}", file=sys.stderr)
         return 2

@@ -298,6 +298,16 @@ def test_the_equivalence_run_is_kept_beside_the_zoo_for_bench_perf(tmp_path, cap
     assert set(got["models"]["mlp-erm"]) == {"0.05", "0.1", "0.2", "0.3"}
     assert summary(cache, ["mlp-erm"])["models"] == {"mlp-erm": None}  # the full zoo's are apart
     assert "equivalent on every model and eps" in capsys.readouterr().out
+    # a second run on the same points and seeds keeps what the first saved; --again measures it anew
+    import bench.equivalence as equivalence
+    args = ["--quick", "--models", "mlp-erm", "--seeds", "2", "--points", "4", "--cache", str(cache)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(equivalence, "compare", lambda *a: pytest.fail("measured again what was saved"))
+        assert main(args) == 0
+        assert capsys.readouterr().err.count("(saved)") == 4
+        with pytest.raises(pytest.fail.Exception, match="measured again"):
+            main(args + ["--again"])
+    assert json.loads(saved(cache, quick=True).read_text())["models"] == kept["models"]
 
 
 def test_native_runs_big_batches_of_rows_in_cache_sized_chunks():
