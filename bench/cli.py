@@ -178,6 +178,6 @@ def report_command(args, console: Console) -> int:
     console.print(reports.console_table(shown))
     if len(parsed.rows) > len(shown):  # a cluster sweep's 20,000 rows are for the files, not the terminal
         console.print(f"the first {len(shown)} of {len(parsed.rows):,} rows; every row is in the report below")
-    for path in reports.render(results, Path(args.out), rows=parsed.rows):
+    for path in reports.render(results, Path(args.out), rows=parsed.rows, processes=cpus()):
         console.print(f"wrote {path}")
     return 0

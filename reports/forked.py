@@ -2,14 +2,16 @@
 
 A report of a cluster sweep's store (20,000 rows, 100 MB) is pure Python: parsing the store's parts on several CPUs is
 the one lever left once each step is lean (0.7 s of parsing per 10 MB here; a part comes back pickled in a tenth of
-that). Not the plots beside the tables: a forked process that reads the rows touches their reference counts, so it
-copies the pages that hold them (190 MB more at 20,000 rows), where a part's reader holds only its part. Where
+that), and so is encoding the plots (PNG, SVG) beside the tables once they are drawn. A forked process must not read
+the rows: touching their reference counts copies the pages that hold them (190 MB more at 20,000 rows), where a
+part's reader holds only its part and the plots' encoder only the figures. Where
 fork is missing (or ``processes`` is 1) the function simply runs here; should the forked process fail (an exception,
 memory, a signal), ``result`` runs the function here, so a caller sees exactly what one process would have given, its
 exceptions included.
 """
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import warnings
@@ -23,10 +25,11 @@ def cpus() -> int:
 
 
 class Forked:
-    """``fn(*args)`` started in a forked process (when ``fork`` is true and possible); ``result()`` its value."""
+    """``fn(*args)`` started in a forked process (when ``fork`` is true and possible); ``result()`` its value. Where
+    it cannot run or fails there, ``result()`` runs ``here(*args)`` in this process (default: ``fn``)."""
 
-    def __init__(self, fn, *args, fork: bool = True):
-        self.fn, self.args, self.pid = fn, args, None
+    def __init__(self, fn, *args, fork: bool = True, here=None):
+        self.fn, self.args, self.pid, self.here = fn, args, None, here or fn
         if not (fork and CAN_FORK):
             return
         r, w = os.pipe()
@@ -36,6 +39,7 @@ class Forked:
         if self.pid == 0:
             code = 1
             try:
+                gc.freeze()  # what it inherits is never scanned by its collector: scanning writes, copying pages
                 os.close(r)
                 with os.fdopen(w, "wb") as fh:
                     pickle.dump(fn(*args), fh, protocol=pickle.HIGHEST_PROTOCOL)
@@ -47,7 +51,7 @@ class Forked:
 
     def result(self):
         if self.pid is None:
-            return self.fn(*self.args)
+            return self.here(*self.args)
         try:
             with os.fdopen(self.fd, "rb") as fh:
                 value, ok = pickle.load(fh), True
@@ -55,4 +59,4 @@ class Forked:
             value, ok = None, False
         _, status = os.waitpid(self.pid, 0)
         self.pid = None
-        return value if ok and status == 0 else self.fn(*self.args)
+        return value if ok and status == 0 else self.here(*self.args)

@@ -316,10 +316,10 @@ def robust_trend(points: dict, recipe: str, eps: float) -> Trend:
                 by_seed[text(r.get("seed"))].append((math.log2(ratio), 100.0 * acc))
     slopes = []
     for pts in by_seed.values():
-        xs = np.array([p[0] for p in pts])
-        if len(np.unique(np.round(xs, 9))) < 2:
+        if len({round(p[0], 9) for p in pts}) < 2:  # one p/(n·d): no slope
             continue
-        slopes.append(ols(xs, np.array([p[1] for p in pts]))[0])
+        xy = np.array(pts)
+        slopes.append(ols(xy[:, 0], xy[:, 1])[0])
     slope, half = mean_ci(slopes)
     return Trend(recipe, eps, slope, half, len(slopes))
 

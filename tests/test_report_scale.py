@@ -71,6 +71,9 @@ def test_forked_work_that_fails_is_done_again_here_with_its_own_result_or_except
         Forked(_fails, "thing").result()
     assert Forked(_dies, os.getpid()).result() == "answered here"
     assert Forked(sum, [4], fork=False).result() == 4 and Forked(sum, [4], fork=False).pid is None
+    here = lambda parent: "its own way here"  # noqa: E731
+    assert Forked(_dies, os.getpid(), here=here).result() == "its own way here"
+    assert Forked(sum, [4], fork=False, here=lambda xs: -1).result() == -1
 
 
 def test_an_accuracy_map_and_a_lookup_agree_on_every_spelling_of_an_eps():
@@ -90,13 +93,17 @@ def test_an_accuracy_map_and_a_lookup_agree_on_every_spelling_of_an_eps():
 
 
 def test_a_report_on_two_cpus_writes_the_same_files_as_on_one(tmp_path, monkeypatch):
-    """Read in parts, rows' readings remembered: byte for byte the files of one process."""
+    """Read in parts, rows' readings remembered, the plots encoded in two processes: byte for byte the files of
+    one process."""
     path = _store(tmp_path)
     monkeypatch.setattr(rows_module, "PARALLEL_BYTES", 0)
     written = {}
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"
         written[processes] = {p.name: p.read_bytes() for p in render(path, out, processes=processes)}
+    # each format is encoded from a figure drawn afresh: an SVG alone is the SVG beside a PNG
+    alone = {p.name: p.read_bytes() for p in render(path, tmp_path / "svg", formats=("svg",), processes=2)}
+    assert alone == {k: v for k, v in written[1].items() if k.endswith(".svg")} and len(alone) == 4
     assert written[1] == written[2] and sorted(written[1]) == sorted(
         ["leaderboard.md", "leaderboard.html", "results.csv"]
         + [f"{n}.{e}" for n in ("robust_vs_ratio", "lipschitz_vs_ratio", "accuracy_by_family", "frontier")
