@@ -18,7 +18,10 @@ def num(value) -> float | None:
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        v = float(value)
+        try:
+            v = float(value)
+        except OverflowError:  # an integer past every float
+            return None
     elif isinstance(value, str):
         try:
             v = float(value.strip())

@@ -172,6 +172,22 @@ def test_report_counts_each_cell_once_and_refuses_zero_params(tmp_path):
     assert {r["cell_id"]: r["status"] for r in rows}["1111111111111111"] == "ok"
 
 
+def test_report_skips_numbers_past_every_float(tmp_path):
+    """An integer past every float (JSON allows 10**400) in a number field crashed `bench report` with an
+    OverflowError while judging the row; now the row is skipped with its reason, and where the schema allows any
+    integer (a width) the report reads it as no number."""
+    import json
+    from test_bad_input import valid_row
+    huge = 10 ** 400
+    bad = json.dumps({**valid_row(), "cell_id": "3333333333333333", "seed": 4, "lip_upper": huge})
+    wide = json.dumps({**valid_row(), "cell_id": "4444444444444444", "seed": 5, "width": huge})
+    out, _ = _store_with(tmp_path, bad, wide)
+    res = bench_cli("report", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "lip_upper is 1000000000" in res.stderr and "expected a finite number" in res.stderr
+    assert "4444444444444444" in (out / "report" / "results.csv").read_text()
+
+
 # ------------------------------------------------------------------------------------------------ the cells
 
 MODELS = textwrap.dedent('''
