@@ -7,6 +7,7 @@ Nothing here raises on bad row content.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from contextlib import contextmanager
 from functools import wraps
 
@@ -15,6 +16,8 @@ from .schema import ACC_KEYS, eps_key, is_trust_flag, parse_eps_key
 
 def num(value) -> float | None:
     """A float for a real number (int, float, numeric string); None for null, NaN, bools, or anything else."""
+    if type(value) is float:  # the usual case first: a report asks a million times
+        return None if value != value else value
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
@@ -49,7 +52,7 @@ def interpolates(row: dict) -> bool:
     return row.get("interpolates") is True
 
 
-_memo: dict | None = None  # (function, id(row), args) -> (row, result) while ``remembered`` is active
+_memo: dict | None = None  # function -> {id(row) or (id(row), *args): (row, result)} while ``remembered`` is active
 
 
 @contextmanager
@@ -60,7 +63,7 @@ def remembered():
     global _memo
     outer = _memo
     if outer is None:
-        _memo = {}
+        _memo = defaultdict(dict)
     try:
         yield
     finally:
@@ -74,10 +77,10 @@ def per_row(fn):
         memo = _memo
         if memo is None:
             return fn(row, *args)
-        k = (fn, id(row), args)
-        hit = memo.get(k)
+        table, k = memo[fn], (id(row), *args) if args else id(row)
+        hit = table.get(k)
         if hit is None:
-            hit = memo[k] = (row, fn(row, *args))
+            hit = table[k] = (row, fn(row, *args))
         return hit[1]
     return read
 
