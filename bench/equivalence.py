@@ -46,12 +46,23 @@ def compare(model, x, y, eps: float, seeds: int, masked: bool) -> dict:
     kinds = ("forward", "backward")
     spread_passes = {k: round(max(p[k] for p in p_orig) - min(p[k] for p in p_orig), 2) for k in kinds}
     more_passes = any(passes["native"][k] > passes["original"][k] + spread_passes[k] for k in kinds)
-    ok = (gap <= 0 if masked else abs(gap) <= spread) and not more_passes  # masked: stronger is no fault
     return {"original": [round(v, 2) for v in orig], "native": [round(v, 2) for v in nat],
             "gap": round(gap, 2), "original_spread": round(spread, 2), "native_more_passes": more_passes,
             "passes_per_point": passes, "passes_per_seed": {"original": p_orig, "native": p_nat},
             "original_passes_spread": spread_passes,
-            "point_evaluations": n * seeds, "seconds_per_seed": secs, "equivalent": ok}
+            "point_evaluations": n * seeds, "seconds_per_seed": secs,
+            "equivalent": verdict(gap, spread, more_passes, masked)}
+
+
+def verdict(gap: float, spread: float, more_passes: bool, masked: bool) -> bool:
+    """The test at one eps (masked: stronger is no fault); saved results are judged again by it as they are read."""
+    return (gap <= 0 if masked else abs(gap) <= spread) and not more_passes
+
+
+def _judged(name: str, per: dict) -> dict:
+    """A model's saved results per eps, each with its verdict by today's test and today's MASKED."""
+    return {e: {**v, "equivalent": verdict(v["gap"], v["original_spread"], v["native_more_passes"], name in MASKED)}
+            for e, v in per.items()}
 
 
 def measure(quick: bool, cache, n_points: int, seeds: int, pattern: str, log, save=None, done=None) -> dict:
@@ -64,7 +75,7 @@ def measure(quick: bool, cache, n_points: int, seeds: int, pattern: str, log, sa
         log(f"{name}:")
         per = res["models"][name] = {}
         for e in SWEEP:
-            kept = (done or {}).get(name, {}).get(str(e))
+            kept = _judged(name, (done or {}).get(name, {})).get(str(e))
             v = per[str(e)] = kept or compare(model, x, y, e, seeds, name in MASKED)
             log(f"  @{e}{' (saved)' if kept else ''}: original {v['original']} native {v['native']} gap {v['gap']:+.2f} (spread "
                 f"{v['original_spread']:.2f}) passes {v['passes_per_point']} "
@@ -87,7 +98,7 @@ def summary(cache, names, quick: bool = False) -> dict:
     """The saved verdicts of the zoo models ``names`` ({model: {eps: equivalent}}, None where never measured) and
     the run's settings: what bench perf --attacks reports beside its own measurements."""
     res = _read(saved(cache, quick))
-    models = res.get("models", {})
+    models = {name: _judged(name, per) for name, per in res.get("models", {}).items()}
     return {"points": res.get("n"), "seeds": res.get("seeds"),
             "models": {m: ({e: v["equivalent"] for e, v in models[m].items()} if m in models else None)
                        for m in names},
@@ -123,7 +134,7 @@ def main(argv) -> int:
     def save(r):  # beside the zoo, merged eps by eps with earlier (or concurrent) runs' results; and --json
         with open(keep.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            models = _read(keep).get("models", {})
+            models = {name: _judged(name, per) for name, per in _read(keep).get("models", {}).items()}
             for name, per in r["models"].items():
                 models[name] = {**models.get(name, {}), **per}
             write_json(keep, {**r, "models": models, "equivalent_all": all(
