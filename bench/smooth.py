@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench import optim
 from lawbench.attacks import attack_loss
 
 POWER_ITERS_EVAL = 30  # iterations when the trace records the product of norms
@@ -190,7 +191,7 @@ def _epochs(model, x, y, cfg, lam: float, norms: OperatorNorms, gen: torch.Gener
     """Train in place with the hinge plus lam times the log norms and end at the last epoch that interpolates (a
     fresh optimizer's first steps can knock a point over that later epochs win back), or earlier, at the first epoch
     whose smallest margin reaches stop_margin. Returns whether any epoch interpolated."""
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    opt = optim.build(torch.optim.Adam, [p for p in model.parameters() if p.requires_grad], lr=lr)
     kept = None
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=gen).to(x.device)
@@ -200,9 +201,9 @@ def _epochs(model, x, y, cfg, lam: float, norms: OperatorNorms, gen: torch.Gener
             norms.iterate(1)
             hinge = F.relu(cfg.smooth_margin - margins(model(x[idx]), y[idx])).mean()
             loss = hinge + lam * norms.log_norms()
-            opt.zero_grad(set_to_none=True)
+            optim.zero_grad(opt)
             loss.backward()
-            opt.step()
+            optim.step(opt)
         if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(f"smooth search diverged at lambda {lam:g}; lower lr")
         fits, _, margin = _fit(model, x, y)

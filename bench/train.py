@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from bench import optim
+
 RECIPES = ("erm", "pgd-at", "smooth")
 OPTIMIZERS = ("adam", "sgd")
 
@@ -69,9 +71,9 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return optim.build(torch.optim.Adam, params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return optim.build(torch.optim.SGD, params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer '{cfg.optimizer}' (known: {', '.join(OPTIMIZERS)})")
 
 
@@ -108,9 +110,9 @@ def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
                                  step_size=cfg.train_step_size or None, random_start=True, generator=attack_gen)
             model.train()
             loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad(set_to_none=True)
+            optim.zero_grad(opt)
             loss.backward()
-            opt.step()
+            optim.step(opt)
             total_loss += loss.item() * len(idx)
         acc = accuracy(model, x, y)
         history.append((epoch, total_loss / len(x), acc))
