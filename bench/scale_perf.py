@@ -93,14 +93,25 @@ def loaded(fn):
         proc.join()
 
 
-def measure(quick: bool, log) -> dict:
+def ray_flags(address: str | None, node_ip: str | None) -> list[str]:
+    """The Ray line's executor: a Ray cluster joined by address (as on a cluster; its nodes' CPUs are its workers),
+    else a local instance of 2 workers."""
+    if not address:
+        return EXECUTORS["ray"]
+    return ["executor.name=ray", f"executor.address={address}", "--threads", "1",
+            *([f"executor.node_ip_address={node_ip}"] if node_ip else [])]
+
+
+def measure(quick: bool, log, ray_address: str | None = None, ray_node_ip: str | None = None) -> dict:
     grid = GRID_QUICK if quick else GRID
     default = ["default", *DEFAULT_QUICK] if quick else ["default"]
-    res = {"cpus": len(os.sched_getaffinity(0)), "quick": quick, "grid": grid, "executors": {}}
+    res = {"cpus": len(os.sched_getaffinity(0)), "quick": quick, "grid": grid, "executors": {},
+           "ray_cluster": ray_address or "a local instance"}
     log("grid: local with the thread policy ...")
     res["executors"]["local"] = run_sweep(["default", *grid, *LOCAL], log)
-    for name, flags in EXECUTORS.items():
-        log(f"grid: {name}, 2 workers x 1 thread ...")
+    for name, flags in {**EXECUTORS, "ray": ray_flags(ray_address, ray_node_ip)}.items():
+        where = f"the Ray cluster at {ray_address}" if name == "ray" and ray_address else "2 workers x 1 thread"
+        log(f"grid: {name}, {where} ...")
         res["executors"][name] = run_sweep(["default", *grid, *flags], log)
     why = slurm_answers()
     if why is None:
@@ -130,7 +141,7 @@ def _print(res) -> None:
     for col in ("measure", "value", "detail"):
         t.add_column(col, justify="right" if col == "value" else "left")
     for name, r in res["executors"].items():
-        t.add_row(f"grid, {name}", f"{r['seconds']:.1f} s", f"{r['cells']} cells, {r['cells_per_minute']:.2f} per "
+        t.add_row(f"grid, {name}" + (f" ({res['ray_cluster']})" if name == "ray" else ""), f"{r['seconds']:.1f} s", f"{r['cells']} cells, {r['cells_per_minute']:.2f} per "
                   f"minute; threads {r['threads_chosen']}")
     if "slurm_skipped" in res:
         t.add_row("grid, slurm", "skipped", res["slurm_skipped"])
@@ -148,8 +159,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench perf --scale", description=__doc__.splitlines()[0])
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--quick", action="store_true", help="tiny sweeps (a smoke test, numbers meaningless)")
+    p.add_argument("--ray-address", metavar="HOST:PORT", help="the Ray line joins this Ray cluster (default: a local "
+                   "instance of 2 workers)")
+    p.add_argument("--ray-node-ip", metavar="ADDRESS", help="the driver's node address on that cluster")
     args = p.parse_args(argv)
-    res = measure(args.quick, lambda msg: print(msg, file=sys.stderr, flush=True))
+    res = measure(args.quick, lambda msg: print(msg, file=sys.stderr, flush=True), args.ray_address,
+                  args.ray_node_ip)
     _print(res)
     if args.json:
         from bench.zoo import write_json

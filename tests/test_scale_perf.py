@@ -7,13 +7,17 @@ import json
 import bench.perf as perf
 
 
-def test_scale_quick_writes_json(tmp_path, capsys, monkeypatch, slurm_cluster):
-    """The grid through every executor, a real SLURM cluster's job array included (the session's one-node cluster)."""
+def test_scale_quick_writes_json(tmp_path, capsys, monkeypatch, slurm_cluster, ray_cluster):
+    """The grid through every executor: a real SLURM cluster's job array (the session's one-node cluster) and a real
+    two-node Ray cluster joined by address (the session's), as the README's cluster lines run."""
     out = tmp_path / "scale.json"
     for k, v in slurm_cluster.env.items():
         monkeypatch.setenv(k, v)
-    assert perf.main(["--scale", "--quick", "--json", str(out)]) == 0
+    ray = ["--ray-address", ray_cluster.cluster.address] + (["--ray-node-ip", ray_cluster.host] if ray_cluster.host
+                                                            else [])
+    assert perf.main(["--scale", "--quick", "--json", str(out), *ray]) == 0
     res = json.loads(out.read_text())
+    assert res["ray_cluster"] == ray_cluster.cluster.address
     assert set(res["executors"]) == {"local", "pool", "ray", "slurm"} and "slurm_skipped" not in res
     for name, run in res["executors"].items():
         assert run["cells"] == 4 and run["seconds"] > 0
