@@ -74,11 +74,12 @@ def measure(quick: bool, cache, n_points: int, seeds: int, pattern: str, log, sa
     for name, model in models.items():
         log(f"{name}:")
         per = res["models"][name] = {}
+        earlier = _judged(name, (done or {}).get(name, {}))
         for e in SWEEP:
-            kept = _judged(name, (done or {}).get(name, {})).get(str(e))
+            kept = earlier.get(str(e))
             v = per[str(e)] = kept or compare(model, x, y, e, seeds, name in MASKED)
-            log(f"  @{e}{' (saved)' if kept else ''}: original {v['original']} native {v['native']} gap {v['gap']:+.2f} (spread "
-                f"{v['original_spread']:.2f}) passes {v['passes_per_point']} "
+            log(f"  @{e}{' (saved)' if kept else ''}: original {v['original']} native {v['native']} "
+                f"gap {v['gap']:+.2f} (spread {v['original_spread']:.2f}) passes {v['passes_per_point']} "
                 f"{'equivalent' if v['equivalent'] else 'NOT equivalent'}")
             res["equivalent_all"] &= v["equivalent"]
             if save:  # after each eps: a CNN's four take hours

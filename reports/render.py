@@ -79,10 +79,11 @@ def _plots(views, plot_formats: list[str], processes: int) -> dict[str, dict[str
     def drawn():
         return {name: PLOTTERS[name](views) for name in PLOT_NAMES}
 
-    figures = drawn()
-    rest = Forked(_encode, figures, plot_formats[1:], fork=processes > 1 and len(plot_formats) > 1,
-                  here=lambda _, formats: _encode(drawn() if formats else {}, formats))
-    first, second = _encode(figures, plot_formats[:1]), rest.result()
+    figures, later = drawn(), plot_formats[1:]
+    rest = Forked(_encode, figures, later, fork=processes > 1,
+                  here=lambda _, formats: _encode(drawn(), formats)) if later else None
+    first = _encode(figures, plot_formats[:1])
+    second = rest.result() if rest else {}
     return {name: {**first[name], **second.get(name, {})} for name in figures}
 
 

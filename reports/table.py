@@ -87,7 +87,11 @@ def config_key(row: dict) -> tuple:
     """What identifies a configuration apart from its seed: the columns a reader sees (CONFIG_KEYS), then every
     other setting of the row's cell, so rows that differ in anything but the seed (the AutoAttack engine, the
     learning rate, the attacks' options) are never averaged together as if they were seeds."""
-    return tuple(_hashable(row.get(k)) for k in CONFIG_KEYS) + (_setting_key(row),)
+    return _visible(row) + (_settings_json(_settings(row)),)
+
+
+def _visible(row: dict) -> tuple:
+    return tuple(_hashable(row.get(k)) for k in CONFIG_KEYS)
 
 
 class ConfigKeys:
@@ -99,12 +103,12 @@ class ConfigKeys:
         self.seen: dict[tuple, list[tuple[dict, str]]] = defaultdict(list)  # visible columns -> (settings, JSON)
 
     def __call__(self, row: dict) -> tuple:
-        visible = tuple(_hashable(row.get(k)) for k in CONFIG_KEYS)
+        visible = _visible(row)
         settings, known = _settings(row), self.seen[visible]
         for other, key in known:
             if other == settings:
                 return visible + (key,)
-        key = json.dumps(settings, sort_keys=True, default=repr)
+        key = _settings_json(settings)
         if all(key != k for _, k in known):  # else NaN, unequal to itself, whose JSON matches
             known.append((settings, key))
         return visible + (key,)
@@ -116,8 +120,8 @@ def _settings(row: dict) -> dict:
     return {k: v for k, v in cell.items() if k != "seed"} if isinstance(cell, dict) else {}
 
 
-def _setting_key(row: dict) -> str:
-    return json.dumps(_settings(row), sort_keys=True, default=repr)
+def _settings_json(settings: dict) -> str:
+    return json.dumps(settings, sort_keys=True, default=repr)
 
 
 def _setting_text(settings: dict, key: str, row: dict) -> str:
