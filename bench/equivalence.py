@@ -65,19 +65,33 @@ def _judged(name: str, per: dict) -> dict:
             for e, v in per.items()}
 
 
+def fingerprint(model) -> str:
+    """The model's weights, hashed: saved results are taken again only for the same weights (a zoo retrained on
+    another machine or torch may differ in the last bits)."""
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def measure(quick: bool, cache, n_points: int, seeds: int, pattern: str, log, save=None, done=None) -> dict:
     """Every matching zoo model at every eps of the sweep; `save(res)` after each eps (a long run keeps what ended).
-    ``done`` ({model: {eps: result}}, measured on the same points and seeds) is taken as it is, not run again."""
+    ``done`` ({model: {eps: result}}, measured on the same points and seeds) is taken as it is where it was measured
+    on the same weights, not run again."""
     models, x_test, y_test = zoo(quick, cache, log, pattern)
     x, y = x_test[:n_points], y_test[:n_points]
     res = {"n": n_points, "seeds": seeds, "sweep": list(SWEEP), "models": {}, "equivalent_all": True}
     for name, model in models.items():
         log(f"{name}:")
         per = res["models"][name] = {}
-        earlier = _judged(name, (done or {}).get(name, {}))
+        weights = fingerprint(model)
+        earlier = _judged(name, {e: v for e, v in (done or {}).get(name, {}).items()
+                                 if v.get("weights") == weights})
         for e in SWEEP:
             kept = earlier.get(str(e))
-            v = per[str(e)] = kept or compare(model, x, y, e, seeds, name in MASKED)
+            v = per[str(e)] = kept or {**compare(model, x, y, e, seeds, name in MASKED), "weights": weights}
             log(f"  @{e}{' (saved)' if kept else ''}: original {v['original']} native {v['native']} "
                 f"gap {v['gap']:+.2f} (spread {v['original_spread']:.2f}) passes {v['passes_per_point']} "
                 f"{'equivalent' if v['equivalent'] else 'NOT equivalent'}")
@@ -114,6 +128,8 @@ def saved(cache, quick: bool = False) -> "Path":
 
 
 def main(argv) -> int:
+    import hashlib
+    from pathlib import Path
     from bench.zoo import cache_dir, write_json
     p = argparse.ArgumentParser(prog="python -m bench perf --attacks --equivalence", description=__doc__.splitlines()[0])
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
@@ -123,21 +139,29 @@ def main(argv) -> int:
     p.add_argument("--models", default="*", help="only the zoo models matching these comma-separated patterns")
     p.add_argument("--cache", default=None, help="folder for the trained zoo")
     p.add_argument("--again", action="store_true",
-                   help="measure again what an earlier run saved on the same points and seeds (default: keep it)")
+                   help="measure again what an earlier run saved on the same points, seeds and weights "
+                        "(default: keep it)")
+    p.add_argument("--keep", metavar="FILE", default=None,
+                   help="where the results are merged eps by eps and an interrupted run resumes from (default: "
+                        "beside the zoo, where bench perf --attacks reads them)")
     args = p.parse_args(argv)
     if args.seeds < 2:
         print("bench perf --attacks --equivalence: --seeds must be at least 2 (a spread needs two)", file=sys.stderr)
         return 2
     n = args.points or (8 if args.quick else 250)
     cache = cache_dir(args.cache)
-    keep = saved(cache, args.quick)
+    keep = Path(args.keep) if args.keep else saved(cache, args.quick)
 
     def save(r):  # beside the zoo, merged eps by eps with earlier (or concurrent) runs' results; and --json
-        with open(keep.with_suffix(".lock"), "w") as lock:
+        cache.mkdir(parents=True, exist_ok=True)
+        with open(cache / f"equivalence-{hashlib.sha256(str(keep.resolve()).encode()).hexdigest()[:12]}.lock",
+                  "w") as lock:  # beside the zoo, not beside FILE (a repository's folder, say)
             fcntl.flock(lock, fcntl.LOCK_EX)
             models = {name: _judged(name, per) for name, per in _read(keep).get("models", {}).items()}
-            for name, per in r["models"].items():
-                models[name] = {**models.get(name, {}), **per}
+            for name, per in r["models"].items():  # results on other weights than this run's are dropped
+                weights = {v.get("weights") for v in per.values()}
+                models[name] = {**{e: v for e, v in models.get(name, {}).items() if v.get("weights") in weights},
+                                **per}
             write_json(keep, {**r, "models": models, "equivalent_all": all(
                 v["equivalent"] for per in models.values() for v in per.values())})
         if args.json:

@@ -319,6 +319,21 @@ def test_the_equivalence_run_is_kept_beside_the_zoo_for_bench_perf(tmp_path, cap
         with pytest.raises(pytest.fail.Exception, match="measured again"):
             main(args + ["--again"])
     assert json.loads(saved(cache, quick=True).read_text())["models"] == kept["models"]
+    # results are taken again only for the same weights; --keep FILE saves and resumes there instead
+    assert {v["weights"] for v in kept["models"]["mlp-erm"].values()} == {
+        equivalence.fingerprint(equivalence.zoo(True, cache, print, "mlp-erm")[0]["mlp-erm"])}
+    other = {e: {**v, "weights": "0" * 16} for e, v in kept["models"]["mlp-erm"].items()}
+    other = {**kept, "models": {"mlp-erm": other}}
+    (tmp_path / "keep.json").write_text(json.dumps(other))
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        real = equivalence.compare
+        mp.setattr(equivalence, "compare", lambda *a: calls.append(a[3]) or real(*a))
+        assert main(args + ["--keep", str(tmp_path / "keep.json")]) == 0
+    assert calls == [0.05, 0.1, 0.2, 0.3]
+    again = json.loads((tmp_path / "keep.json").read_text())["models"]["mlp-erm"]
+    assert {v["weights"] for v in again.values()} == {kept["models"]["mlp-erm"]["0.1"]["weights"]}
+    assert not list(tmp_path.glob("*.lock"))  # the lock stays beside the zoo
     # a saved verdict is judged again by today's test as it is read (a model since counted as masked, say)
     kept["models"]["mlp-erm"]["0.1"]["equivalent"] = not kept["models"]["mlp-erm"]["0.1"]["equivalent"]
     saved(cache, quick=True).write_text(json.dumps(kept))
