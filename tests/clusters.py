@@ -4,8 +4,8 @@ SlurmCluster: Debian's slurm-wlm and munge (`make slurm` installs them): munged 
 one slurmd from a generated slurm.conf in a temp folder, on free ports, so a cluster of the machine (or of another
 test run) is never touched. No accounting daemon: `sacct` answers "accounting storage is disabled", as on many small
 clusters, and the executor must cope.
-RayCluster: a head and a worker node through Ray's multi-node helper, on a loopback host name where this machine has
-one (Ray rewrites "localhost" and 127.0.0.1 to the network address); the driver joins by address.
+RayCluster: a head and a worker node started with `ray start`, as the README says, on a loopback host name where this
+machine has one (Ray rewrites "localhost" and 127.0.0.1 to the network address); the driver joins by address.
 """
 from __future__ import annotations
 
@@ -177,36 +177,116 @@ def loopback_name() -> str | None:
 
 
 class RayCluster:
-    """A Ray cluster of two nodes on this machine (a head and one worker, one CPU each), started with Ray's own
-    multi-node helper (ray.cluster_utils), every node and the driver on ``host``: a loopback host name
-    (``loopback_name``), or where this machine has none, Ray's own choice (its network address: the traffic still never
-    leaves the machine). The driver joins with ``flags``."""
+    """A Ray cluster of two nodes on this machine (a head and one worker, one CPU each), started as the README's recipe
+    starts one: `ray start --head --port=PORT` and `ray start --address=HOST:PORT`, every node and the driver on
+    ``host``: a loopback host name (``loopback_name``), or where this machine has none, Ray's own node address (the
+    traffic still never leaves the machine). Each node runs in a session of its own (`--block`), so a node is stopped,
+    or killed as a machine that fails, by its session's pids; the head's files live in a temp folder of the test run.
+    The driver joins with ``flags``."""
 
-    def __init__(self, host: str | None):
-        self.host = host
+    def __init__(self, host: str | None, tmp: Path):
+        self.host, self.tmp = host, Path(tmp)
+
+    def _ray(self) -> str:
+        import sys
+        return str(Path(sys.executable).with_name("ray"))
+
+    def _node(self, *args: str) -> tuple[subprocess.Popen, int]:
+        port = _free_port()
+        on = [f"--node-ip-address={self.host}"] if self.host else []
+        proc = subprocess.Popen([self._ray(), "start", "--block", "--num-cpus=1", "--disable-usage-stats",
+                                 f"--node-manager-port={port}", *on, *args], start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_ray_env())
+        return proc, port
 
     def start(self) -> "RayCluster":
-        from ray.cluster_utils import Cluster
-        on = {"node_ip_address": self.host} if self.host else {}
-        self.cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-            "num_cpus": 1, "include_dashboard": False, **on})
-        self.worker = self.cluster.add_node(num_cpus=1, **on)
-        self.cluster.wait_for_nodes()
-        self.flags = ["executor.name=ray", f"executor.address={self.cluster.address}"]
-        self.flags += [f"executor.node_ip_address={self.host}"] if self.host else []
+        if self.host is None:
+            import ray.util
+            self.host = ray.util.get_node_ip_address()
+        port = _free_port()
+        self.address = f"{self.host}:{port}"
+        self.head, self.head_port = self._node("--head", f"--port={port}", "--include-dashboard=false",
+                                               f"--temp-dir={self.tmp}")
+        self.worker, self.worker_port = self._node(f"--address={self.address}")
+        self.wait_for_nodes(2)
+        self.flags = ["executor.name=ray", f"executor.address={self.address}",
+                      f"executor.node_ip_address={self.host}"]
         return self
+
+    def _alive(self) -> dict[int, str]:
+        """{node manager port: node id} of the cluster's live nodes, as a driver joining by address sees them."""
+        import json
+        import sys
+        code = ("import json, ray; ray.init(address=%r, _node_ip_address=%r, logging_level='ERROR'); "
+                "print(json.dumps([[n['NodeManagerPort'], n['NodeID']] for n in ray.nodes() if n['Alive']]))"
+                % (self.address, self.host))
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=_ray_env())
+        if res.returncode != 0 or not res.stdout.strip():
+            return {}
+        return {int(port): nid for port, nid in json.loads(res.stdout.strip().splitlines()[-1])}
+
+    def wait_for_nodes(self, count: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for proc in (self.head, self.worker):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"ray start exited with {proc.returncode}: {' '.join(proc.args)}")
+            self.nodes = self._alive()
+            if len(self.nodes) == count:
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"the Ray cluster at {self.address} has {len(self.nodes)} live nodes after {timeout} s, "
+                           f"not {count}")
 
     def node_ids(self) -> tuple[str, str]:
         """(the head's node id, the worker's)."""
-        return self.cluster.head_node.node_id, self.worker.node_id
+        return self.nodes[self.head_port], self.nodes[self.worker_port]
 
     def stop_worker(self) -> None:
         """The worker node's processes killed (SIGKILL), as a machine that fails."""
-        self.cluster.remove_node(self.worker, allow_graceful=False)
+        _end_session(self.worker, signal.SIGKILL)
 
     def add_worker(self) -> None:
-        self.worker = self.cluster.add_node(num_cpus=1, **({"node_ip_address": self.host} if self.host else {}))
-        self.cluster.wait_for_nodes()
+        self.worker, self.worker_port = self._node(f"--address={self.address}")
+        self.wait_for_nodes(2)
 
     def stop(self) -> None:
-        self.cluster.shutdown()
+        for proc in (self.worker, self.head):
+            _end_session(proc, signal.SIGTERM)
+
+
+def _ray_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+
+
+def _session(sid: int) -> list[int]:
+    """Pids of the processes of session ``sid`` (a `ray start --block` and every process its node started: raylet,
+    workers, agents; workers have process groups of their own, so a process group would miss them)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid:
+                pids.append(int(d.name))
+    return pids
+
+
+def _end_session(proc: subprocess.Popen, sig: int, grace: float = 10) -> None:
+    """``sig`` to every process of proc's session, then SIGKILL to what is left after ``grace`` seconds."""
+    for s in (sig, signal.SIGKILL):
+        for pid in _session(proc.pid):
+            try:
+                os.kill(pid, s)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + (grace if s != signal.SIGKILL else 0)
+        while time.monotonic() < deadline and _session(proc.pid):
+            proc.poll()
+            time.sleep(0.1)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass

@@ -102,10 +102,10 @@ def slurm_cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(tmp_path_factory):
     """A real two-node Ray cluster on this machine for the session (tests/clusters.py), shut down at the end."""
     from clusters import RayCluster, loopback_name
-    cluster = RayCluster(loopback_name()).start()
+    cluster = RayCluster(loopback_name(), tmp_path_factory.mktemp("ray")).start()
     yield cluster
     cluster.stop()
 

@@ -13,11 +13,10 @@ def test_scale_quick_writes_json(tmp_path, capsys, monkeypatch, slurm_cluster, r
     out = tmp_path / "scale.json"
     for k, v in slurm_cluster.env.items():
         monkeypatch.setenv(k, v)
-    ray = ["--ray-address", ray_cluster.cluster.address] + (["--ray-node-ip", ray_cluster.host] if ray_cluster.host
-                                                            else [])
+    ray = ["--ray-address", ray_cluster.address, "--ray-node-ip", ray_cluster.host]
     assert perf.main(["--scale", "--quick", "--json", str(out), *ray]) == 0
     res = json.loads(out.read_text())
-    assert res["ray_cluster"] == ray_cluster.cluster.address
+    assert res["ray_cluster"] == ray_cluster.address
     assert set(res["executors"]) == {"local", "pool", "ray", "slurm"} and "slurm_skipped" not in res
     for name, run in res["executors"].items():
         assert run["cells"] == 4 and run["seconds"] > 0
