@@ -62,12 +62,14 @@ class Op:
 
 @dataclass
 class Act:
-    """Elementwise nonlinearity whose derivative lies in [lo, hi] wherever it exists."""
+    """Elementwise nonlinearity whose derivative lies in [lo, hi] wherever it exists; ``fn`` is the (monotone)
+    module itself, for local bounds."""
     lo: float
     hi: float
     path: str
     type: str
     shape: tuple
+    fn: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -77,6 +79,7 @@ class MaxPool:
     type: str
     in_shape: tuple
     out_shape: tuple
+    module: nn.Module | None = None
 
 
 @dataclass
@@ -179,7 +182,7 @@ def _reshape(m, shape, path, prog):
 
 def _act(lo: float, hi: float):
     def handler(m, shape, path, prog):
-        prog.append(Act(lo, hi, path, type(m).__name__, shape))
+        prog.append(Act(lo, hi, path, type(m).__name__, shape, m))
         return shape
     return handler
 
@@ -193,7 +196,7 @@ def _maxpool(m, shape, path, prog):
     if m.return_indices:
         raise refuse(m, path, "has return_indices=True; refusing to bound it")
     out = _out_shape(m, path, shape)
-    prog.append(MaxPool(maxpool_factor(m), path, type(m).__name__, shape, out))
+    prog.append(MaxPool(maxpool_factor(m), path, type(m).__name__, shape, out, m))
     return out
 
 
@@ -209,11 +212,19 @@ def _avgpool(m, shape, path, prog):
     return out
 
 
+def _offset(m: nn.Module, shape: tuple) -> torch.Tensor:
+    """An affine layer's value at 0 (its bias, broadcast over the output): the part a Lipschitz constant ignores and
+    a local bound needs."""
+    with torch.no_grad():
+        return m(torch.zeros(1, *shape, dtype=torch.float64))[0]
+
+
 def _diag(m, shape, path, prog):
     d = _diag_vector(m, shape)
     if tuple(d.shape) != shape:
         raise refuse(m, path, f"maps shape {shape} to {tuple(d.shape)}; refusing to bound it")
-    prog.append(Op("diag", path, type(m).__name__, shape, shape, (lambda x, d=d: x * d), {"diag": d}))
+    prog.append(Op("diag", path, type(m).__name__, shape, shape, (lambda x, d=d: x * d),
+                   {"diag": d, "offset": _offset(m, shape)}))
     return shape
 
 
@@ -227,7 +238,8 @@ def _batchnorm(m, shape, path, prog):
 def _linear(m, shape, path, prog):
     W = m.weight.detach()
     out = shape[:-1] + (W.shape[0],)
-    prog.append(Op("linear", path, type(m).__name__, shape, out, (lambda x, W=W: x @ W.T), {"weight": W}))
+    prog.append(Op("linear", path, type(m).__name__, shape, out, (lambda x, W=W: x @ W.T),
+                   {"weight": W, "offset": _offset(m, shape)}))
     return out
 
 
@@ -246,7 +258,7 @@ def _conv2d(m, shape, path, prog):
         return F.conv2d(F.pad(x, (pl, pr, pt, pb)), W, None, stride=stride, padding=0, dilation=dil)
     out = _out_shape(m, path, shape)
     prog.append(Op("conv", path, type(m).__name__, shape, out, fn,
-                   {"weight": W, "pads": pads, "stride": stride, "dilation": dil}))
+                   {"weight": W, "pads": pads, "stride": stride, "dilation": dil, "offset": _offset(m, shape)}))
     return out
 
 
