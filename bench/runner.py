@@ -260,17 +260,18 @@ def _evaluate(model, data, cell, device, timer, chooser, phase, log) -> dict:
             points.append(_subset(adv, k))
             pairs.append((_subset(x_test, k), _subset(adv, k)))
         lower = _phase(errors, "lip_lower", lambda: certify.lipschitz_lower(model, points, pairs))
-    cert_acc = {eps_key(e): None for e in eps}
+    certs = None
     if upper is not None:
         with timer("certify"):
-            phase("certified accuracy")
-            cert = _phase(errors, "cert_acc", lambda: certify.certified_accuracy(model, x_test, y_test, upper, eps,
-                                                                               threat))
-        if cert is not None:
-            cert_acc = {eps_key(e): float(cert[e]) for e in eps}
+            phase("certified accuracy (Lipschitz, IBP, CROWN) and radii")
+            certs = _phase(errors, "cert_acc", lambda: certify.certify_points(model, x_test, y_test, eps, threat,
+                                                                             upper=upper))
+        if certs is not None:
+            sound_certificates(certs, ev.robust)
     return {
         "clean_acc": clean_acc, "pgd_acc": pgd_acc, "autoattack_acc": aa_acc, "robust_acc": robust_acc,
-        "cert_acc": cert_acc, "lip_upper": None if upper is None else float(upper.value),
+        **certificate_keys(certs, eps), "attack_radius": attack_radius(ev, eps),
+        "lip_upper": None if upper is None else float(upper.value),
         "lip_lower": None if lower is None else float(lower.value),
         "lip_upper_method": None if upper is None else upper.method,
         "lip_lower_method": None if lower is None else lower.method,
@@ -299,6 +300,39 @@ def _evaluate(model, data, cell, device, timer, chooser, phase, log) -> dict:
         "attack_indicators": ({eps_key(e): ind for e, ind in ev.info["indicators"].items()}
                               if "adaptive" in ev.info["suite"] else None),
     }
+
+
+def certificate_keys(certs, eps) -> dict:
+    """The row's certificate keys: accuracy per eps, points per method and eps, the radius quartiles (null where
+    certify refused the model or its phase failed)."""
+    if certs is None:
+        return {"cert_acc": {eps_key(e): None for e in eps}, "cert_methods": None, "cert_radius": None,
+                "cert_local_refused": None}
+    acc = certs.accuracy()
+    return {"cert_acc": {eps_key(e): acc[float(e)] for e in eps},
+            "cert_methods": {eps_key(e): certs.by_method[float(e)] for e in eps},
+            "cert_radius": certify.radius_quartiles(certs.radii, certs.top), "cert_local_refused": certs.local_refused}
+
+
+def sound_certificates(certs, robust: dict) -> None:
+    """No certified point was broken by an attack, at any eps: a certificate that fails this is wrong, and the cell
+    fails saying so rather than store it."""
+    for e, ok in certs.certified.items():
+        broken = ok & ~robust[e].to("cpu")
+        if bool(broken.any()):
+            raise InvariantError(f"eps {eps_key(e)}: {int(broken.sum())} certified point(s) broken by an attack "
+                                 f"(a certificate is unsound)")
+
+
+def attack_radius(ev, eps) -> dict:
+    """Quartiles over the test points of the smallest eps of the sweep at which an attack broke the point (0 where
+    it is misclassified; null where a quartile's point survives every eps)."""
+    n = len(ev.clean)
+    r = torch.full((n,), float("inf"), dtype=torch.float64)
+    for e in sorted(eps, reverse=True):
+        r[~ev.robust[e].to("cpu")] = float(e)
+    r[~ev.clean.to("cpu")] = 0.0
+    return certify.radius_quartiles(r)
 
 
 def attack_suite(cell: dict) -> list:

@@ -14,7 +14,7 @@ its window's largest upper bound (above), a residual block by the sum of its bra
 Sigmoid by constant bounds. The linear function is then minimised over the ball in closed form (Linf box:
 Λ⁺·lo + Λ⁻·hi; L2: Λ·x − eps·‖Λ‖₂). Pre-activation bounds: exact for an activation after affine layers only;
 deeper, CROWN's own backward bounds where they fit a work budget (``CROWN_ROWS_ELEMS``), else IBP's (CROWN-IBP);
-always intersected with IBP's.
+always intersected with IBP's. Exact after affine layers alone: IBP's on a Linf box; centre ± eps·(row norm) in L2.
 
 Floating point: everything in float64; each margin bound is reduced by ``fp_margin * (1 + max |f|)`` so that the
 float32 model's rounding cannot break a certified point (the global certificate's rule).
@@ -210,17 +210,48 @@ def _numel(shape) -> int:
     return n
 
 
+def _size(node) -> int:
+    return _numel(node.shape if isinstance(node, Act) else node.in_shape)
+
+
+def _input_shape(node) -> tuple:
+    return node.shape if isinstance(node, Act) else node.in_shape
+
+
+def _row_norms(prefix: list, shape: tuple) -> torch.Tensor:
+    """L2 norm of each row of the linear part of an affine-only ``prefix`` (the same for every point), by backward
+    passes of identity rows in chunks."""
+    if not prefix:
+        return torch.ones(shape, dtype=torch.float64)
+    kept = prefix[-1].data.get("row_norms")  # a program is walked once and bounded at many radii
+    if kept is not None:
+        return kept
+    h, d = _numel(shape), _size(prefix[0])
+    step = max(1, CHUNK_ELEMS // max(h, d))
+    out = []
+    for s in range(0, h, step):
+        k = min(step, h - s)
+        rows = torch.zeros(k, h, dtype=torch.float64)
+        rows[torch.arange(k), torch.arange(s, s + k)] = 1
+        rows = rows.reshape(1, k, *shape)
+        lam, _ = backward(prefix, rows, torch.zeros(1, rows.shape[1], dtype=torch.float64), {})
+        out.append(lam.flatten(2).norm(dim=2)[0])
+    prefix[-1].data["row_norms"] = torch.cat(out).reshape(shape)
+    return prefix[-1].data["row_norms"]
+
+
 def _crown_bounds(prog: list, i: int, ball: Ball, bounds: dict):
-    """CROWN's (lo, hi) of the input of top-level node i (N, *shape), or None where it does not fit the budget."""
-    shape = prog[i].in_shape if isinstance(prog[i], MaxPool) else prog[i].shape
+    """CROWN's (lo, hi) of the input of top-level node i (N, *shape), or None where it does not fit the budget: 2h
+    rows per point of a layer of h neurons, backwards through every earlier layer."""
+    shape = _input_shape(prog[i])
     h = _numel(shape)
-    work = 2 * h * sum(_numel(getattr(nd, "in_shape", getattr(nd, "shape", ()))) for nd in prog[:i])
-    if work > CROWN_ROWS_ELEMS:
+    sizes = [h] + [_size(nd) for nd in prog[:i]]
+    per_point = 2 * h * max(sizes)
+    if 2 * h * sum(sizes) > CROWN_ROWS_ELEMS or per_point > CHUNK_ELEMS:
         return None
     n = ball.x.shape[0]
     eye = torch.eye(h, dtype=torch.float64)
     spec = torch.cat([eye, -eye]).reshape(2 * h, *shape)
-    per_point = 2 * h * max([h] + [_numel(getattr(nd, "in_shape", getattr(nd, "shape", ()))) for nd in prog[:i]])
     step = max(1, CHUNK_ELEMS // per_point)
     out = []
     for s in range(0, n, step):
@@ -233,25 +264,41 @@ def _crown_bounds(prog: list, i: int, ball: Ball, bounds: dict):
     return m[:, :h].reshape(n, *shape), (-m[:, h:]).reshape(n, *shape)
 
 
-def _pre_bounds(prog: list, ball: Ball, use_crown: bool) -> dict:
-    """Input interval of every activation and max-pool: IBP's, tightened at top level by CROWN's where it fits."""
-    bounds: dict = {}
+def _first_nonlinear(prog: list) -> int:
+    """Index of the first top-level node that is not affine (len(prog) for an affine program)."""
+    return next((i for i, nd in enumerate(prog) if not isinstance(nd, Op)), len(prog))
+
+
+def ibp_bounds(prog: list, ball: Ball, record: dict | None = None):
+    """IBP's output interval over the ball: from the box holding it (Linf: the ball), except that in L2 the affine
+    layers before the first nonlinearity are bounded exactly, centre ± eps·(row norm) (the dual norm of the first
+    layer's rows, as IBP does for Lp balls)."""
     lo, hi = ball.box()
-    ibp(prog, lo, hi, bounds)
+    if ball.norm == "L2":
+        i = _first_nonlinear(prog)
+        shape = _input_shape(prog[i]) if i < len(prog) else tuple(ibp(prog, lo[:1], hi[:1])[0].shape[1:])
+        centre = ibp(prog[:i], ball.x, ball.x)[0]
+        r = ball.eps.view(-1, *([1] * (centre.dim() - 1))) * _row_norms(prog[:i], shape)
+        plo, phi = ibp(prog[:i], lo, hi)
+        lo, hi, prog = torch.maximum(plo, centre - r), torch.minimum(phi, centre + r), prog[i:]
+    return ibp(prog, lo, hi, record)
+
+
+def _pre_bounds(prog: list, ball: Ball, use_crown: bool) -> dict:
+    """Input interval of every activation and max-pool: IBP's, tightened at top level by CROWN's where it fits
+    (after affine layers alone IBP's are exact already)."""
+    bounds: dict = {}
+    ibp_bounds(prog, ball, bounds)
     if not use_crown:
         return bounds
-    affine_only = True
-    for i, node in enumerate(prog):
+    for i in range(_first_nonlinear(prog) + 1, len(prog)):
+        node = prog[i]
         if isinstance(node, (Act, MaxPool)):
-            if not (affine_only and ball.norm == "Linf"):  # after affine layers alone, IBP on a box is exact
-                got = _crown_bounds(prog, i, ball, bounds)
-                if got is not None:
-                    il, ih = bounds[id(node)]
-                    bounds[id(node)] = (torch.maximum(il, got[0]), torch.minimum(ih, got[1]))
-                    _refresh(prog, i, bounds, ball)
-            affine_only = False
-        elif isinstance(node, Res):
-            affine_only = False
+            got = _crown_bounds(prog, i, ball, bounds)
+            if got is not None:
+                il, ih = bounds[id(node)]
+                bounds[id(node)] = (torch.maximum(il, got[0]), torch.minimum(ih, got[1]))
+                _refresh(prog, i, bounds, ball)
     return bounds
 
 
@@ -286,8 +333,7 @@ def margin_lower(prog: list, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor
     """Margin lower bounds of both methods for points x (N, *shape) at per-point radii eps (N,)."""
     ball = Ball(x, eps, norm)
     bounds = _pre_bounds(prog, ball, "crown" in methods)
-    lo, hi = ball.box()
-    olo, ohi = ibp(prog, lo, hi)
+    olo, ohi = ibp_bounds(prog, ball)
     n, classes = olo.shape
     inf = torch.full((n, classes), float("inf"), dtype=torch.float64)
     rows = torch.arange(n)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .formats import FLAGGED_MARK, fmt_eps, fmt_int, fmt_pct, fmt_ratio, fmt_robust, fmt_sig, fmt_width
+from .formats import FLAGGED_MARK, fmt_eps, fmt_int, fmt_pct, fmt_ratio, fmt_robust, fmt_sig, fmt_width, radii_cell
 from .values import num
 from .table import Entry, Stat
 
@@ -69,13 +69,15 @@ PGD = Column("pgd", "PGD %", _pct("pgd"))
 AA = Column("aa", "AutoAttack %", _pct("aa"))
 ROBUST = Column("robust", "robust %", _robust, title="per-point worst case over every attack")
 CERT = Column("cert", "certified %", _pct("cert"))
+RADII = Column("radius", "radius cert / atk", lambda e: (radii_cell(*e.radii), e.radii[0]),
+               title="median certified radius / median attacked radius (the smallest eps that breaks a point)")
 LIP_UP = Column("lip_upper", "lip_upper", _sig("lip_upper"), title="certified global L2 upper bound")
 LIP_LO = Column("lip_lower", "lip_lower", _sig("lip_lower"), title="empirical lower bound")
 LAW = Column("law_scale", "law_scale", _sig("law_scale", with_ci=False), title="sqrt(n·d/p)")
 FLAGS = Column("flags", "flags", _flags, numeric=False)
 
-LEADERBOARD = (FAMILY, MODEL, WIDTH, SEEDS, P, RATIO, RATIO_EFF, EPS, CLEAN, PGD, AA, ROBUST, CERT, LIP_UP, LIP_LO,
-               LAW, FLAGS)
+LEADERBOARD = (FAMILY, MODEL, WIDTH, SEEDS, P, RATIO, RATIO_EFF, EPS, CLEAN, PGD, AA, ROBUST, CERT, RADII, LIP_UP,
+               LIP_LO, LAW, FLAGS)
 
 RANKING = (
     Column("model", "Model", _label, numeric=False),
@@ -85,5 +87,6 @@ RANKING = (
     Column("aa", "AutoAttack %", _pct("aa")),
     Column("robust", "Robust %", _robust, title="ranking key: per-point worst case over every attack"),
     Column("cert", "Certified %", _pct("cert")),
+    Column("radius", "Radius cert / atk", RADII.cell, title=RADII.title),
     FLAGS,
 )

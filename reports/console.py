@@ -7,8 +7,10 @@ from collections import defaultdict
 from rich.table import Table
 from rich.text import Text
 
-from .formats import MISSING, UNVERIFIED_MARK, UNVERIFIED_NOTE, fmt_eps, fmt_int, fmt_ratio, fmt_sig, fmt_width
-from .values import acc_at, is_ok, num, row_eps, row_law_scale, row_ratio, text, verified_at
+from .formats import (MISSING, UNVERIFIED_MARK, UNVERIFIED_NOTE, fmt_eps, fmt_int, fmt_ratio, fmt_sig, fmt_width,
+                      radii_cell)
+from .values import (acc_at, is_ok, num, radius_beyond, row_eps, row_law_scale, row_radius, row_ratio, text,
+                     verified_at)
 from .table import headline_eps, row_flags, view_key
 
 ROBUST_HEADER = "robust % at each eps"  # its group heading cell names the eps, the next one the headline eps
@@ -37,6 +39,16 @@ def _compact_pct(value: float | None, verified: bool) -> str:
 def robust_cell(row: dict) -> str:
     """Robust accuracy at every eps of the row, compact: '18.4 / 0.4 / 0 / 0'."""
     return " / ".join(_compact_pct(acc_at(row, "robust_acc", e), verified_at(row, e)) for e in row_eps(row))
+
+
+RADII_HEADER = "radius cert / atk"
+
+
+def row_radii(row: dict) -> str:
+    """The row's median certified radius beside its median attacked radius: what is proven against what attacks
+    find."""
+    return radii_cell(row_radius(row, "cert_radius"), row_radius(row, "attack_radius"),
+                      radius_beyond(row, "cert_radius"), radius_beyond(row, "attack_radius"))
 
 
 def lip_cell(row: dict, key: str) -> str:
@@ -73,7 +85,7 @@ def console_table(rows, *, title: str | None = None) -> Table:
         table.add_column("recipe")
     if multi_seed:
         table.add_column("seed", justify="right")
-    for name in ("p", "p/(n·d)", "clean", ROBUST_HEADER, "cert", "lip_upper m=1", "lip_lower m=1",
+    for name in ("p", "p/(n·d)", "clean", ROBUST_HEADER, "cert", RADII_HEADER, "lip_upper m=1", "lip_lower m=1",
                  "law_scale"):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("flags", overflow="fold")
@@ -102,12 +114,13 @@ def console_table(rows, *, title: str | None = None) -> Table:
             if not is_ok(r):
                 status = text(r.get("status")) or "failed"
                 err = text(r.get("error")) or "(no error message)"
-                cells += [fmt_int(p), fmt_ratio(row_ratio(r))] + [MISSING] * 6
+                cells += [fmt_int(p), fmt_ratio(row_ratio(r))] + [MISSING] * 7
                 table.add_row(*cells, Text(f"{status}: {err}", style="red"))
                 continue
             eps = headline_eps(r)
             cells += [fmt_int(p), fmt_ratio(row_ratio(r)), _compact_pct(num(r.get("clean_acc")), True),
-                      robust_cell(r), _compact_pct(acc_at(r, "cert_acc", eps), True), lip_cell(r, "lip_upper"),
+                      robust_cell(r), _compact_pct(acc_at(r, "cert_acc", eps), True), row_radii(r),
+                      lip_cell(r, "lip_upper"),
                       lip_cell(r, "lip_lower"), fmt_sig(row_law_scale(r))]
             flags = [f for f in row_flags(r) if f not in common]
             table.add_row(*cells, Text(", ".join(flags), style="yellow") if flags else "")
@@ -131,7 +144,8 @@ def _eps_heading(rows: list[dict]) -> list:
 
 def _caption(rows: list[dict], common: list[str]) -> str:
     lines = ["accuracies in %; robust at every eps of the group (worst case over every attack), cert at the headline "
-             "eps (largest AutoAttack eps, else largest eps); Lipschitz bounds at margin 1 (bound / smallest training "
+             "eps (largest AutoAttack eps, else largest eps); radius: median certified radius / median attacked "
+             "radius (smallest eps that breaks a point); Lipschitz bounds at margin 1 (bound / smallest training "
              "margin)"]
     if any(is_ok(r) and lip_cell(r, "lip_upper").endswith(RAW_MARK) for r in rows):
         lines.append(f"{RAW_MARK} raw bound: the row does not interpolate, so there is no margin to normalise by")

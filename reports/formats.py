@@ -28,6 +28,22 @@ def fmt_robust(mean: float | None, ci: float | None = None, verified: bool = Tru
     return out if verified or mean is None else out + UNVERIFIED_MARK
 
 
+def fmt_radius(r: float | None, beyond: float | None) -> str:
+    """A median radius: '0.048', '>0.6' past the search's top, MISSING where there is none."""
+    if r is None:
+        return MISSING
+    if math.isinf(r):
+        return ">" + fmt_eps(beyond) if beyond is not None else ">"
+    return f"{r:.2g}"
+
+
+def radii_cell(cert: float | None, attack: float | None, cert_beyond, attack_beyond) -> str:
+    """'certified / attacked' median radii, side by side."""
+    if cert is None and attack is None:
+        return MISSING
+    return f"{fmt_radius(cert, cert_beyond)} / {fmt_radius(attack, attack_beyond)}"
+
+
 def fmt_eps(eps: float | None) -> str:
     """eps for people: k/255 when it is one (CIFAR convention), else the short decimal."""
     if eps is None:

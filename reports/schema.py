@@ -177,8 +177,17 @@ FIELDS: tuple[Field, ...] = (
     Field("lip_upper_q01_margin", "float", "lipschitz", "lip_upper / train_margin_q01 (interpolating rows)", lo=0.0),
     Field("lip_lower_q01_margin", "float", "lipschitz", "lip_lower / train_margin_q01 (interpolating rows)", lo=0.0),
     # certification
-    Field("cert_acc", "acc_map", "certify", "certified accuracy (null where uncertified)", required=True,
-          nullable=False, **ACC),
+    Field("cert_acc", "acc_map", "certify", "certified accuracy: the per-point best of the global Lipschitz, IBP "
+          "and CROWN certificates (null where uncertified)", required=True, nullable=False, **ACC),
+    Field("cert_methods", "object", "certify", "points each method certified per eps: lipschitz, ibp, crown",
+          detail=True),
+    Field("cert_radius", "object", "certify", "certified radius quartiles over the test points (q1, median, q3; 0 "
+          "for a misclassified point; null: beyond twice the largest eps)", "eps"),
+    Field("cert_local_refused", "str", "certify", "why IBP and CROWN could not run (the global certificate still "
+          "counts; null: they ran)"),
+    Field("attack_radius", "object", "attack", "attacked radius quartiles over the test points: the smallest eps of "
+          "the sweep at which an attack broke the point (q1, median, q3; 0 for a misclassified point; null: unbroken "
+          "at every eps)", "eps"),
     # the law
     Field("ratio", "float", "law", "p/(n·d)", required=True, nullable=False, lo=0.0),
     Field("ratio_eff", "float", "law", "p/(n·d_eff)", required=True, lo=0.0),

@@ -9,8 +9,8 @@ import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from .values import (acc_at, acc_map, dedupe_eps, flagged, is_ok, num, per_row, row_eps, row_law_scale, row_ratio,
-                     row_suite, suite_label, text, verified_at)
+from .values import (acc_at, acc_map, dedupe_eps, flagged, is_ok, num, per_row, radius_beyond, row_eps, row_law_scale,
+                     row_radius, row_ratio, row_suite, suite_label, text, verified_at)
 from .stats import mean_ci
 
 TOL = 1e-9
@@ -198,6 +198,7 @@ class Entry:
     lip_upper: Stat
     lip_lower: Stat
     flags: list[str]
+    radii: tuple = (None, None, None, None)  # median certified and attacked radii over the rows, where each stops
     by_eps: dict = field(default_factory=dict)  # {metric: {eps: Stat}} for pgd/aa/robust/cert
     label: str = ""
     unverified: frozenset = frozenset()  # eps where a row's robust accuracy was not verified at AutoAttack grade
@@ -257,10 +258,21 @@ def make_entry(rows: list[dict], confidence: float = 0.95) -> Entry:
         cert=Stat.of([acc_at(r, "cert_acc", eps) for r in rows], confidence),
         lip_upper=Stat.of([num(r.get("lip_upper")) for r in rows], confidence),
         lip_lower=Stat.of([num(r.get("lip_lower")) for r in rows], confidence),
-        flags=list(dict.fromkeys(flags)), by_eps=by_eps,
+        flags=list(dict.fromkeys(flags)), by_eps=by_eps, radii=_radii(rows),
         unverified=frozenset(e for e in all_eps if any(not verified_at(r, e) for r in rows)),
         flagged=list(dict.fromkeys(f for r in rows for f in flagged(r))),
     )
+
+
+def _radii(rows: list[dict]) -> tuple:
+    """(certified, attacked) median radius over the rows' medians (inf: beyond the search), and where each search
+    stopped."""
+    out = []
+    for key in ("cert_radius", "attack_radius"):
+        vs = sorted(v for v in (row_radius(r, key) for r in rows) if v is not None)
+        out.append(vs[(len(vs) - 1) // 2] if vs else None)
+    tops = [radius_beyond(rows[0], k) for k in ("cert_radius", "attack_radius")]
+    return (*out, *tops)
 
 
 @dataclass

@@ -186,6 +186,23 @@ def row_law_scale(row: dict) -> float | None:
     return None if not r or r <= 0 else 1.0 / math.sqrt(r)
 
 
+def row_radius(row: dict, key: str) -> float | None:
+    """A row's median radius (key: cert_radius or attack_radius): inf where it lies beyond the search (stored null),
+    None where the row has none."""
+    v = row.get(key)
+    if not isinstance(v, dict) or "median" not in v:
+        return None
+    return math.inf if v["median"] is None else num(v["median"])
+
+
+def radius_beyond(row: dict, key: str) -> float | None:
+    """Where a row's radius search stopped: the largest eps for the attacked radius, twice it for the certified."""
+    eps = row_eps(row)
+    if not eps:
+        return None
+    return max(eps) * (2 if key == "cert_radius" else 1)
+
+
 def row_suite(row: dict) -> list[str]:
     """The attacks a row was evaluated with, in order: its `suite`, or for rows written before rows named it, the
     PGD sweep then AutoAttack unless its `autoattack` was off."""

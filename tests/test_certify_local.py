@@ -227,3 +227,33 @@ def test_a_refused_layer_is_named():
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), Swish(), nn.Linear(8, 10))
     with pytest.raises(CertifyError, match=r"model\.2 \(Swish\) unsupported layer type"):
         local_certify(model, torch.rand(3, 64), torch.zeros(3, dtype=torch.long), 0.1, "Linf")
+
+
+def test_the_certified_radius_is_sound_and_bisected_to_its_bracket(digits):
+    """certify_points' radius per point: at least the global certificate's; the exact minimum margin (MILP) over
+    the ball of that radius is positive (sound); CROWN and IBP certify nothing a bracket-width past it (the
+    bisection converged: 8 halvings of a bracket of at most 0.05, from the largest eps to twice it); a
+    misclassified point has radius 0."""
+    from lawbench.certify import certified_radii, certify_points, lipschitz_upper, radius_quartiles
+    _, _, x, y = digits
+    model = _mlp(digits, (5,))
+    x, y = x[:12], y[:12]
+    upper = lipschitz_upper(model, (64,))
+    got = certify_points(model, x, y, [0.02, 0.05], "Linf", upper=upper)
+    glob = certified_radii(model, x, y, upper, "Linf")
+    assert bool((got.radii >= glob).all())
+    with torch.no_grad():
+        wrong = model(x).argmax(1) != y
+    assert bool((got.radii[wrong] == 0).all())
+    checked = 0
+    for i in range(len(y)):
+        r = float(got.radii[i])
+        if r == 0 or r == float("inf"):
+            continue
+        checked += 1
+        assert np.nanmin(_exact(model, x[i], y[i], r, milp_margins)) > 0
+        past = local_certify(model, x[i:i + 1], y[i:i + 1], r + 0.05 / 2 ** 8 + 1e-9, "Linf")
+        assert not (past["crown"] | past["ibp"]).any()
+    assert checked >= 5
+    q = radius_quartiles(got.radii, got.top)
+    assert q["q1"] <= q["median"] <= q["q3"]

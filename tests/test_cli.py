@@ -13,6 +13,7 @@ import time
 import pytest
 
 from conftest import ROOT, SUBPROCESS_ENV, TINY, bench_cli, run_in_process
+from lawbench.reports.console import row_radii
 from lawbench.reports.rows import read_rows
 from lawbench.reports.schema import REQUIRED_KEYS, check_row, undeclared
 
@@ -113,6 +114,13 @@ def test_tiny_sweep_writes_contract_rows_and_prints_table(tiny_run):
         assert row["lip_upper"] >= jac * (1 - 1e-9)
         assert row["lip_lower"] <= product * (1 + 1e-9)
         assert row["lip_lower"] > 0.3 * jac  # a real search, not a token secant
+        # certificates: the per-point best of three methods, never above any one method's count; radii quartiles
+        for k in ("0.05", "0.1"):
+            counts = row["cert_methods"][k]
+            assert set(counts) == {"lipschitz", "ibp", "crown"}
+            assert max(counts.values()) / 40 <= row["cert_acc"][k] <= row["robust_acc"][k]
+        assert row["cert_local_refused"] is None
+        assert set(row["cert_radius"]) == set(row["attack_radius"]) == {"q1", "median", "q3"}
     # the standard AutoAttack ran on the PGD survivors (at least one row had some), in its standard order
     survived = [r for r in rows if r["pgd_acc"]["0.1"] > 0]
     assert survived, "PGD broke every point of both rows: AutoAttack was never exercised"
@@ -129,6 +137,7 @@ def test_tiny_sweep_writes_contract_rows_and_prints_table(tiny_run):
         shown = [float(v.rstrip("†")) for v in t["robust % at each eps"].split(" / ")]
         assert shown == [pytest.approx(100 * row["robust_acc"][k], abs=0.051) for k in ("0.05", "0.1")]
         assert float(t["cert"]) == pytest.approx(100 * row["cert_acc"]["0.1"], abs=0.051)
+        assert t["radius cert / atk"] == row_radii(row)
         for col, key in (("lip_upper m=1", "lip_upper"), ("lip_lower m=1", "lip_lower")):
             at_margin = row.get(f"{key}_unit_margin")  # at margin 1 where the row interpolates, else raw and marked
             value = at_margin if at_margin is not None else row[key]
@@ -191,10 +200,11 @@ def test_rows_say_whether_the_model_interpolates_the_noisy_labels(tmp_path, caps
 # ------------------------------------------------------------------------------------------- invariant violations
 
 def test_invariant_violation_fails_the_cell_loudly_and_a_rerun_retries_it(tmp_path, capsys, monkeypatch):
-    """Two cells are made to break an invariant (lip_lower > lip_upper at width 8, cert_acc > robust_acc at width 16,
-    by corrupting what certify returns); the sweep goes on, the run exits 1, and a re-run retries only those."""
+    """Two cells are made to break an invariant (lip_lower > lip_upper at width 8, certified points an attack broke at
+    width 16, by corrupting what certify returns); the sweep goes on, the run exits 1, and a re-run retries only
+    those."""
     from lawbench import certify
-    real_lower, real_cert = certify.lipschitz_lower, certify.certified_accuracy
+    real_lower, real_cert = certify.lipschitz_lower, certify.certify_points
 
     def width(model):
         return next(m for m in model if hasattr(m, "out_features")).out_features
@@ -205,12 +215,14 @@ def test_invariant_violation_fails_the_cell_loudly_and_a_rerun_retries_it(tmp_pa
             lb.value = 1e6
         return lb
 
-    def bad_cert(model, x, y, upper, eps, *a, **k):
-        acc = real_cert(model, x, y, upper, eps, *a, **k)
-        return {e: 1.0 for e in acc} if width(model) == 16 else acc
+    def bad_cert(model, x, y, eps, norm, **k):  # every point "certified", broken ones included
+        got = real_cert(model, x, y, eps, norm, **k)
+        if width(model) == 16:
+            got.certified = {e: ok | True for e, ok in got.certified.items()}
+        return got
 
     monkeypatch.setattr(certify, "lipschitz_lower", bad_lower)
-    monkeypatch.setattr(certify, "certified_accuracy", bad_cert)
+    monkeypatch.setattr(certify, "certify_points", bad_cert)
     args = ["run", *[a for a in TINY if not a.startswith("width=")], "width=[8,16,32]", "--out", str(tmp_path)]
     code, stdout, err = run_in_process(args, capsys)
     assert code == 1, stdout + err
@@ -218,7 +230,8 @@ def test_invariant_violation_fails_the_cell_loudly_and_a_rerun_retries_it(tmp_pa
     assert sorted(rows) == [8, 16, 32]
     assert rows[8]["status"] == "failed" and rows[16]["status"] == "failed"
     assert rows[8]["error"] == f"InvariantError: lip_lower 1000000.0 > lip_upper {rows[8]['lip_upper']}"
-    assert rows[16]["error"].startswith("InvariantError: eps 0.05: cert_acc 1.0 > robust_acc ")
+    assert rows[16]["error"].startswith("InvariantError: eps 0.05: ") and rows[16]["error"].endswith(
+        "certified point(s) broken by an attack (a certificate is unsound)")
     assert rows[32]["status"] == "ok" and rows[32]["error"] is None
     for w in (8, 16):
         assert f"({rows[w]['model']} w={w} erm seed=0 Linf) failed: InvariantError" in stdout

@@ -313,7 +313,7 @@ def test_markdown_ranking_order(rendered):
         assert [r["Model"] for r in rank] == order
         assert [r["Rank"] for r in rank] == [str(i) for i in range(1, len(order) + 1)]
         assert list(rank[0]) == ["Rank", "Model", "Family", "p", "p/(n·d)", "eps", "Clean %", "AutoAttack %",
-                                 "Robust %", "Certified %", "flags"]
+                                 "Robust %", "Certified %", "Radius cert / atk", "flags"]
         robust = [parse_pm(r["Robust %"].removesuffix(UNVERIFIED_MARK))[0] for r in rank]
         assert robust == sorted(robust, reverse=True)
         for r in rank:
@@ -516,7 +516,8 @@ def test_console_table(rendered):
     # row interpolates, raw and marked where not; a flag every row carries is said once, under the table
     r = next(r for r in rows if r["cell_id"] == "mlp-128-1-Linf")
     cells = next(c for c in ([x.strip() for x in ln.split("│")] for ln in blk) if c[1:4] == ["mlp", "128", "1"])
-    # model, width, seed, p, p/(n·d), clean, robust at each eps, cert, lip_upper m=1, lip_lower m=1, law_scale, flags
+    # model, width, seed, p, p/(n·d), clean, robust at each eps, cert, radii, lip_upper m=1, lip_lower m=1, law_scale,
+    # flags
     assert cells[4:7] == [str(r["params"]), f"{r['ratio']:.3g}", f"{100 * r['clean_acc']:.1f}"]
     shown = [v.rstrip("†") for v in cells[7].split(" / ")]
     assert [float(v) for v in shown] == [pytest.approx(round(100 * r["robust_acc"][k], 1))
@@ -524,8 +525,9 @@ def test_console_table(rendered):
     assert cells[7].count("†") == sum(not v for v in r["verified"].values()) if "verified" in r else True
     assert float(cells[8]) == pytest.approx(100 * r["cert_acc"]["0.1"], abs=0.051)
     lo = r.get("lip_lower_unit_margin")
-    assert float(cells[10].rstrip("*")) == pytest.approx(lo if lo is not None else r["lip_lower"], rel=1e-3)
-    assert cells[10].endswith("*") == (lo is None)
+    assert cells[9] == "–"  # rows of earlier versions carry no radii
+    assert float(cells[11].rstrip("*")) == pytest.approx(lo if lo is not None else r["lip_lower"], rel=1e-3)
+    assert cells[11].endswith("*") == (lo is None)
     heading = next(ln for ln in lines if "mnist5k · Linf · mlp" in ln)
     assert "eps 0.05 / 0.1 / 0.2 / 0.3" in heading and "@0.1" in heading
 
@@ -620,3 +622,15 @@ def test_svg_only_plots_are_linked_and_embedded(tmp_path):
     assert "](lipschitz_vs_ratio.svg)" in md and ".png" not in md
     html = (tmp_path / "report" / "leaderboard.html").read_text()
     assert html.count("data:image/svg+xml;base64,") == 4
+
+
+def test_radii_cell_puts_the_certified_radius_beside_the_attacked_one():
+    """The median certified radius, then the median attacked radius; a median beyond its search (stored null) reads
+    '>' and where the search stopped (twice the largest eps for the certificate, the largest eps for attacks)."""
+    from lawbench.reports.console import row_radii
+    row = {"eps": [0.05, 0.1], "cert_radius": {"q1": 0.0, "median": 0.0375, "q3": 0.06},
+           "attack_radius": {"q1": 0.05, "median": 0.1, "q3": None}}
+    assert row_radii(row) == "0.037 / 0.1"
+    row["cert_radius"]["median"], row["attack_radius"]["median"] = None, None
+    assert row_radii(row) == ">0.2 / >0.1"
+    assert row_radii({"eps": [0.1]}) == "–"
