@@ -130,11 +130,14 @@ SCHEMA: dict[str, Key] = {
     "weight_decay": Key("float", 0.0, lo=0),
     "batch_size": Key("int", 128, lo=1, hi=MAX_POINTS),
     "target_train_acc": Key("float", 1.0, lo=0, hi=1, lo_open=True),
-    "train_eps": Key("float", 0.0, lo=0, hi=1, sweep=True, doc="pgd-at only; pixel units"),
+    "train_eps": Key("float", 0.0, lo=0, hi=1, sweep=True, doc="pgd-at and ibp only; pixel units"),
     "train_norm": Key("choice", "Linf", choices=NORMS),
     "train_steps": Key("int", 10, lo=1, hi=MAX_ITERATIONS),
     "train_step_size": Key("float", 0.0, lo=0, doc="0: 2.5·eps/steps"),
-    "train_eps_warmup": Key("int", 0, lo=0, hi=MAX_ITERATIONS),
+    "train_eps_warmup": Key("int", 0, lo=0, hi=MAX_ITERATIONS, doc="pgd-at and ibp: epochs of eps's linear ramp"),
+    "ibp_kappa": Key("float", 0.5, lo=0, hi=1, doc="ibp only: the clean loss's weight once eps has ramped up (1 "
+                                                    "before; the robust loss takes the rest)"),
+    "ibp_clean_epochs": Key("int", 1, lo=0, hi=MAX_ITERATIONS, doc="ibp only: clean epochs before the ramp"),
     "at_epochs": Key("int", 0, lo=0, hi=MAX_ITERATIONS,
                      doc="pgd-at only: its epochs (0: epochs, which ERM stops short of once it interpolates and PGD-AT "
                          "runs to the end)"),
@@ -221,9 +224,11 @@ SWEEP_AXES = tuple(key for key, k in SCHEMA.items() if k.sweep)
 NOT_IN_CELL = ("description", "executor")
 
 SMOOTH_KEYS = tuple(key for key in SCHEMA if key.startswith("smooth_"))  # set only in cells of the smooth recipe
+IBP_KEYS = tuple(key for key in SCHEMA if key.startswith("ibp_"))  # set only in cells of the ibp recipe
 TRAIN_KEYS = ("dataset", "data_options", "n_train", "label_noise", "model", "width", "model_options", "recipe",
               "epochs", "optimizer", "lr", "momentum", "weight_decay", "batch_size", "target_train_acc", "train_eps",
-              "train_norm", "train_steps", "train_step_size", "train_eps_warmup", "seed") + SMOOTH_KEYS
+              "train_norm", "train_steps", "train_step_size", "train_eps_warmup", "seed") + SMOOTH_KEYS + IBP_KEYS
+TRAIN_EPS_RECIPES = ("pgd-at", "ibp")  # the recipes that read train_eps (other cells carry 0)
 
 
 def list_presets() -> dict[str, str]:
@@ -630,7 +635,7 @@ def expand(spec: dict, entries: list = ()) -> list[dict]:
                 cell.pop(f"eps_{other}"), cell.pop(f"aa_eps_{other}")
         cell["eps"] = sorted(cell.pop(f"eps_{threat}"))
         cell["aa_eps"] = sorted(cell.pop(f"aa_eps_{threat}")) if cell["autoattack"] != "off" else []
-        if cell["recipe"] != "pgd-at":
+        if cell["recipe"] not in TRAIN_EPS_RECIPES:
             cell["train_eps"] = 0.0
         at_epochs = cell.pop("at_epochs")  # a pgd-at cell's epochs: the cell reads as one given epochs=at_epochs
         if cell["recipe"] == "pgd-at" and at_epochs:
@@ -644,11 +649,12 @@ def expand(spec: dict, entries: list = ()) -> list[dict]:
             cell.pop("autoattack_impl")
         if cell["attacks"] == LEGACY_ATTACKS and not cell["attack"]:  # the suite of cells with no key: ids as before
             cell.pop("attacks"), cell.pop("attack")
-        if cell["recipe"] != "smooth":  # other recipes ignore them: their cells (and ids) do not change with them
-            for key in SMOOTH_KEYS:
-                cell.pop(key)
+        for recipe, keys in (("smooth", SMOOTH_KEYS), ("ibp", IBP_KEYS)):
+            if cell["recipe"] != recipe:  # other recipes ignore them: their cells (and ids) do not change with them
+                for key in keys:
+                    cell.pop(key)
         cells.append(cell)
-    unique = {cell_id(c): c for c in cells}  # non-pgd-at recipes collapse the train_eps axis
+    unique = {cell_id(c): c for c in cells}  # recipes without train_eps collapse its axis
     return list(unique.values())
 
 

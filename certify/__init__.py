@@ -11,7 +11,7 @@ module's path.
 from ._walk import CertifyError, check_model, supported_layers
 from .certified import certified_accuracy, certified_radii, parse_norm
 from .law import isoperimetry_constant_gaussian, law_bound, law_quantities
-from .local import LocalBounds, local_certify, margin_lower
+from .local import LocalBounds, local_certify, logit_intervals, margin_lower
 from .lower import LowerBound, lipschitz_lower, local_lipschitz
 from .points import PointCertificates, certify_points, radius_quartiles
 from .upper import UpperBound, lipschitz_upper
@@ -19,4 +19,4 @@ from .upper import UpperBound, lipschitz_upper
 __all__ = ["lipschitz_upper", "lipschitz_lower", "certified_accuracy", "certified_radii", "law_quantities",
            "law_bound", "isoperimetry_constant_gaussian", "local_lipschitz", "UpperBound", "LowerBound",
            "CertifyError", "parse_norm", "check_model", "supported_layers", "certify_points", "PointCertificates",
-           "radius_quartiles", "local_certify", "margin_lower", "LocalBounds"]
+           "radius_quartiles", "local_certify", "margin_lower", "LocalBounds", "logit_intervals"]

@@ -10,6 +10,7 @@ CertifyError line naming the module's path (``model.2.branch.0``) and why. Each 
 """
 from __future__ import annotations
 
+import contextvars
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable
@@ -125,19 +126,39 @@ def refuse(m, path: str, why: str, base=None) -> CertifyError:
 
 
 def _out_shape(m: nn.Module, path: str, shape: tuple) -> tuple:
+    p = next((t for t in (*m.parameters(), *m.buffers())), None)
     with torch.no_grad():
-        y = m(torch.zeros(1, *shape, dtype=torch.float64))
+        y = m(torch.zeros(1, *shape, dtype=_dtype(m), device=None if p is None else p.device))
     if not isinstance(y, torch.Tensor):
         raise refuse(m, path, f"returned {type(y).__name__}, not a tensor")
     return tuple(y.shape[1:])
 
 
+# a live walk (training through bounds) keeps the weights attached to autograd, in the model's own dtype
+_LIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("live_walk", default=False)
+
+
+def _dtype(m: nn.Module) -> torch.dtype:
+    if not _LIVE.get():
+        return torch.float64
+    return next((t.dtype for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()), torch.float32)
+
+
+def _weight(m: nn.Module) -> torch.Tensor:
+    return m.weight if _LIVE.get() else m.weight.detach()
+
+
+def _at(m: nn.Module, shape: tuple, value: float) -> torch.Tensor:
+    """m at the constant input ``value`` (with autograd in a live walk)."""
+    p = next((t for t in (*m.parameters(), *m.buffers())), None)
+    v = torch.full((1, *shape), value, dtype=_dtype(m), device=None if p is None else p.device)
+    with torch.enable_grad() if _LIVE.get() else torch.no_grad():
+        return m(v)[0]
+
+
 def _diag_vector(m: nn.Module, shape: tuple) -> torch.Tensor:
     """Scale vector of an elementwise-affine layer over the full shape: m(1) - m(0)."""
-    with torch.no_grad():
-        one = m(torch.ones(1, *shape, dtype=torch.float64))
-        zero = m(torch.zeros(1, *shape, dtype=torch.float64))
-    return (one - zero)[0]
+    return _at(m, shape, 1.0) - _at(m, shape, 0.0)
 
 
 # ------------------------------------------------------------------------------------------ handlers
@@ -215,8 +236,7 @@ def _avgpool(m, shape, path, prog):
 def _offset(m: nn.Module, shape: tuple) -> torch.Tensor:
     """An affine layer's value at 0 (its bias, broadcast over the output): the part a Lipschitz constant ignores and
     a local bound needs."""
-    with torch.no_grad():
-        return m(torch.zeros(1, *shape, dtype=torch.float64))[0]
+    return _at(m, shape, 0.0)
 
 
 def _diag(m, shape, path, prog):
@@ -236,7 +256,7 @@ def _batchnorm(m, shape, path, prog):
 
 
 def _linear(m, shape, path, prog):
-    W = m.weight.detach()
+    W = _weight(m)
     out = shape[:-1] + (W.shape[0],)
     prog.append(Op("linear", path, type(m).__name__, shape, out, (lambda x, W=W: x @ W.T),
                    {"weight": W, "offset": _offset(m, shape)}))
@@ -249,7 +269,7 @@ def _conv2d(m, shape, path, prog):
     if m.padding_mode != "zeros":
         raise refuse(m, path, f"has padding_mode={m.padding_mode!r}; only 'zeros' is supported")
     _need_image(m, shape, path)
-    W = m.weight.detach()
+    W = _weight(m)
     pads = conv_padding(m, shape[1:])
     stride, dil = tuple(m.stride), tuple(m.dilation)
 
@@ -353,10 +373,15 @@ def check_model(model: nn.Module, path: str = "") -> None:
         check_model(child, _join(path, name))
 
 
-def walk(module: nn.Module, shape: tuple, path: str = "") -> list:
-    """Program (list of Op / Act / MaxPool / Res) for a float64 eval-mode module acting on inputs of `shape`."""
+def walk(module: nn.Module, shape: tuple, path: str = "", live: bool = False) -> list:
+    """Program (list of Op / Act / MaxPool / Res) for a float64 eval-mode module acting on inputs of `shape`;
+    ``live``: of the module as it is (its dtype, its weights attached to autograd), for training through bounds."""
     prog: list = []
-    _walk_into(module, tuple(int(s) for s in shape), path, prog)
+    token = _LIVE.set(live)
+    try:
+        _walk_into(module, tuple(int(s) for s in shape), path, prog)
+    finally:
+        _LIVE.reset(token)
     return prog
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ._walk import Act, CertifyError, MaxPool, Op, Res, check_model, float64_copy, walk
 
-__all__ = ["LocalBounds", "margin_lower", "local_certify", "METHODS"]
+__all__ = ["LocalBounds", "margin_lower", "local_certify", "logit_intervals", "METHODS"]
 
 METHODS = ("ibp", "crown")
 # intermediate CROWN bounds of a layer of h neurons cost 2h backward rows per point through every earlier layer: run
@@ -348,6 +348,14 @@ def margin_lower(prog: list, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor
         ibp_m = inf.clone()
         ibp_m[rows, y] = float("inf")
     return LocalBounds(ibp_m, crown_m)
+
+
+def logit_intervals(model, x: torch.Tensor, eps: float, in_shape: tuple):
+    """IBP's (lo, hi) of every logit over the Linf ball of radius eps around each point (in [0,1]), differentiable in
+    the model's weights: what certified training (the ibp recipe) minimises through. The model is walked as it is
+    (its dtype and device), so a layer certification refuses is refused here too."""
+    prog = walk(model, tuple(in_shape), live=True)  # walked afresh: the weights move between steps
+    return ibp_bounds(prog, Ball(x, torch.full((len(x),), float(eps), dtype=x.dtype, device=x.device), "Linf"))
 
 
 def program(model, in_shape) -> list:
