@@ -2,11 +2,12 @@
 (CROWN, Zhang et al. 2018, with the adaptive ReLU lower slope) of the margins f_y - f_j over a ball around x.
 
 A point is certified at eps when the lower bound of every margin f_y - f_j (j != y) over the ball is positive. The
-ball: Linf, intersected with the pixel box [0, 1] (attacks search there too); L2, the ball itself (its box
-intersection only shrinks the set, so dropping it is sound). Both methods run on the program ``_walk`` makes of a
-float64 copy of the model (the same admission and refusals as the Lipschitz bounds).
+ball, Linf or L2, is intersected with the pixel box [0, 1], where every attack searches and every example is
+validated: in L2 a bound is the larger of the ball's and the box's. Both methods run on the program ``_walk`` makes
+of a float64 copy of the model (the same admission and refusals as the Lipschitz bounds).
 
-IBP pushes an interval per neuron through every layer (exact for one affine layer on a box). CROWN bounds each
+IBP pushes an interval per neuron through every layer (exact for one affine layer on a box) and folds the margins
+into the affine layers after the last nonlinearity. CROWN bounds each
 margin by a linear function of the input, built backwards: affine layers are composed exactly, a ReLU between
 pre-activation bounds [l, u] is replaced by its upper chord and a lower line of slope 1 where u > -l else 0 (for a
 LeakyReLU of slope a: 1 or a), a max-pool by its window's element of largest lower bound (below) and that element or
@@ -332,22 +333,36 @@ def margin_lower(prog: list, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor
                  methods=METHODS) -> LocalBounds:
     """Margin lower bounds of both methods for points x (N, *shape) at per-point radii eps (N,)."""
     ball = Ball(x, eps, norm)
-    bounds = _pre_bounds(prog, ball, "crown" in methods)
-    olo, ohi = ibp_bounds(prog, ball)
-    n, classes = olo.shape
-    inf = torch.full((n, classes), float("inf"), dtype=torch.float64)
+    n, classes = x.shape[0], _numel(_output_shape(prog))
+    spec, zero = _spec(y, classes), torch.zeros(n, classes, dtype=torch.float64)
     rows = torch.arange(n)
-    ibp_m = olo[rows, y][:, None] - ohi
-    ibp_m[rows, y] = float("inf")
-    crown_m = inf.clone()
+    out = {m: torch.full((n, classes), float("inf"), dtype=torch.float64) for m in METHODS}
+    if "ibp" in methods:
+        out["ibp"] = _ibp_margins(prog, ball, spec, zero)
     if "crown" in methods:
-        lam, b = backward(prog, _spec(y, classes), torch.zeros(n, classes, dtype=torch.float64), bounds)
-        crown_m = ball.minimum(lam, b)
-        crown_m[rows, y] = float("inf")
-    if "ibp" not in methods:
-        ibp_m = inf.clone()
-        ibp_m[rows, y] = float("inf")
-    return LocalBounds(ibp_m, crown_m)
+        lam, b = backward(prog, spec, zero, _pre_bounds(prog, ball, True))
+        out["crown"] = ball.minimum(lam, b)
+    for m in out.values():
+        m[rows, y] = float("inf")
+    return LocalBounds(out["ibp"], out["crown"])
+
+
+def _output_shape(prog: list) -> tuple:
+    last = prog[-1]
+    return last.shape if isinstance(last, Act) else last.out_shape
+
+
+def _ibp_margins(prog: list, ball: Ball, spec: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """IBP's margin bounds with the margins folded into the affine layers after the last nonlinearity (Gowal et al.
+    2018's elision of the last layer): each margin's own weights meet the interval there, instead of the low end of
+    f_y minus the high end of f_j (looser by up to the sum of both ranges)."""
+    k = max((i + 1 for i, nd in enumerate(prog) if not isinstance(nd, Op)), default=0)
+    lam, b = backward(prog[k:], spec, zero, {})  # affine layers only: exact
+    if k == 0:
+        return ball.minimum(lam, b)
+    lo, hi = ibp_bounds(prog[:k], ball)
+    lam = lam.flatten(2)
+    return b + (lam.clamp(min=0) @ lo.flatten(1)[:, :, None] + lam.clamp(max=0) @ hi.flatten(1)[:, :, None])[..., 0]
 
 
 def logit_intervals(model, x: torch.Tensor, eps: float, in_shape: tuple):
