@@ -55,13 +55,18 @@ class Ball:
 
     def minimum(self, lam: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """min over the ball of lam·x' + bias per point and row: lam (N, m, *shape), bias (N, m) -> (N, m)."""
-        lam = lam.flatten(2)
-        lo, hi = (t.flatten(1)[:, :, None] for t in self.box())
-        box = bias + (lam.clamp(min=0) @ lo + lam.clamp(max=0) @ hi)[..., 0]
+        box = box_minimum(lam, bias, *self.box())
         if self.norm == "Linf":
             return box
+        lam = lam.flatten(2)
         ball = bias + (lam @ self.x.flatten(1)[:, :, None])[..., 0] - self.eps[:, None] * lam.norm(dim=2)
         return torch.maximum(box, ball)
+
+
+def box_minimum(lam: torch.Tensor, bias: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """min over the box [lo, hi] (N, *shape) of lam·x + bias per point and row: Λ⁺·lo + Λ⁻·hi + bias."""
+    lam = lam.flatten(2)
+    return bias + (lam.clamp(min=0) @ lo.flatten(1)[:, :, None] + lam.clamp(max=0) @ hi.flatten(1)[:, :, None])[..., 0]
 
 
 # ----------------------------------------------------------------------------------------------- IBP
@@ -360,9 +365,7 @@ def _ibp_margins(prog: list, ball: Ball, spec: torch.Tensor, zero: torch.Tensor)
     lam, b = backward(prog[k:], spec, zero, {})  # affine layers only: exact
     if k == 0:
         return ball.minimum(lam, b)
-    lo, hi = ibp_bounds(prog[:k], ball)
-    lam = lam.flatten(2)
-    return b + (lam.clamp(min=0) @ lo.flatten(1)[:, :, None] + lam.clamp(max=0) @ hi.flatten(1)[:, :, None])[..., 0]
+    return box_minimum(lam, b, *ibp_bounds(prog[:k], ball))
 
 
 def logit_intervals(model, x: torch.Tensor, eps: float, in_shape: tuple):
