@@ -14,7 +14,7 @@ LeakyReLU of slope a: 1 or a), a max-pool by its window's element of largest low
 its window's largest upper bound (above), a residual block by the sum of its branches' relaxations, a Tanh or
 Sigmoid by constant bounds. The linear function is then minimised over the ball in closed form (Linf box:
 Λ⁺·lo + Λ⁻·hi; L2: Λ·x − eps·‖Λ‖₂). Pre-activation bounds: exact for an activation after affine layers only;
-deeper, CROWN's own backward bounds where they fit a work budget (``CROWN_ROWS_ELEMS``), else IBP's (CROWN-IBP);
+deeper, CROWN's own backward bounds where they fit a work budget (``CROWN_WORK``), else IBP's (CROWN-IBP);
 always intersected with IBP's. Exact after affine layers alone: IBP's on a Linf box; centre ± eps·(row norm) in L2.
 
 Floating point: everything in float64; each margin bound is reduced by ``fp_margin * (1 + max |f|)`` so that the
@@ -33,8 +33,10 @@ __all__ = ["LocalBounds", "margin_lower", "local_certify", "logit_intervals", "M
 
 METHODS = ("ibp", "crown")
 # intermediate CROWN bounds of a layer of h neurons cost 2h backward rows per point through every earlier layer: run
-# when 2h x (sum of the earlier layers' sizes) stays under this many elements per point, else IBP's bounds there
-CROWN_ROWS_ELEMS = 40_000_000
+# when 2h x (the earlier layers' multiply-adds and sizes) stays under this per point, else IBP's bounds there. A
+# budget of elements alone let a CNN of width 4 (its 256-unit dense layer behind two convolutions) spend minutes per
+# cell in certification; at 5e7 that layer takes IBP's bounds, the digits MLPs and small CNNs of the tests CROWN's
+CROWN_WORK = 5e7
 CHUNK_ELEMS = 20_000_000  # elements of one chunk of backward rows (points x rows x layer size)
 
 
@@ -246,6 +248,11 @@ def _row_norms(prefix: list, shape: tuple) -> torch.Tensor:
     return prefix[-1].data["row_norms"]
 
 
+def _flat(prog: list) -> list:
+    """Every node of a program, residual blocks' branches included."""
+    return [leaf for nd in prog for leaf in (_flat(nd.branch) + _flat(nd.shortcut) if isinstance(nd, Res) else [nd])]
+
+
 def _crown_bounds(prog: list, i: int, ball: Ball, bounds: dict):
     """CROWN's (lo, hi) of the input of top-level node i (N, *shape), or None where it does not fit the budget: 2h
     rows per point of a layer of h neurons, backwards through every earlier layer."""
@@ -253,7 +260,8 @@ def _crown_bounds(prog: list, i: int, ball: Ball, bounds: dict):
     h = _numel(shape)
     sizes = [h] + [_size(nd) for nd in prog[:i]]
     per_point = 2 * h * max(sizes)
-    if 2 * h * sum(sizes) > CROWN_ROWS_ELEMS or per_point > CHUNK_ELEMS:
+    work = 2 * h * sum(nd.flops if isinstance(nd, Op) else _size(nd) for nd in _flat(prog[:i]))
+    if work > CROWN_WORK or per_point > CHUNK_ELEMS:
         return None
     n = ball.x.shape[0]
     eye = torch.eye(h, dtype=torch.float64)

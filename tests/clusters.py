@@ -194,9 +194,11 @@ class RayCluster:
     def _node(self, *args: str) -> tuple[subprocess.Popen, int]:
         port = _free_port()
         on = [f"--node-ip-address={self.host}"] if self.host else []
-        proc = subprocess.Popen([self._ray(), "start", "--block", "--num-cpus=1", "--disable-usage-stats",
-                                 f"--node-manager-port={port}", *on, *args], start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_ray_env())
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        with open(self.tmp / f"ray-start-{port}.log", "w") as log:  # what a node that exits said
+            proc = subprocess.Popen([self._ray(), "start", "--block", "--num-cpus=1", "--disable-usage-stats",
+                                     f"--node-manager-port={port}", *on, *args], start_new_session=True,
+                                    stdout=log, stderr=subprocess.STDOUT, env=_ray_env())
         return proc, port
 
     def start(self) -> "RayCluster":
@@ -207,8 +209,14 @@ class RayCluster:
         self.address = f"{self.host}:{port}"
         self.head, self.head_port = self._node("--head", f"--port={port}", "--include-dashboard=false",
                                                f"--temp-dir={self.tmp}")
-        self.worker, self.worker_port = self._node(f"--address={self.address}")
-        self.wait_for_nodes(2)
+        self.worker = None
+        try:
+            self.wait_for_nodes(1)  # a node joining before the head answers exits at once
+            self.worker, self.worker_port = self._node(f"--address={self.address}")
+            self.wait_for_nodes(2)
+        except BaseException:
+            self.stop()  # no node outlives a cluster that did not come up
+            raise
         self.flags = ["executor.name=ray", f"executor.address={self.address}",
                       f"executor.node_ip_address={self.host}"]
         return self
@@ -229,8 +237,10 @@ class RayCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for proc in (self.head, self.worker):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"ray start exited with {proc.returncode}: {' '.join(proc.args)}")
+                if proc is not None and proc.poll() is not None:
+                    port = next(a.split("=")[1] for a in proc.args if a.startswith("--node-manager-port="))
+                    said = (self.tmp / f"ray-start-{port}.log").read_text()[-1500:]
+                    raise RuntimeError(f"ray start exited with {proc.returncode}: {' '.join(proc.args)}: {said}")
             self.nodes = self._alive()
             if len(self.nodes) == count:
                 return
@@ -252,7 +262,8 @@ class RayCluster:
 
     def stop(self) -> None:
         for proc in (self.worker, self.head):
-            _end_session(proc, signal.SIGTERM)
+            if proc is not None:
+                _end_session(proc, signal.SIGTERM)
 
 
 def _ray_env() -> dict:
