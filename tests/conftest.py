@@ -102,12 +102,19 @@ def slurm_cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
-    """A real two-node Ray cluster on this machine for the session (tests/clusters.py), shut down at the end."""
+def ray_cluster():
+    """A real two-node Ray cluster on this machine for the session (tests/clusters.py), shut down at the end. Its
+    files live in a short temp folder of its own: Ray's sockets live under it, and a socket's path may not exceed 107
+    bytes (pytest's per-worker temp paths under xdist made the worker node's plasma socket longer)."""
+    import shutil
     from clusters import RayCluster, loopback_name
-    cluster = RayCluster(loopback_name(), tmp_path_factory.mktemp("ray")).start()
-    yield cluster
-    cluster.stop()
+    root = Path(tempfile.mkdtemp(prefix="lb-ray-"))
+    try:
+        cluster = RayCluster(loopback_name(), root).start()
+        yield cluster
+        cluster.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="session")
