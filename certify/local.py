@@ -401,12 +401,11 @@ def local_certify(model, x: torch.Tensor, y: torch.Tensor, eps, norm: str, *, me
     eps = torch.as_tensor(eps, dtype=torch.float64).expand(n) if not torch.is_tensor(eps) or eps.dim() == 0 \
         else eps.to(torch.float64)
     out = {m: torch.zeros(n, dtype=torch.bool) for m in methods}
-    m64 = float64_copy(model)
     with torch.no_grad():
         for s in range(0, n, batch_size):
             xb = x[s:s + batch_size].to("cpu", torch.float64)
             yb = y[s:s + batch_size].to("cpu").long()
-            f = m64(xb)
+            f = ibp(prog, xb, xb)[0]  # the walked float64 program at the point itself: its logits
             slack = fp_margin * (1 + f.abs().amax(1))
             correct = f.argmax(1) == yb
             got = margin_lower(prog, xb, yb, eps[s:s + batch_size], nm, methods)
