@@ -635,6 +635,8 @@ def expand(spec: dict, entries: list = ()) -> list[dict]:
                 cell.pop(f"eps_{other}"), cell.pop(f"aa_eps_{other}")
         cell["eps"] = sorted(cell.pop(f"eps_{threat}"))
         cell["aa_eps"] = sorted(cell.pop(f"aa_eps_{threat}")) if cell["autoattack"] != "off" else []
+        if cell["recipe"] == "ibp" and cell["train_norm"] != "Linf":
+            raise SpecError(f"key 'train_norm': recipe 'ibp' trains against Linf balls only, got {cell['train_norm']!r}")
         if cell["recipe"] not in TRAIN_EPS_RECIPES:
             cell["train_eps"] = 0.0
         at_epochs = cell.pop("at_epochs")  # a pgd-at cell's epochs: the cell reads as one given epochs=at_epochs

@@ -70,3 +70,10 @@ def test_ibp_refuses_l2_training():
     with pytest.raises(ValueError, match="recipe 'ibp' trains against Linf balls only"):
         train(torch.nn.Sequential(torch.nn.Linear(4, 2)), torch.rand(8, 4), torch.zeros(8, dtype=torch.long),
               TrainConfig(recipe="ibp", train_eps=0.1, train_norm="L2"))
+
+
+def test_the_command_line_refuses_ibp_with_l2_training(tmp_path):
+    from conftest import bench_cli
+    res = bench_cli("run", "recipe=ibp", "train_norm=L2", "--dry-run", "--out", str(tmp_path))
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "error: key 'train_norm': recipe 'ibp' trains against Linf balls only, got 'L2'"]
