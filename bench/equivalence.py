@@ -22,35 +22,42 @@ import time
 from bench.attacks_perf import MASKED, SWEEP, native, reference, zoo
 
 
-def compare(model, x, y, eps: float, seeds: int, masked: bool) -> dict:
-    """Robust % per seed on both engines, their passes, and the verdict at one eps."""
-    orig, nat, p_orig, p_nat, secs = [], [], [], [], {"original": [], "native": []}
-    n = x.shape[0]
-    for s in range(seeds):
+def compare(model, x, y, eps: float, seeds: int, masked: bool, runs=None, progress=None) -> dict:
+    """Robust % per seed on both engines, their passes, and the verdict at one eps. ``runs``: the seeds an
+    interrupted run ended (records as ``progress(runs)`` is handed after each seed), taken as they are."""
+    runs, n = list(runs or []), x.shape[0]
+    for s in range(len(runs), seeds):
         t0 = time.perf_counter()
         r_o, p_o = reference(model, x, y, eps, s)
         t1 = time.perf_counter()
         r_n, p_n = native(model, x, y, eps, s)
-        secs["original"].append(round(t1 - t0, 2))
-        secs["native"].append(round(time.perf_counter() - t1, 2))
-        orig.append(100.0 * float(r_o.float().mean()))
-        nat.append(100.0 * float(r_n.float().mean()))
-        p_orig.append(p_o.per_point(n))
-        p_nat.append(p_n.per_point(n))
+        runs.append({"original": round(100.0 * float(r_o.float().mean()), 2),
+                     "native": round(100.0 * float(r_n.float().mean()), 2),
+                     "passes": {"original": p_o.per_point(n), "native": p_n.per_point(n)},
+                     "seconds": {"original": round(t1 - t0, 2), "native": round(time.perf_counter() - t1, 2)}})
+        if progress and len(runs) < seeds:
+            progress(runs)
+    return _outcome(runs[:seeds], n, masked)
+
+
+def _outcome(runs: list, n: int, masked: bool) -> dict:
+    """The verdict at one eps from each seed's record."""
+    seeds, engines, kinds = len(runs), ("original", "native"), ("forward", "backward")
+    orig, nat = [r["original"] for r in runs], [r["native"] for r in runs]
+    per_seed = {e: [r["passes"][e] for r in runs] for e in engines}
     spread = max(max(orig) - min(orig), 100.0 / n)
     gap = sum(nat) / seeds - sum(orig) / seeds
-    mean = lambda ps, k: sum(p[k] for p in ps) / seeds  # noqa: E731
-    passes = {e: {k: round(mean(ps, k), 2) for k in ("forward", "backward")}
-              for e, ps in (("original", p_orig), ("native", p_nat))}
+    passes = {e: {k: round(sum(p[k] for p in per_seed[e]) / seeds, 2) for k in kinds} for e in engines}
     # a seed's passes follow which attack broke which point: the original's own spread over seeds is the yardstick
-    kinds = ("forward", "backward")
-    spread_passes = {k: round(max(p[k] for p in p_orig) - min(p[k] for p in p_orig), 2) for k in kinds}
+    spread_passes = {k: round(max(p[k] for p in per_seed["original"]) - min(p[k] for p in per_seed["original"]), 2)
+                     for k in kinds}
     more_passes = any(passes["native"][k] > passes["original"][k] + spread_passes[k] for k in kinds)
-    return {"original": [round(v, 2) for v in orig], "native": [round(v, 2) for v in nat],
+    return {"original": orig, "native": nat,
             "gap": round(gap, 2), "original_spread": round(spread, 2), "native_more_passes": more_passes,
-            "passes_per_point": passes, "passes_per_seed": {"original": p_orig, "native": p_nat},
+            "passes_per_point": passes, "passes_per_seed": per_seed,
             "original_passes_spread": spread_passes,
-            "point_evaluations": n * seeds, "seconds_per_seed": secs,
+            "point_evaluations": n * seeds,
+            "seconds_per_seed": {e: [r["seconds"][e] for r in runs] for e in engines},
             "equivalent": verdict(gap, spread, more_passes, masked)}
 
 
@@ -60,9 +67,10 @@ def verdict(gap: float, spread: float, more_passes: bool, masked: bool) -> bool:
 
 
 def _judged(name: str, per: dict) -> dict:
-    """A model's saved results per eps, each with its verdict by today's test and today's MASKED."""
+    """A model's saved results per eps, each with its verdict by today's test and today's MASKED; an eps whose
+    seeds an interrupted run did not all end (``partial``) is left out."""
     return {e: {**v, "equivalent": verdict(v["gap"], v["original_spread"], v["native_more_passes"], name in MASKED)}
-            for e, v in per.items()}
+            for e, v in per.items() if "partial" not in v}
 
 
 def fingerprint(model) -> str:
@@ -77,7 +85,7 @@ def fingerprint(model) -> str:
 
 
 def measure(quick: bool, cache, n_points: int, seeds: int, pattern: str, log, save=None, done=None) -> dict:
-    """Every matching zoo model at every eps of the sweep; `save(res)` after each eps (a long run keeps what ended).
+    """Every matching zoo model at every eps of the sweep; `save(res)` after each seed (a long run keeps what ended).
     ``done`` ({model: {eps: result}}, measured on the same points and seeds) is taken as it is where it was measured
     on the same weights, not run again."""
     models, x_test, y_test = zoo(quick, cache, log, pattern)
@@ -87,12 +95,20 @@ def measure(quick: bool, cache, n_points: int, seeds: int, pattern: str, log, sa
         log(f"{name}:")
         per = res["models"][name] = {}
         weights = fingerprint(model)
-        earlier = _judged(name, {e: v for e, v in (done or {}).get(name, {}).items()
-                                 if v.get("weights") == weights})
+        mine = {e: v for e, v in (done or {}).get(name, {}).items() if v.get("weights") == weights}
+        earlier = _judged(name, mine)
         for e in SWEEP:
             kept = earlier.get(str(e))
-            v = per[str(e)] = kept or {**compare(model, x, y, e, seeds, name in MASKED), "weights": weights}
-            log(f"  @{e}{' (saved)' if kept else ''}: original {v['original']} native {v['native']} "
+
+            def progress(runs, e=e):  # after each seed: a CNN's eps takes an hour on one core
+                per[str(e)] = {"partial": runs, "weights": weights}
+                if save:
+                    save(res)
+            began = mine.get(str(e), {}).get("partial", [])
+            v = per[str(e)] = kept or {**compare(model, x, y, e, seeds, name in MASKED, began, progress),
+                                       "weights": weights}
+            log(f"  @{e}{' (saved)' if kept else f' (resumed after {len(began)} seeds)' if began else ''}: "
+                f"original {v['original']} native {v['native']} "
                 f"gap {v['gap']:+.2f} (spread {v['original_spread']:.2f}) passes {v['passes_per_point']} "
                 f"{'equivalent' if v['equivalent'] else 'NOT equivalent'}")
             res["equivalent_all"] &= v["equivalent"]
@@ -142,7 +158,7 @@ def main(argv) -> int:
                    help="measure again what an earlier run saved on the same points, seeds and weights "
                         "(default: keep it)")
     p.add_argument("--keep", metavar="FILE", default=None,
-                   help="where the results are merged eps by eps and an interrupted run resumes from (default: "
+                   help="where the results are merged seed by seed and an interrupted run resumes from (default: "
                         "beside the zoo, where bench perf --attacks reads them)")
     args = p.parse_args(argv)
     if args.seeds < 2:
@@ -157,13 +173,14 @@ def main(argv) -> int:
         with open(cache / f"equivalence-{hashlib.sha256(str(keep.resolve()).encode()).hexdigest()[:12]}.lock",
                   "w") as lock:  # beside the zoo, not beside FILE (a repository's folder, say)
             fcntl.flock(lock, fcntl.LOCK_EX)
-            models = {name: _judged(name, per) for name, per in _read(keep).get("models", {}).items()}
+            models = _read(keep).get("models", {})
             for name, per in r["models"].items():  # results on other weights than this run's are dropped
                 weights = {v.get("weights") for v in per.values()}
                 models[name] = {**{e: v for e, v in models.get(name, {}).items() if v.get("weights") in weights},
                                 **per}
+            models = {name: {**per, **_judged(name, per)} for name, per in models.items()}
             write_json(keep, {**r, "models": models, "equivalent_all": all(
-                v["equivalent"] for per in models.values() for v in per.values())})
+                v["equivalent"] for name, per in models.items() for v in _judged(name, per).values())})
         if args.json:
             write_json(args.json, r)
     before = _read(keep)

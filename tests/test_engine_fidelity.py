@@ -340,6 +340,39 @@ def test_the_equivalence_run_is_kept_beside_the_zoo_for_bench_perf(tmp_path, cap
     assert summary(cache, ["mlp-erm"], quick=True)["models"]["mlp-erm"] == got["models"]["mlp-erm"]  # as before
 
 
+def test_an_interrupted_equivalence_run_resumes_after_the_seeds_it_ended(tmp_path):
+    """A CNN's eps takes an hour on one core: each seed's record is kept as it ends (``partial``), an interrupted
+    run resumes from the next seed and takes the ended ones as they are, and a partial eps is no verdict yet."""
+    import json
+    import bench.equivalence as equivalence
+    cache, keep = tmp_path / "cache", tmp_path / "keep.json"
+    args = ["--quick", "--models", "mlp-erm", "--seeds", "3", "--points", "4", "--cache", str(cache),
+            "--keep", str(keep)]
+    real_native, real_reference, calls = equivalence.native, equivalence.reference, []
+
+    def dies_at_third_seed(model, x, y, eps, seed):
+        if seed == 2:
+            raise KeyboardInterrupt
+        return real_native(model, x, y, eps, seed)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(equivalence, "native", dies_at_third_seed)
+        with pytest.raises(KeyboardInterrupt):
+            equivalence.main(args)
+    ended = json.loads(keep.read_text())["models"]["mlp-erm"]
+    assert list(ended) == ["0.05"] and len(ended["0.05"]["partial"]) == 2
+    assert "equivalent" not in ended["0.05"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(equivalence, "reference", lambda m, x, y, e, s: calls.append((e, s)) or real_reference(m, x, y, e, s))
+        assert equivalence.main(args) == 0
+    assert calls == [(0.05, 2)] + [(e, s) for e in (0.1, 0.2, 0.3) for s in range(3)]
+    done = json.loads(keep.read_text())["models"]["mlp-erm"]
+    assert set(done) == {"0.05", "0.1", "0.2", "0.3"} and all("partial" not in v for v in done.values())
+    first = ended["0.05"]["partial"]
+    assert done["0.05"]["original"][:2] == [r["original"] for r in first]
+    assert done["0.05"]["seconds_per_seed"]["native"][:2] == [r["seconds"]["native"] for r in first]
+    assert done["0.05"]["point_evaluations"] == 12 and isinstance(done["0.05"]["equivalent"], bool)
+
+
 def test_native_runs_big_batches_of_rows_in_cache_sized_chunks():
     """The native engine runs a batch of rows in chunks of CHUNK_BYTES of activations: a small CNN's 300 rows in
     pieces, an MLP's whole. The same logits and input gradients, the same passes counted; the probe that sizes the
