@@ -46,6 +46,7 @@ SWEEP = (0.05, 0.1, 0.2, 0.3)  # the default Linf sweep: every eps is compared w
 # built to fool evaluations (the 8-level quantizer zeroes the input gradient of nearly every point): the cost targets
 # are theirs, and an engine stronger than the original there is no fault
 MASKED = ("mlp-quantized", "mlp-scaled", "mlp-quant16", "mlp-quant256", "mlp-noisy")
+RANDOMIZED = ("mlp-noisy",)  # fresh noise at every forward: each verdict is a draw (the rand version runs on it)
 
 
 def zoo(quick: bool, cache: Path, log, pattern: str = "*") -> tuple[dict, torch.Tensor, torch.Tensor]:

@@ -9,20 +9,23 @@ spent 900 more backward passes on it, 0.2% of the run, while native kept 5 point
 11); on an unmasked model native's mean
 robust accuracy over the seeds differs from the original's mean by no more than the original differs from itself (the
 largest gap between two of its seeds, at least one point); on a masked model native's mean is at or below the
-original's (stronger is no fault there). Numbers, not a
+original's (stronger is no fault there; on a randomized one within the noise of a mean, see verdict).
+Numbers, not a
 p-value: the original's seed spread is the only yardstick of "the same attack" there is.
 """
 from __future__ import annotations
 
 import argparse
 import fcntl
+import math
 import sys
 import time
 
-from bench.attacks_perf import MASKED, SWEEP, native, reference, zoo
+from bench.attacks_perf import MASKED, RANDOMIZED, SWEEP, native, reference, zoo
 
 
-def compare(model, x, y, eps: float, seeds: int, masked: bool, runs=None, progress=None) -> dict:
+def compare(model, x, y, eps: float, seeds: int, masked: bool, runs=None, progress=None,
+            randomized: bool = False) -> dict:
     """Robust % per seed on both engines, their passes, and the verdict at one eps. ``runs``: the seeds an
     interrupted run ended (records as ``progress(runs)`` is handed after each seed), taken as they are."""
     runs, n = list(runs or []), x.shape[0]
@@ -37,10 +40,10 @@ def compare(model, x, y, eps: float, seeds: int, masked: bool, runs=None, progre
                      "seconds": {"original": round(t1 - t0, 2), "native": round(time.perf_counter() - t1, 2)}})
         if progress and len(runs) < seeds:
             progress(runs)
-    return _outcome(runs[:seeds], n, masked)
+    return _outcome(runs[:seeds], n, masked, randomized)
 
 
-def _outcome(runs: list, n: int, masked: bool) -> dict:
+def _outcome(runs: list, n: int, masked: bool, randomized: bool) -> dict:
     """The verdict at one eps from each seed's record."""
     seeds, engines, kinds = len(runs), ("original", "native"), ("forward", "backward")
     orig, nat = [r["original"] for r in runs], [r["native"] for r in runs]
@@ -52,24 +55,30 @@ def _outcome(runs: list, n: int, masked: bool) -> dict:
     spread_passes = {k: round(max(p[k] for p in per_seed["original"]) - min(p[k] for p in per_seed["original"]), 2)
                      for k in kinds}
     more_passes = any(passes["native"][k] > passes["original"][k] + spread_passes[k] for k in kinds)
-    return {"original": orig, "native": nat,
+    out = {"original": orig, "native": nat,
             "gap": round(gap, 2), "original_spread": round(spread, 2), "native_more_passes": more_passes,
             "passes_per_point": passes, "passes_per_seed": per_seed,
             "original_passes_spread": spread_passes,
             "point_evaluations": n * seeds,
-            "seconds_per_seed": {e: [r["seconds"][e] for r in runs] for e in engines},
-            "equivalent": verdict(gap, spread, more_passes, masked)}
+            "seconds_per_seed": {e: [r["seconds"][e] for r in runs] for e in engines}}
+    return {**out, "equivalent": verdict(out, masked, randomized)}
 
 
-def verdict(gap: float, spread: float, more_passes: bool, masked: bool) -> bool:
-    """The test at one eps (masked: stronger is no fault); saved results are judged again by it as they are read."""
-    return (gap <= 0 if masked else abs(gap) <= spread) and not more_passes
+def verdict(v: dict, masked: bool, randomized: bool = False) -> bool:
+    """The test at one eps (masked: stronger is no fault); saved results are judged again by it as they are read.
+    On a randomized model "at or below" is read within the noise of a mean: each verdict there is a draw, and the
+    original differs from itself by its seed spread (9.6 to 10.8 on the noisy MLP at 0.1), so the same engine run
+    twice would fail a strict test half the time. The allowance is the spread over sqrt(seeds), about two standard
+    errors of a mean of 4 seeds (the range of 4 normal draws is about 2 sigma)."""
+    gap, spread = v["gap"], v["original_spread"]
+    allowed = spread / math.sqrt(len(v["original"])) if randomized else 0.0
+    return (gap <= allowed if masked else abs(gap) <= spread) and not v["native_more_passes"]
 
 
 def _judged(name: str, per: dict) -> dict:
     """A model's saved results per eps, each with its verdict by today's test and today's MASKED; an eps whose
     seeds an interrupted run did not all end (``partial``) is left out."""
-    return {e: {**v, "equivalent": verdict(v["gap"], v["original_spread"], v["native_more_passes"], name in MASKED)}
+    return {e: {**v, "equivalent": verdict(v, name in MASKED, name in RANDOMIZED)}
             for e, v in per.items() if "partial" not in v}
 
 
@@ -105,7 +114,8 @@ def measure(quick: bool, cache, n_points: int, seeds: int, pattern: str, log, sa
                 if save:
                     save(res)
             began = mine.get(str(e), {}).get("partial", [])
-            v = per[str(e)] = kept or {**compare(model, x, y, e, seeds, name in MASKED, began, progress),
+            v = per[str(e)] = kept or {**compare(model, x, y, e, seeds, name in MASKED, began, progress,
+                                                 name in RANDOMIZED),
                                        "weights": weights}
             log(f"  @{e}{' (saved)' if kept else f' (resumed after {len(began)} seeds)' if began else ''}: "
                 f"original {v['original']} native {v['native']} "

@@ -340,6 +340,24 @@ def test_the_equivalence_run_is_kept_beside_the_zoo_for_bench_perf(tmp_path, cap
     assert summary(cache, ["mlp-erm"], quick=True)["models"]["mlp-erm"] == got["models"]["mlp-erm"]  # as before
 
 
+def test_a_masked_model_needs_native_at_or_below_and_a_randomized_one_within_a_means_noise(tmp_path):
+    """Masked: native's mean at or below the original's. Randomized (each verdict a draw): within the original's
+    seed spread over sqrt(seeds), since the same engine run twice fails a strict test half the time (the noisy MLP
+    at 0.1: original 10.0, 9.6, 10.8, 10.4 against native 11.2, 9.2, 10.8, 10.0). RANDOMIZED names the zoo's
+    randomized models, as the engines see them."""
+    from bench.attacks_perf import MASKED, RANDOMIZED, zoo
+    from bench.equivalence import verdict
+    from lawbench.attacks import is_randomized
+    seen = {"gap": 0.1, "original_spread": 1.2, "native_more_passes": False, "original": [10.0, 9.6, 10.8, 10.4]}
+    assert verdict(seen, masked=True, randomized=True) and not verdict(seen, masked=True)
+    assert not verdict({**seen, "gap": 0.61}, masked=True, randomized=True)
+    assert verdict({**seen, "gap": 0.61}, masked=False) and not verdict({**seen, "gap": 1.21}, masked=False)
+    assert not verdict({**seen, "native_more_passes": True}, masked=True, randomized=True)
+    assert set(RANDOMIZED) <= set(MASKED)
+    models, x, _ = zoo(True, tmp_path, lambda m: None, "mlp-noisy,mlp-quant16")
+    assert {name for name, m in models.items() if is_randomized(m, x[:8])} == set(RANDOMIZED)
+
+
 def test_an_interrupted_equivalence_run_resumes_after_the_seeds_it_ended(tmp_path):
     """A CNN's eps takes an hour on one core: each seed's record is kept as it ends (``partial``), an interrupted
     run resumes from the next seed and takes the ended ones as they are, and a partial eps is no verdict yet."""
