@@ -54,9 +54,9 @@ class NativeAttack:
 def _untargeted(loss: str) -> Callable[[Attempt, Found], None]:
     """APGD on an untargeted loss (ce, dlr), with EOT on a randomized model."""
     def run(a: Attempt, found: Found) -> None:
-        eot = a.model.eot if isinstance(a.model, Randomized) else 1
-        apgd(a.model, a.x, a.y, a.eps, a.norm, APGDConfig(loss=loss, eot=eot), seed=a.seed, found=found,
-             warnings=a.warnings)
+        rand = isinstance(a.model, Randomized)  # the rand version: rows run their whole budget (APGDConfig.run_on)
+        apgd(a.model, a.x, a.y, a.eps, a.norm, APGDConfig(loss=loss, eot=a.model.eot if rand else 1, run_on=rand),
+             seed=a.seed, found=found, warnings=a.warnings)
     return run
 
 
