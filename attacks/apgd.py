@@ -114,16 +114,17 @@ def apgd(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, cfg: AP
     eot = model.eot if isinstance(model, Randomized) else cfg.eot
 
     def loss_grad(xf, y_, t_):
-        g, wrong = torch.zeros_like(xf), torch.zeros_like(y_)
-        for _ in range(eot):
-            xr = xf.detach().requires_grad_(True)
-            with torch.enable_grad():
-                z = fwd(xr)
-                lv = _loss(z, y_, t_, cfg.loss)
-                if lv.requires_grad:
-                    g += torch.autograd.grad(lv.sum(), xr)[0]
-            wrong += z.detach().argmax(1) != y_
-        return z.detach(), lv.detach(), g / eot, wrong
+        """(logits, loss, gradient, draws that misclassify): a randomized model's ``eot`` draws are rows of one
+        batch (per-row randomness, as PGD's EOT), where the original loops over them; logits and loss of the last."""
+        rows = xf.shape[0]
+        xr = (xf.detach() if eot == 1 else xf.detach().repeat(eot, 1)).requires_grad_(True)
+        with torch.enable_grad():
+            z = fwd(xr)
+            lv = _loss(z, y_.repeat(eot), None if t_ is None else t_.repeat(eot), cfg.loss)
+            g = torch.autograd.grad(lv.sum(), xr)[0] if lv.requires_grad else torch.zeros_like(xr)
+        z, lv = z.detach().view(eot, rows, -1), lv.detach().view(eot, rows)
+        g = g if eot == 1 else g.view(eot, rows, -1).sum(0) / eot
+        return z[-1], lv[-1], g, (z.argmax(2) != y_).sum(0)
 
     def missed(z, wrong):  # run_on: the step's own EOT draws vote (no extra pass)
         return 2 * wrong > eot if cfg.run_on else _missed(model, z, r)
