@@ -383,11 +383,17 @@ def test_a_masked_model_needs_native_at_or_below_and_a_randomized_one_within_a_m
     from bench.attacks_perf import MASKED, RANDOMIZED, zoo
     from bench.equivalence import verdict
     from lawbench.attacks import is_randomized
-    seen = {"gap": 0.1, "original_spread": 1.2, "native_more_passes": False, "original": [10.0, 9.6, 10.8, 10.4]}
+    pp = {"original": {"forward": 1940.84, "backward": 1910.92}, "native": {"forward": 1957.1, "backward": 1929.1}}
+    seen = {"gap": 0.1, "original_spread": 1.2, "original": [10.0, 9.6, 10.8, 10.4], "passes_per_point": pp,
+            "original_passes_spread": {"forward": 16.18, "backward": 16.16}}
+    # the passes too (the noisy MLP at 0.3: one point more attacked on average, the clean verdict being a vote)
     assert verdict(seen, masked=True, randomized=True) and not verdict(seen, masked=True)
     assert not verdict({**seen, "gap": 0.61}, masked=True, randomized=True)
-    assert verdict({**seen, "gap": 0.61}, masked=False) and not verdict({**seen, "gap": 1.21}, masked=False)
-    assert not verdict({**seen, "native_more_passes": True}, masked=True, randomized=True)
+    fewer = {**seen, "passes_per_point": {**pp, "native": {"forward": 1950.0, "backward": 1920.0}}}
+    assert verdict({**fewer, "gap": 0.61}, masked=False) and not verdict({**fewer, "gap": 1.21}, masked=False)
+    assert verdict(fewer, masked=True, randomized=True) and not verdict({**fewer, "gap": 0.1}, masked=True)
+    more = {**seen, "passes_per_point": {**pp, "native": {"forward": 1966.0, "backward": 1929.1}}}
+    assert not verdict({**more, "gap": -1.0}, masked=True, randomized=True)
     assert set(RANDOMIZED) <= set(MASKED)
     models, x, _ = zoo(True, tmp_path, lambda m: None, "mlp-noisy,mlp-quant16")
     assert {name for name, m in models.items() if is_randomized(m, x[:8])} == set(RANDOMIZED)
