@@ -45,8 +45,7 @@ def project_to_hyperplane(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, nor
         a, rho = aw, room
     else:
         a, rho = w * w, torch.where(nz, room / aw.clamp_min(1e-30), torch.zeros_like(room))
-    a = torch.where(nz, a, torch.zeros_like(a))
-    r = _solve_rows(a, rho, c, nz.any(1))
+    r = _solve_rows(a, rho, c, nz.any(1))  # a is exactly 0 where w is (|0| = 0 * 0 = 0)
     if norm == "Linf":
         return torch.where(nz, torch.sign(w) * torch.minimum(r[:, None], room), torch.zeros_like(w))
     return torch.where(nz, w * torch.minimum(r[:, None], rho), torch.zeros_like(w))
@@ -70,7 +69,8 @@ def _solve(a: torch.Tensor, rho: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Smallest r >= 0 with sum_i a_i min(r, rho_i) >= c (a, rho >= 0); the largest rho where no r reaches c."""
     rs, order = rho.sort(1)
     as_ = a.gather(1, order)
-    below = torch.cumsum(as_ * rs, 1) - as_ * rs           # sum over j < k of a_j rho_j
+    ars = as_ * rs
+    below = torch.cumsum(ars, 1) - ars                      # sum over j < k of a_j rho_j
     above = as_.flip(1).cumsum(1).flip(1)                   # sum over j >= k of a_j
     reach = below + rs * above                              # gain at r = rho_(k), nondecreasing in k
     k = (reach < c[:, None]).sum(1)
