@@ -261,8 +261,8 @@ def measure(quick: bool, cache: Path, n_points: int, eps: float, log, pattern: s
     res["passes_per_point"] = {
         k: {d: round(sum(m["passes_per_point"][k][d] for m in per.values()) * n_points / n_all, 2)
             for d in ("forward", "backward")} for k in ("autoattack", "native", "pipeline", "fast")}
-    from bench.equivalence import summary
-    res["equivalence"] = summary(cache, list(per), quick)
+    from bench.equivalence import fingerprint, summary
+    res["equivalence"] = summary(cache, list(per), quick, {name: fingerprint(m) for name, m in models.items()})
     pp = res["passes_per_point"]["fast"]
     res["targets"] = {"native_gap_max<=0.2": res["native_gap_max"] <= 0.2,
                       "native_agreement_min>=0.99": res["native_agreement_min"] >= 0.99,

@@ -145,13 +145,16 @@ def _read(path) -> dict:
         return {}
 
 
-def summary(cache, names, quick: bool = False) -> dict:
+def summary(cache, names, quick: bool = False, weights: dict | None = None) -> dict:
     """The saved verdicts of the zoo models ``names`` ({model: {eps: equivalent}}, None where never measured) and
-    the run's settings: what bench perf --attacks reports beside its own measurements."""
+    the run's settings: what bench perf --attacks reports beside its own measurements. ``weights`` ({model:
+    fingerprint}): only verdicts measured on these weights count (a file copied from another machine's zoo)."""
     res = _read(saved(cache, quick))
-    models = {name: _judged(name, per) for name, per in res.get("models", {}).items()}
+    models = {name: {e: v for e, v in _judged(name, per).items()
+                     if weights is None or v.get("weights") == weights.get(name)}
+              for name, per in res.get("models", {}).items()}
     return {"points": res.get("n"), "seeds": res.get("seeds"),
-            "models": {m: ({e: v["equivalent"] for e, v in models[m].items()} if m in models else None)
+            "models": {m: ({e: v["equivalent"] for e, v in models[m].items()} if models.get(m) else None)
                        for m in names},
             "command": "python -m bench perf --attacks --equivalence"}
 

@@ -338,6 +338,10 @@ def test_the_equivalence_run_is_kept_beside_the_zoo_for_bench_perf(tmp_path, cap
     kept["models"]["mlp-erm"]["0.1"]["equivalent"] = not kept["models"]["mlp-erm"]["0.1"]["equivalent"]
     saved(cache, quick=True).write_text(json.dumps(kept))
     assert summary(cache, ["mlp-erm"], quick=True)["models"]["mlp-erm"] == got["models"]["mlp-erm"]  # as before
+    # bench perf --attacks counts only verdicts measured on its own zoo's weights (a file from another machine)
+    mine = {"mlp-erm": kept["models"]["mlp-erm"]["0.1"]["weights"]}
+    assert summary(cache, ["mlp-erm"], quick=True, weights=mine)["models"] == {"mlp-erm": got["models"]["mlp-erm"]}
+    assert summary(cache, ["mlp-erm"], quick=True, weights={"mlp-erm": "0" * 16})["models"] == {"mlp-erm": None}
 
 
 class _Noise(torch.nn.Module):
