@@ -201,9 +201,10 @@ def main(argv) -> int:
                 weights = {v.get("weights") for v in per.values()}
                 models[name] = {**{e: v for e, v in models.get(name, {}).items() if v.get("weights") in weights},
                                 **per}
-            models = {name: {**per, **_judged(name, per)} for name, per in models.items()}
+            judged = {name: _judged(name, per) for name, per in models.items()}  # partial eps stay as they are
+            models = {name: {**per, **judged[name]} for name, per in models.items()}
             write_json(keep, {**r, "models": models, "equivalent_all": all(
-                v["equivalent"] for name, per in models.items() for v in _judged(name, per).values())})
+                v["equivalent"] for per in judged.values() for v in per.values())})
         if args.json:
             write_json(args.json, r)
     before = _read(keep)
