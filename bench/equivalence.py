@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import math
+import os
 import sys
 import time
 
@@ -187,9 +188,25 @@ def main(argv) -> int:
     if args.seeds < 2:
         print("bench perf --attacks --equivalence: --seeds must be at least 2 (a spread needs two)", file=sys.stderr)
         return 2
+    if args.points is not None and args.points < 1:
+        print(f"bench perf --attacks --equivalence: --points must be at least 1, got {args.points}", file=sys.stderr)
+        return 2
     n = args.points or (8 if args.quick else 250)
     cache = cache_dir(args.cache)
     keep = Path(args.keep) if args.keep else saved(cache, args.quick)
+    try:
+        keep.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass
+    if keep.is_dir() or not os.access(keep.parent, os.W_OK) or (keep.exists() and not os.access(keep, os.W_OK)):
+        print(f"bench perf --attacks --equivalence: cannot write {keep}", file=sys.stderr)
+        return 2
+    kept = _read(keep)
+    if kept.get("models") and (kept.get("n"), kept.get("seeds")) != (n, args.seeds):
+        print(f"bench perf --attacks --equivalence: {keep} holds results on {kept.get('n')} points x "
+              f"{kept.get('seeds')} seeds, not {n} x {args.seeds}: give those, or another --keep FILE",
+              file=sys.stderr)
+        return 2
 
     def save(r):  # beside the zoo, merged eps by eps with earlier (or concurrent) runs' results; and --json
         cache.mkdir(parents=True, exist_ok=True)

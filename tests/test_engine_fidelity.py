@@ -503,3 +503,18 @@ def test_attacks_run_a_cnn_in_channels_last_memory_and_give_it_back():
     assert res.info["impl"] == "native" and res.info["passes"]["forward"] > 0
     res = run_autoattack(cnn, x[:8], y[:8], 0.1, norm="Linf", version=["apgd-ce"])
     assert all(p.stride() == before[n][0] for n, p in cnn.named_parameters())
+
+
+def test_the_equivalence_run_refuses_bad_input_in_one_line_and_keeps_its_file(tmp_path, capsys):
+    """Negative points, an unwritable --keep, and a kept file of other points or seeds: one line, exit 2, nothing
+    measured, the file untouched (a run at --points -5 once relabelled the kept evidence as 5 points short)."""
+    import json
+    from bench.equivalence import main
+    keep = tmp_path / "keep.json"
+    keep.write_text(json.dumps({"n": 250, "seeds": 4, "models": {"mlp-erm": {}}}))
+    before = keep.read_text()
+    for args in (["--points", "-5"], ["--keep", "/proc/nope/x.json"], ["--points", "100", "--keep", str(keep)]):
+        assert main(["--quick", "--models", "mlp-erm", "--cache", str(tmp_path / "c"), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("bench perf --attacks --equivalence:"), err
+    assert keep.read_text() == before
