@@ -44,11 +44,11 @@ def project_to_hyperplane(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, nor
     if norm == "Linf":
         a, rho = aw, room
     else:
-        a, rho = w * w, torch.where(nz, room / aw.clamp_min(1e-30), torch.zeros_like(room))
+        a, rho = w * w, torch.where(nz, room / aw.clamp_min(1e-30), 0.0)
     r = _solve_rows(a, rho, c, nz.any(1))  # a is exactly 0 where w is (|0| = 0 * 0 = 0)
     if norm == "Linf":
-        return torch.where(nz, torch.sign(w) * torch.minimum(r[:, None], room), torch.zeros_like(w))
-    return torch.where(nz, w * torch.minimum(r[:, None], rho), torch.zeros_like(w))
+        return torch.where(nz, torch.sign(w) * torch.minimum(r[:, None], room), 0.0)
+    return torch.where(nz, w * torch.minimum(r[:, None], rho), 0.0)
 
 
 def _solve_rows(a: torch.Tensor, rho: torch.Tensor, c: torch.Tensor, moves: torch.Tensor) -> torch.Tensor:
@@ -67,7 +67,7 @@ def _solve_rows(a: torch.Tensor, rho: torch.Tensor, c: torch.Tensor, moves: torc
 
 def _solve(a: torch.Tensor, rho: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Smallest r >= 0 with sum_i a_i min(r, rho_i) >= c (a, rho >= 0); the largest rho where no r reaches c."""
-    rs, order = rho.sort(1)
+    rs, order = _ascending(rho)
     as_ = a.gather(1, order)
     ars = as_ * rs
     below = torch.cumsum(ars, 1) - ars                      # sum over j < k of a_j rho_j
@@ -79,6 +79,17 @@ def _solve(a: torch.Tensor, rho: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     r = (c - below.gather(1, kk)[:, 0]) / above.gather(1, kk)[:, 0].clamp_min(1e-30)
     r = torch.where(k >= d, rs[:, -1], r)
     return r.clamp_min(0.0)
+
+
+def _ascending(rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rho.sort(1), the same permutation (rho >= 0, no NaN), the same one. Why: on the CPU, torch sorts int32 keys with the
+    same comparison sort as floats, 1.5x as fast (a float compare also orders NaNs), and for non-negative floats the
+    order of the bit patterns is the order of the values. -0.0 is made +0.0 first (its pattern is negative); ties
+    compare equal in both, so even their order is the float sort's."""
+    if rho.device.type != "cpu" or rho.dtype != torch.float32:
+        return rho.sort(1)
+    keys, order = (rho + 0.0).view(torch.int32).sort(1)
+    return keys.view(torch.float32), order
 
 
 def _norm(d: torch.Tensor, norm: str) -> torch.Tensor:

@@ -57,6 +57,27 @@ def test_projection_equals_the_originals(norm):
         assert bool(((t + ours) >= -1e-12).all() and ((t + ours) <= 1 + 1e-12).all())
 
 
+def test_the_projections_sort_is_torchs_float_sort_bit_for_bit(monkeypatch):
+    """FAB sorts rho by its int32 bit patterns on the CPU (fab._ascending): the same permutation as rho.sort, so the
+    same steps bit for bit, on float32 digits with the ties of real images (background pixels, 17 grey levels) and
+    signed zeros."""
+    import lawbench.attacks.fab as fab
+    xtr, _, _, _ = digits_split(400, slice(0, 0))
+    gen = torch.Generator().manual_seed(1)
+    t = xtr.reshape(400, -1)
+    w = torch.randn(t.shape, generator=gen)
+    w[w.abs() < 0.3] = 0.0
+    rho = torch.where(w > 0, 1.0 - t, t)
+    rho[:, ::7] = -0.0
+    assert torch.equal(fab._ascending(rho)[1], rho.sort(1)[1])
+    t[:, ::5] = -0.0
+    b = (w * torch.rand(t.shape, generator=gen)).sum(1)
+    ours = {n: fab.project_to_hyperplane(t, w, b, n) for n in ("Linf", "L2")}
+    monkeypatch.setattr(fab, "_ascending", lambda r: r.sort(1))
+    for n, d in ours.items():
+        assert torch.equal(d.view(torch.int32), fab.project_to_hyperplane(t, w, b, n).view(torch.int32))
+
+
 def test_square_l2_pattern_is_the_originals():
     from pyautoattack.square import SquareAttack
     atk = SquareAttack(lambda z: z, norm="L2", eps=1.0, device="cpu")
