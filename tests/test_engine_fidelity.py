@@ -143,6 +143,26 @@ def test_every_attack_spends_its_closed_form_on_points_none_can_break(setting):
     assert spent["backward"] == sum(p["backward"] for p in per_attack)
 
 
+def test_a_suites_passes_are_counted_per_stage_and_eps(setting):
+    """robust_eval keeps each stage's passes at each eps apart: on points nothing breaks, AutoAttack at 1e-4 and at
+    2e-4 does the same work, so both eps spend the same passes, and the stages' passes add up to what the model was
+    asked for (PGD's, then the suite's; the saturation check's forwards besides). Catches: counts cumulative across
+    eps or stages."""
+    from lawbench.attacks import SuiteStep, robust_eval
+    model, x, y = setting
+    counted = Counted(model)
+    aa = {"version": ["apgd-ce", "fab-t"], "impl": "native"}
+    ev = robust_eval(counted, x, y, norm="Linf", eps=[1e-4, 2e-4], steps=5, restarts=1, seed=0,
+                     suite=[SuiteStep("autoattack", (1e-4, 2e-4), aa)])
+    per = ev.info["passes"]
+    assert set(per) == {"pgd", "autoattack"}
+    first, second = per["autoattack"][1e-4], per["autoattack"][2e-4]
+    assert first == second and first["backward"] == 101 * x.shape[0] + 100 * 9 * x.shape[0]
+    spent = {d: sum(p[d] for stage in per.values() for p in stage.values()) for d in ("forward", "backward")}
+    assert counted.passes.backward == spent["backward"]
+    assert 0 <= counted.passes.forward - spent["forward"] <= 4 * x.shape[0]  # the saturation check's
+
+
 def test_fab_drops_the_rows_of_broken_points(setting):
     """At Linf 0.1 FAB-T breaks some points early: their rows leave, so the backward passes fall short of 100 per
     row, while the survivors' rows run every iteration. Catches: FAB never dropping rows of broken points."""
