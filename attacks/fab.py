@@ -92,6 +92,29 @@ def _ascending(rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return keys.view(torch.float32), order
 
 
+def _keep_misclassified(adv, x0, x1, best, hit, x_hit, eps: float, norm: str, beta: float) -> None:
+    """In place, on the rows whose iterate is misclassified: keep the closest one so far (its distance in float64),
+    mark it a hit within eps, and step back towards the clean point. On the CPU only those rows are computed
+    (choosing them costs nothing there, and most rows of a robust point never are); on an accelerator every row
+    is, with the same result (choosing them is a host sync)."""
+    rows = _rows_of(adv)
+    if isinstance(rows, torch.Tensor) and rows.numel() == 0:
+        return
+    xa, x0a, adv_r = x1[rows], x0[rows], adv[rows]
+    dist = _norm(xa.double() - x0a.double(), norm)
+    closer = adv_r & (dist < best[rows])
+    best[rows] = torch.where(closer, dist, best[rows])
+    inside = closer & (dist <= eps)
+    x_hit[rows] = torch.where((inside & ~hit[rows])[:, None], xa, x_hit[rows])
+    hit[rows] = hit[rows] | inside
+    x1[rows] = torch.where(adv_r[:, None], x0a + (xa - x0a) * beta, xa)
+
+
+def _rows_of(mask: torch.Tensor):
+    """The rows ``mask`` selects: their indices on the CPU, every row (a slice) on an accelerator."""
+    return mask.nonzero().flatten() if mask.device.type == "cpu" else slice(None)
+
+
 def _norm(d: torch.Tensor, norm: str) -> torch.Tensor:
     return d.abs().amax(1) if norm == "Linf" else d.norm(dim=1)
 
@@ -138,13 +161,7 @@ def fab_targeted(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str,
             alpha = (a1 / (a1 + a2)).clamp(0.0, cfg.alpha_max)[:, None]
             x1 = ((x1 + cfg.eta * d1) * (1 - alpha) + (x0 + cfg.eta * d2) * alpha).clamp(0.0, 1.0)
             adv = fwd(x1).argmax(1) != yy
-            dist = _norm(x1.double() - x0.double(), norm)
-            closer = adv & (dist < best)
-            best = torch.where(closer, dist, best)
-            inside = closer & (dist <= eps)
-            x_hit = torch.where((inside & ~hit)[:, None], x1, x_hit)
-            hit = hit | inside
-            x1 = torch.where(adv[:, None], x0 + (x1 - x0) * cfg.beta, x1)
+            _keep_misclassified(adv, x0, x1, best, hit, x_hit, eps, norm, cfg.beta)
         if (i + 1) % every == 0 or i == cfg.n_iter - 1:
             idx = compaction(found.settle(pid, hit, x_hit))
             if idx is not None:

@@ -78,6 +78,23 @@ def test_the_projections_sort_is_torchs_float_sort_bit_for_bit(monkeypatch):
         assert torch.equal(d.view(torch.int32), fab.project_to_hyperplane(t, w, b, n).view(torch.int32))
 
 
+def test_fab_updates_only_misclassified_rows_with_the_same_result(digits, monkeypatch):
+    """On the CPU, FAB keeps its misclassified iterates on those rows alone (fab._rows_of); every row, as on an
+    accelerator, gives the same examples bit for bit."""
+    import lawbench.attacks.fab as fab
+    models, x, y = digits
+    model = models["mlp"]
+    targets = rank_by_logit(model, x, y, 9)
+    runs = []
+    for rows_of in (fab._rows_of, lambda mask: slice(None)):
+        monkeypatch.setattr(fab, "_rows_of", rows_of)
+        found = fab.fab_targeted(model, x, y, 0.1, "Linf", targets, fab.FABConfig(n_iter=30))
+        runs.append(found)
+    assert 0 < int(runs[0].broken.sum()) < x.shape[0]
+    assert torch.equal(runs[0].broken, runs[1].broken)
+    assert torch.equal(runs[0].x_adv.view(torch.int32), runs[1].x_adv.view(torch.int32))
+
+
 def test_square_l2_pattern_is_the_originals():
     from pyautoattack.square import SquareAttack
     atk = SquareAttack(lambda z: z, norm="L2", eps=1.0, device="cpu")
