@@ -88,6 +88,16 @@ def _window(rows: int, h: int, s: int, gen, device):
     return pos, table[pos]
 
 
+def _window_sides(rows: int, h: int, s: int, gen, device, dtype):
+    """_window's draw as two 0/1 factors, (rows, 1, h, 1) and (rows, 1, 1, h), whose product is its mask. Why: the
+    Linf proposal multiplies them into its step without building (or converting) an h x h mask per query."""
+    k = h - s + 1
+    pos = torch.randint(0, k * k, (rows,), generator=gen, device=device)
+    ar = torch.arange(h, device=device)
+    side = lambda lo: ((ar >= lo[:, None]) & (ar < lo[:, None] + s)).to(dtype)  # noqa: E731
+    return side(pos // k).view(rows, 1, h, 1), side(pos % k).view(rows, 1, 1, h)
+
+
 def _signs(shape, gen, device, dtype):
     return torch.where(torch.rand(shape, generator=gen, device=device) > 0.5, 1.0, -1.0).to(dtype)
 
@@ -135,11 +145,20 @@ def square(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, cfg: 
                 x_new = _propose_l2(x0, xb, eps, p, gen)
             m = margin(model(x_new), yy)
             take = (m < m_best) & ~hit
-            xb = torch.where(take[:, None, None, None], x_new, xb)
+            xb = _take(take, x_new, xb)
             m_best = torch.where(take, m, m_best)
             hit = hit | (m_best <= 0)
         found.settle(pid, hit, xb)
     return found
+
+
+def _take(take: torch.Tensor, x_new: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+    """xb with the rows ``take`` marks replaced by x_new's: on the CPU in place, copying those rows alone (a few per
+    query), on an accelerator as one where (choosing rows is a host sync)."""
+    if xb.device.type != "cpu":
+        return torch.where(take[:, None, None, None], x_new, xb)
+    xb[take] = x_new[take]
+    return xb
 
 
 def _start(x0, lo, hi, eps, norm, gen):
@@ -162,9 +181,9 @@ def _start(x0, lo, hi, eps, norm, gen):
 def _propose_linf(x0, xb, lo, hi, eps, p, gen):
     rows, c, h, w = x0.shape
     s = min(max(int(round(math.sqrt(p * h * w))), 1), h)
-    _, mask = _window(rows, h, s, gen, x0.device)
+    in_h, in_w = _window_sides(rows, h, s, gen, x0.device, x0.dtype)
     step = 2.0 * eps * _signs((rows, c, 1, 1), gen, x0.device, x0.dtype)
-    return torch.clamp(xb + mask * step, lo, hi)
+    return torch.clamp(torch.addcmul(xb, step * in_h, in_w), lo, hi)  # xb + mask * step (exact products)
 
 
 def _rectangles(a: int, b: int, device, dtype) -> torch.Tensor:

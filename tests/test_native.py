@@ -95,6 +95,23 @@ def test_fab_updates_only_misclassified_rows_with_the_same_result(digits, monkey
     assert torch.equal(runs[0].x_adv.view(torch.int32), runs[1].x_adv.view(torch.int32))
 
 
+def test_squares_linf_proposal_draws_the_same_window_and_keeps_the_same_rows():
+    """Square's Linf proposal builds its window from two 0/1 sides (square._window_sides): the same draw as the
+    mask of _window from the same generator state, at every side length; and the rows a query keeps are copied in
+    place on the CPU (square._take), as one where would."""
+    import lawbench.attacks.square as sq
+    for s in (1, 3, 8, 28):
+        g1, g2 = torch.Generator().manual_seed(s), torch.Generator().manual_seed(s)
+        _, mask = sq._window(50, 28, s, g1, torch.device("cpu"))
+        in_h, in_w = sq._window_sides(50, 28, s, g2, torch.device("cpu"), torch.float32)
+        assert torch.equal(in_h * in_w, mask.float())
+        assert torch.equal(g1.get_state(), g2.get_state())
+    gen = torch.Generator().manual_seed(0)
+    xb, x_new = torch.rand(40, 1, 28, 28, generator=gen), torch.rand(40, 1, 28, 28, generator=gen)
+    take = torch.rand(40, generator=gen) > 0.7
+    assert torch.equal(sq._take(take, x_new, xb.clone()), torch.where(take[:, None, None, None], x_new, xb))
+
+
 def test_square_l2_pattern_is_the_originals():
     from pyautoattack.square import SquareAttack
     atk = SquareAttack(lambda z: z, norm="L2", eps=1.0, device="cpu")
