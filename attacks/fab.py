@@ -27,7 +27,22 @@ class FABConfig:
     beta: float = 0.9
 
 
+# Rows per piece of a projection on the CPU: about 2**18 floats (1 MB) per tensor, so that the ~30 passes of a
+# projection over its piece run in cache. On 3,400 x 784 rows at 2 threads: 39 ms against 79 ms whole.
+PIECE_FLOATS = 1 << 18
+
+
 def project_to_hyperplane(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, norm: str) -> torch.Tensor:
+    """_project on pieces of rows on the CPU (each row's step is its own: the same steps bit for bit), whole on an
+    accelerator."""
+    rows = max(1, PIECE_FLOATS // max(1, t.shape[1]))
+    if t.device.type != "cpu" or t.shape[0] <= rows:
+        return _project(t, w, b, norm)
+    return torch.cat([_project(t[i:i + rows], w[i:i + rows], b[i:i + rows], norm)
+                      for i in range(0, t.shape[0], rows)])
+
+
+def _project(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, norm: str) -> torch.Tensor:
     """The smallest step d (Linf or L2) with w·(t + d) = b and 0 <= t + d <= 1, per row (t, w: (R, d); b: (R,)).
     Where the box cannot reach the hyperplane, the step goes as far towards it as the box allows.
 

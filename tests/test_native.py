@@ -60,7 +60,7 @@ def test_projection_equals_the_originals(norm):
 def test_the_projections_sort_is_torchs_float_sort_bit_for_bit(monkeypatch):
     """FAB sorts rho by its int32 bit patterns on the CPU (fab._ascending): the same permutation as rho.sort, so the
     same steps bit for bit, on float32 digits with the ties of real images (background pixels, 17 grey levels) and
-    signed zeros."""
+    signed zeros. Projected in pieces of rows (fab.PIECE_FLOATS), the same steps too."""
     import lawbench.attacks.fab as fab
     xtr, _, _, _ = digits_split(400, slice(0, 0))
     gen = torch.Generator().manual_seed(1)
@@ -73,6 +73,9 @@ def test_the_projections_sort_is_torchs_float_sort_bit_for_bit(monkeypatch):
     t[:, ::5] = -0.0
     b = (w * torch.rand(t.shape, generator=gen)).sum(1)
     ours = {n: fab.project_to_hyperplane(t, w, b, n) for n in ("Linf", "L2")}
+    monkeypatch.setattr(fab, "PIECE_FLOATS", 64 * 37)  # pieces of 37 rows, the last one short
+    for n, d in ours.items():
+        assert torch.equal(d.view(torch.int32), fab.project_to_hyperplane(t, w, b, n).view(torch.int32))
     monkeypatch.setattr(fab, "_ascending", lambda r: r.sort(1))
     for n, d in ours.items():
         assert torch.equal(d.view(torch.int32), fab.project_to_hyperplane(t, w, b, n).view(torch.int32))
