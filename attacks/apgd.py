@@ -151,7 +151,10 @@ def apgd(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, cfg: AP
     period, decr, minimum = cfg.checkpoints()
     since = 0
     every = sync_every(x.device)
-    keep = compaction(found.settle(r.pid, r.hit & (r.wrong >= eot) if cfg.run_on else r.hit, r.x_hit))
+    def settled(final: bool = False):  # run_on: before its last step a row leaves only on a unanimous vote
+        return r.hit if final or not cfg.run_on else r.hit & (r.wrong >= eot)
+
+    keep = compaction(found.settle(r.pid, settled(), r.x_hit))
     if keep is not None:
         r.restrict(keep, names)
     for i in range(cfg.n_iter):
@@ -182,8 +185,7 @@ def apgd(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, cfg: AP
                 since = 0
         last = i == cfg.n_iter - 1
         if (i + 1) % every == 0 or last:
-            done = r.hit if last or not cfg.run_on else r.hit & (r.wrong >= eot)
-            keep = compaction(found.settle(r.pid, done, r.x_hit))
+            keep = compaction(found.settle(r.pid, settled(last), r.x_hit))
             if keep is not None:
                 r.restrict(keep, names)
     return found

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rows import Found, compaction, keep, sync_every
+from .rows import Found, compaction, keep, rows_of, sync_every
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def _solve(a: torch.Tensor, rho: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 def _ascending(rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """rho.sort(1), the same permutation (rho >= 0, no NaN), the same one. Why: on the CPU, torch sorts int32 keys with the
+    """rho.sort(1) (rho >= 0, no NaN), the same permutation. Why: on the CPU, torch sorts int32 keys with the
     same comparison sort as floats, 1.5x as fast (a float compare also orders NaNs), and for non-negative floats the
     order of the bit patterns is the order of the values. -0.0 is made +0.0 first (its pattern is negative); ties
     compare equal in both, so even their order is the float sort's."""
@@ -109,10 +109,9 @@ def _ascending(rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _keep_misclassified(adv, x0, x1, best, hit, x_hit, eps: float, norm: str, beta: float) -> None:
     """In place, on the rows whose iterate is misclassified: keep the closest one so far (its distance in float64),
-    mark it a hit within eps, and step back towards the clean point. On the CPU only those rows are computed
-    (choosing them costs nothing there, and most rows of a robust point never are); on an accelerator every row
-    is, with the same result (choosing them is a host sync)."""
-    rows = _rows_of(adv)
+    mark it a hit within eps, and step back towards the clean point; only those rows are computed where
+    rows.rows_of chooses them (most rows of a robust point never are), with the same result as every row."""
+    rows = rows_of(adv)
     if isinstance(rows, torch.Tensor) and rows.numel() == 0:
         return
     xa, x0a, adv_r = x1[rows], x0[rows], adv[rows]
@@ -123,11 +122,6 @@ def _keep_misclassified(adv, x0, x1, best, hit, x_hit, eps: float, norm: str, be
     x_hit[rows] = torch.where((inside & ~hit[rows])[:, None], xa, x_hit[rows])
     hit[rows] = hit[rows] | inside
     x1[rows] = torch.where(adv_r[:, None], x0a + (xa - x0a) * beta, xa)
-
-
-def _rows_of(mask: torch.Tensor):
-    """The rows ``mask`` selects: their indices on the CPU, every row (a slice) on an accelerator."""
-    return mask.nonzero().flatten() if mask.device.type == "cpu" else slice(None)
 
 
 def _norm(d: torch.Tensor, norm: str) -> torch.Tensor:

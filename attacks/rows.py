@@ -32,6 +32,12 @@ def sync_every(device: torch.device) -> int:
     return 1 if torch.device(device).type == "cpu" else 8
 
 
+def rows_of(mask: torch.Tensor):
+    """The rows ``mask`` selects, to update those alone: their indices on the CPU (choosing them costs nothing
+    there), every row (a slice) on an accelerator (choosing them is a host sync)."""
+    return mask.nonzero().flatten() if mask.device.type == "cpu" else slice(None)
+
+
 def first_of_each(key: torch.Tensor) -> torch.Tensor:
     """Indices of the first occurrence of each distinct value of ``key`` (in row order)."""
     if key.numel() == 0:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rows import Found, compaction, keep, sync_every
+from .rows import Found, compaction, keep, rows_of, sync_every
 from .threat import box_bounds
 
 P_SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128), (8000, 256))
@@ -153,11 +153,10 @@ def square(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, cfg: 
 
 
 def _take(take: torch.Tensor, x_new: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
-    """xb with the rows ``take`` marks replaced by x_new's: on the CPU in place, copying those rows alone (a few per
-    query), on an accelerator as one where (choosing rows is a host sync)."""
-    if xb.device.type != "cpu":
-        return torch.where(take[:, None, None, None], x_new, xb)
-    xb[take] = x_new[take]
+    """xb, in place, with the rows ``take`` marks replaced by x_new's: only those rows are copied where
+    rows.rows_of chooses them (a few per query)."""
+    rows = rows_of(take)
+    xb[rows] = torch.where(take[rows][:, None, None, None], x_new[rows], xb[rows])
     return xb
 
 

@@ -82,15 +82,15 @@ def test_the_projections_sort_is_torchs_float_sort_bit_for_bit(monkeypatch):
 
 
 def test_fab_updates_only_misclassified_rows_with_the_same_result(digits, monkeypatch):
-    """On the CPU, FAB keeps its misclassified iterates on those rows alone (fab._rows_of); every row, as on an
+    """On the CPU, FAB keeps its misclassified iterates on those rows alone (rows.rows_of); every row, as on an
     accelerator, gives the same examples bit for bit."""
     import lawbench.attacks.fab as fab
     models, x, y = digits
     model = models["mlp"]
     targets = rank_by_logit(model, x, y, 9)
     runs = []
-    for rows_of in (fab._rows_of, lambda mask: slice(None)):
-        monkeypatch.setattr(fab, "_rows_of", rows_of)
+    for rows_of in (fab.rows_of, lambda mask: slice(None)):
+        monkeypatch.setattr(fab, "rows_of", rows_of)
         found = fab.fab_targeted(model, x, y, 0.1, "Linf", targets, fab.FABConfig(n_iter=30))
         runs.append(found)
     assert 0 < int(runs[0].broken.sum()) < x.shape[0]
