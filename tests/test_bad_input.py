@@ -438,3 +438,12 @@ def test_executor_options_are_declared_once():
         assert set(got) == {o for o, (_, users) in spec.EXECUTOR_OPTIONS.items() if name in users}
     assert spec.build_spec("default", ["executor=pool"])["executor"] == {"name": "pool"}
     assert "executor" not in spec.expand(spec.build_spec("default", ["executor.name=ray"]))[0]  # not in a cell
+
+
+def test_perf_attacks_with_no_matching_model_is_one_line_exit_2(tmp_path, capsys):
+    """`bench perf --attacks --models nomodel`: no zoo model matches, one line and exit 2 (it crashed on an empty
+    maximum)."""
+    import bench.perf as perf
+    assert perf.main(["--attacks", "--quick", "--models", "nomodel", "--cache", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["bench perf --attacks: no zoo model matches --models 'nomodel'"]
